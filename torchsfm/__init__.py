@@ -1,0 +1,21 @@
+"""torchsfm: global structure-from-motion on PyTorch, batched on CPU and GPU."""
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("torchsfm")
+logger.addHandler(logging.NullHandler())
+
+from .data.model import (  # noqa: E402
+    Cameras,
+    Images,
+    Keypoints,
+    Points3D,
+    Reconstruction,
+    Tracks,
+    ViewGraph,
+)
+
+__all__ = ["Cameras", "Images", "Keypoints", "Points3D", "Reconstruction", "Tracks", "ViewGraph", "__version__"]
