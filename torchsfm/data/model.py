@@ -242,7 +242,11 @@ class Reconstruction:
 
     def observation_xy(self) -> Tensor:
         """Measured pixel of every track observation (O, 2)."""
-        return self.keypoints.xy[self.keypoints.flat_index(self.tracks.image, self.tracks.keypoint)]
+        return self.observation_xy_of(self.tracks)
+
+    def observation_xy_of(self, tracks: "Tracks") -> Tensor:
+        """Measured pixel of every observation of `tracks` (O, 2)."""
+        return self.keypoints.xy[self.keypoints.flat_index(tracks.image, tracks.keypoint)]
 
     def summary(self) -> dict:
         n_reg = int(self.images.registered.sum())
