@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from torchsfm.data.model import Tracks
+from torchsfm.mapper.triangulation import (
+    FilterOptions,
+    TriangulationOptions,
+    filter_reconstruction,
+    max_triangulation_angle,
+    track_observation_pairs,
+    triangulate_tracks,
+)
+from torchsfm.synthetic import SyntheticOptions, synthesize
+
+
+def _scene(noise=0.0, device="cpu"):
+    s = synthesize(SyntheticOptions(num_images=10, num_points=300, layout="ring", pixel_noise=noise, seed=3))
+    return s.gt.to(device)
+
+
+def test_pairs_enumerate_every_unordered_pair():
+    obs_track = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2])
+    a, b = track_observation_pairs(obs_track, 3)
+    got = sorted(zip(a.tolist(), b.tolist()))
+    want = [(0, 1), (0, 2), (1, 2)] + [(i, j) for i in range(4, 8) for j in range(i + 1, 8)]
+    assert got == sorted(want)
+
+
+def test_noiseless_triangulation_recovers_points(device):
+    gt = _scene(device=device)
+    rec, counts = triangulate_tracks(gt, gt.tracks, TriangulationOptions(min_triangulation_angle=0.0))
+    assert counts["observations_rejected"] == 0
+    # points are renumbered densely in track order; all tracks survive here
+    assert len(rec.points3D) == len(gt.points3D)
+    assert torch.allclose(rec.points3D.xyz, gt.points3D.xyz, atol=1e-7)
+
+
+def test_outlier_observation_is_rejected_and_point_kept(device):
+    gt = _scene(noise=0.5, device=device)
+    kp = gt.keypoints.clone()
+    # corrupt one observation of a long track by 50 px
+    lengths = gt.tracks.lengths(len(gt.points3D))
+    p = int(torch.argmax(lengths))
+    o = int(torch.nonzero(gt.tracks.point == p)[0])
+    flat = gt.keypoints.flat_index(gt.tracks.image[o : o + 1], gt.tracks.keypoint[o : o + 1])
+    kp.xy[flat] += 50.0
+    bad = gt.clone()
+    bad.keypoints = kp
+    rec, counts = triangulate_tracks(bad, bad.tracks, TriangulationOptions(max_reprojection_error=4.0))
+    assert counts["observations_rejected"] >= 1
+    # the corrupted point (new point ids are track id + 1) is still recovered close to the truth
+    row = int(torch.nonzero(rec.points3D.point3D_id == p + 1)[0])
+    assert torch.linalg.norm(rec.points3D.xyz[row] - gt.points3D.xyz[p]) < 0.01
+
+
+def test_triangulation_angle_known_answer():
+    centers = torch.tensor([[-1.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]], dtype=torch.float64)
+    xyz = torch.tensor([[0.0, 0, 1.0]], dtype=torch.float64)
+    ang = max_triangulation_angle(centers, xyz, torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]), 1)
+    assert ang.item() == pytest.approx(90.0, abs=1e-9)
+
+
+def test_filter_drops_bad_observations_and_low_angle_points(device):
+    gt = _scene(device=device)
+    rec = gt.clone()
+    rec.points3D.xyz[0] += 10.0  # reprojects far off in every image
+    out, counts = filter_reconstruction(rec, FilterOptions(max_reprojection_error=2.0, min_triangulation_angle=0.5))
+    assert counts["points_removed"] >= 1
+    assert len(out.points3D) == len(gt.points3D) - counts["points_removed"]
+    assert float(out.points3D.error.max()) < 1e-6
+    assert not torch.any(out.points3D.point3D_id == gt.points3D.point3D_id[0])

@@ -1,0 +1,212 @@
+"""Batched multi-view triangulation, observation filtering and retriangulation.
+
+All tracks are handled at once: per-observation 3x3 normal-equation blocks are summed per track
+with `index_add_`, then one batched 3x3 solve gives every point. No loop over tracks.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cameras.models import project_cameras, unproject_cameras
+from ..data.model import Points3D, Reconstruction, Tracks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TriangulationOptions:
+    max_reprojection_error: float = 4.0  # pixels, for keeping an observation
+    min_triangulation_angle: float = 1.5  # degrees, for keeping a point
+    min_track_length: int = 2
+    refinement_rounds: int = 3  # triangulate, drop the worst observations, repeat
+    max_pairs_for_angle: int = 2_000_000  # chunk size of the pairwise angle computation
+
+
+def bearings(rec: Reconstruction, image: Tensor, keypoint: Tensor) -> Tensor:
+    """Unit rays in the camera frame of the observations (image row, keypoint index)."""
+    uv = rec.keypoints.xy[rec.keypoints.flat_index(image, keypoint)]
+    xy = unproject_cameras(rec.cameras, rec.images.camera[image], uv)
+    ray = torch.cat([xy, torch.ones_like(xy[:, :1])], 1)
+    return ray / ray.norm(dim=1, keepdim=True)
+
+
+def triangulate(R: Tensor, t: Tensor, rays: Tensor, obs_image: Tensor, obs_track: Tensor, num_tracks: int,
+                weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Least-squares point per track minimising the squared distances to the observation rays.
+
+    R, t: cam_from_world (I,3,3), (I,3); rays: unit bearings (O,3) in camera frames.
+    Returns points (T,3) and a bool mask of tracks whose 3x3 system was well conditioned.
+    """
+    Ri, ti = R[obs_image], t[obs_image]
+    # Distance of X from the ray: |(I - b b^T)(R X + t)|.  Normal equations per observation:
+    # A = R^T (I - b b^T) R,  rhs = -R^T (I - b b^T) t.
+    P = torch.eye(3, dtype=rays.dtype, device=rays.device) - rays[:, :, None] * rays[:, None, :]
+    RtP = Ri.transpose(1, 2) @ P
+    A = RtP @ Ri
+    b = -(RtP @ ti[:, :, None])[:, :, 0]
+    if weight is not None:
+        A = A * weight[:, None, None]
+        b = b * weight[:, None]
+    AA = torch.zeros(num_tracks, 3, 3, dtype=A.dtype, device=A.device).index_add_(0, obs_track, A)
+    bb = torch.zeros(num_tracks, 3, dtype=A.dtype, device=A.device).index_add_(0, obs_track, b)
+    # A track with (nearly) parallel rays has a near-singular system: flag it.
+    ev = torch.linalg.eigvalsh(AA)
+    ok = ev[:, 0] > 1e-9 * ev[:, 2].clamp_min(1e-300)
+    eye = torch.eye(3, dtype=A.dtype, device=A.device)
+    X = torch.linalg.solve(torch.where(ok[:, None, None], AA, eye.expand_as(AA)), bb)
+    return X, ok
+
+
+def reprojection_errors(rec: Reconstruction, xyz: Tensor, tracks: Tracks) -> tuple[Tensor, Tensor]:
+    """Pixel reprojection error of every observation and whether its point is in front (depth > 0)."""
+    R = rec.images.rotation[tracks.image]
+    p_cam = (R @ xyz[tracks.point][:, :, None])[:, :, 0] + rec.images.trans[tracks.image]
+    front = p_cam[:, 2] > 1e-8 * p_cam.norm(dim=1).clamp_min(1e-300)
+    safe = torch.where(front[:, None], p_cam, torch.ones_like(p_cam))
+    uv = project_cameras(rec.cameras, rec.images.camera[tracks.image], safe)
+    err = (uv - rec.observation_xy_of(tracks)).norm(dim=1)
+    return torch.where(front, err, torch.full_like(err, float("inf"))), front
+
+
+def max_triangulation_angle(centers: Tensor, xyz: Tensor, obs_image: Tensor, obs_track: Tensor, num_tracks: int,
+                            chunk: int = 2_000_000) -> Tensor:
+    """Largest angle (degrees) between any two viewing rays of each track (T,)."""
+    d = centers[obs_image] - xyz[obs_track]
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    a, b = track_observation_pairs(obs_track, num_tracks)
+    out = torch.zeros(num_tracks, dtype=xyz.dtype, device=xyz.device)
+    for s in range(0, a.numel(), chunk):
+        aa, bb = a[s : s + chunk], b[s : s + chunk]
+        cos = (d[aa] * d[bb]).sum(1).clamp(-1, 1)
+        ang = torch.rad2deg(torch.arccos(cos))
+        out.scatter_reduce_(0, obs_track[aa], ang, reduce="amax")
+    return out
+
+
+def track_observation_pairs(obs_track: Tensor, num_tracks: int) -> tuple[Tensor, Tensor]:
+    """All unordered pairs (a < b) of observations of the same track; obs must be sorted by track."""
+    counts = torch.bincount(obs_track, minlength=num_tracks)
+    start = torch.cumsum(counts, 0) - counts
+    npairs = counts * (counts - 1) // 2
+    total = int(npairs.sum())
+    dev = obs_track.device
+    if total == 0:
+        e = torch.zeros(0, dtype=torch.long, device=dev)
+        return e, e
+    trk = torch.repeat_interleave(torch.arange(num_tracks, device=dev), npairs)
+    local = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(npairs, 0) - npairs, npairs)
+    # Invert local = i*(2k-i-1)/2 + (j-i-1) for the pair (i, j), i < j, in a track of length k.
+    k = counts[trk].to(torch.float64)
+    lf = local.to(torch.float64)
+    i = torch.floor(((2 * k - 1) - torch.sqrt((2 * k - 1) ** 2 - 8 * lf)) / 2).long()
+    # guard against floating-point rounding at row boundaries
+    row_start = i * (2 * counts[trk] - i - 1) // 2
+    i = torch.where(row_start > local, i - 1, i)
+    row_start = i * (2 * counts[trk] - i - 1) // 2
+    nxt = (i + 1) * (2 * counts[trk] - i - 2) // 2
+    i = torch.where(nxt <= local, i + 1, i)
+    row_start = i * (2 * counts[trk] - i - 1) // 2
+    j = local - row_start + i + 1
+    return start[trk] + i, start[trk] + j
+
+
+def compact_tracks(rec: Reconstruction, xyz: Tensor, tracks: Tracks, keep_obs: Tensor, keep_point: Tensor,
+                   min_track_length: int) -> Reconstruction:
+    """Drop observations and points; renumber points densely; drop short tracks."""
+    num = xyz.shape[0]
+    keep_obs = keep_obs & keep_point[tracks.point]
+    lengths = torch.bincount(tracks.point[keep_obs], minlength=num)
+    keep_point = keep_point & (lengths >= min_track_length)
+    keep_obs = keep_obs & keep_point[tracks.point]
+    new_index = torch.cumsum(keep_point.long(), 0) - 1
+    tr = Tracks(new_index[tracks.point[keep_obs]], tracks.image[keep_obs], tracks.keypoint[keep_obs])
+    order = torch.argsort(tr.point, stable=True)
+    tr = Tracks(tr.point[order], tr.image[order], tr.keypoint[order])
+    old = rec.points3D
+    n_keep = int(keep_point.sum())
+    dev = xyz.device
+    if old is not None and len(old) == num:
+        pts = Points3D(old.point3D_id[keep_point], xyz[keep_point], old.rgb[keep_point], old.error[keep_point])
+    else:
+        # new points keep their track id (+1, COLMAP ids start at 1) so they can be traced back
+        pts = Points3D(torch.nonzero(keep_point)[:, 0] + 1, xyz[keep_point],
+                       torch.zeros(n_keep, 3, dtype=torch.uint8, device=dev),
+                       -torch.ones(n_keep, dtype=xyz.dtype, device=dev))
+    return Reconstruction(rec.cameras, rec.images, rec.keypoints, pts, tr, rec.view_graph, dict(rec.meta))
+
+
+def triangulate_tracks(rec: Reconstruction, tracks: Tracks, options: TriangulationOptions | None = None
+                       ) -> tuple[Reconstruction, dict]:
+    """Triangulate every track from the registered images' poses, then iteratively drop
+    observations above the reprojection threshold and re-triangulate; finally drop points with
+    too small a triangulation angle or too few observations. `tracks.point` is the track id."""
+    opt = options or TriangulationOptions()
+    reg = rec.images.registered[tracks.image]
+    tracks = Tracks(tracks.point[reg], tracks.image[reg], tracks.keypoint[reg])
+    num = int(tracks.point.max()) + 1 if len(tracks) else 0
+    R, t = rec.images.rotation, rec.images.trans
+    rays = bearings(rec, tracks.image, tracks.keypoint)
+    keep = torch.ones(len(tracks), dtype=torch.bool, device=rays.device)
+    xyz = torch.zeros(num, 3, dtype=rays.dtype, device=rays.device)
+    ok = torch.zeros(num, dtype=torch.bool, device=rays.device)
+    for _ in range(max(1, opt.refinement_rounds)):
+        xyz, ok = triangulate(R, t, rays, tracks.image, tracks.point, num, weight=keep.to(rays.dtype))
+        err, front = reprojection_errors(rec, xyz, tracks)
+        # One outlier drags a least-squares point so that good observations exceed the threshold
+        # too: drop only the worst observation of each track per round, then re-triangulate.
+        err = torch.where(keep & front, err, torch.zeros_like(err))
+        worst = torch.full((num,), -1.0, dtype=err.dtype, device=err.device).scatter_reduce(
+            0, tracks.point, err, reduce="amax")
+        drop = keep & ((err == worst[tracks.point]) & (err > opt.max_reprojection_error) | ~front)
+        if not bool(drop.any()):
+            break
+        keep = keep & ~drop
+    xyz, ok = triangulate(R, t, rays, tracks.image, tracks.point, num, weight=keep.to(rays.dtype))
+    err, front = reprojection_errors(rec, xyz, tracks)
+    keep = keep & front & (err <= opt.max_reprojection_error)
+    lengths = torch.bincount(tracks.point[keep], minlength=num)
+    ok = ok & (lengths >= opt.min_track_length)
+    angle = max_triangulation_angle(rec.images.centers, xyz, tracks.image[keep], tracks.point[keep], num)
+    ok = ok & (angle >= opt.min_triangulation_angle)
+    out = compact_tracks(_without_points(rec), xyz, tracks, keep, ok, opt.min_track_length)
+    counts = {
+        "tracks_in": num, "points": len(out.points3D), "observations": len(out.tracks),
+        "observations_rejected": int((~keep).sum()), "points_low_angle": int((angle < opt.min_triangulation_angle).sum()),
+    }
+    return out, counts
+
+
+def _without_points(rec: Reconstruction) -> Reconstruction:
+    return Reconstruction(rec.cameras, rec.images, rec.keypoints, None, rec.tracks, rec.view_graph, dict(rec.meta))
+
+
+@dataclass
+class FilterOptions:
+    max_reprojection_error: float = 4.0  # pixels
+    min_triangulation_angle: float = 1.5  # degrees
+    min_track_length: int = 2
+
+
+def filter_reconstruction(rec: Reconstruction, options: FilterOptions | None = None) -> tuple[Reconstruction, dict]:
+    """Drop observations with large reprojection error or behind the camera, then points seen
+    under too small an angle or by too few images (GLOMAP's filtering between BA rounds)."""
+    opt = options or FilterOptions()
+    num = len(rec.points3D)
+    err, front = reprojection_errors(rec, rec.points3D.xyz, rec.tracks)
+    keep = front & (err <= opt.max_reprojection_error)
+    angle = max_triangulation_angle(rec.images.centers, rec.points3D.xyz, rec.tracks.image[keep],
+                                    rec.tracks.point[keep], num)
+    ok = angle >= opt.min_triangulation_angle
+    out = compact_tracks(rec, rec.points3D.xyz, rec.tracks, keep, ok, opt.min_track_length)
+    # mean reprojection error per surviving point
+    e, _ = reprojection_errors(out, out.points3D.xyz, out.tracks)
+    n = len(out.points3D)
+    s = torch.zeros(n, dtype=e.dtype, device=e.device).index_add_(0, out.tracks.point, e)
+    c = torch.bincount(out.tracks.point, minlength=n).clamp_min(1)
+    out.points3D.error = s / c
+    return out, {"observations_removed": int((~keep).sum()), "points_removed": num - len(out.points3D),
+                 "points": len(out.points3D)}
