@@ -1,0 +1,109 @@
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components as scipy_components
+
+from torchsfm.geometry import so3
+from torchsfm.mapper.graph import (
+    REASON_COMPONENT,
+    active_images,
+    compose_along_tree,
+    connected_components,
+    largest_component,
+    mark_images,
+    maximum_spanning_tree,
+    pcg,
+)
+
+
+def test_connected_components_match_scipy(device):
+    g = torch.Generator().manual_seed(0)
+    N = 5000
+    edges = torch.randint(0, N, (4000, 2), generator=g)
+    labels = connected_components(N, edges.to(device)).cpu()
+    n, ref = scipy_components(coo_matrix((np.ones(len(edges)), (edges[:, 0].numpy(), edges[:, 1].numpy())),
+                                         shape=(N, N)), directed=False)
+    ref = torch.from_numpy(ref)
+    # Same partition: the (ours, scipy) label pairs are in bijection with the components.
+    assert torch.unique(labels).numel() == n
+    assert torch.unique(torch.stack([labels, ref], 1), dim=0).shape[0] == n
+    # Label = smallest node of the component.
+    smallest = torch.full((n,), N, dtype=torch.long).scatter_reduce(0, ref, torch.arange(N), "amin")
+    assert torch.equal(labels, smallest[ref])
+
+
+def test_connected_components_long_chain_and_mask(device):
+    N = 3000
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    edges = torch.stack([perm[:-1], perm[1:]], 1).to(device)  # one long path in random order
+    assert bool((connected_components(N, edges) == 0).all())
+    mask = torch.ones(N - 1, dtype=torch.bool, device=device)
+    mask[1000] = False  # cut the path in two
+    labels = connected_components(N, edges, mask)
+    assert torch.unique(labels).numel() == 2
+
+
+def test_largest_component_picks_biggest(device):
+    # Clique on 0..4, triangle on 5..7, node 8 isolated, an edge 9-10 masked out.
+    e = [(a, b) for a in range(5) for b in range(a + 1, 5)] + [(5, 6), (6, 7), (5, 7), (9, 10)]
+    edges = torch.tensor(e, device=device)
+    mask = torch.ones(len(e), dtype=torch.bool, device=device)
+    mask[-1] = False
+    comp, labels = largest_component(11, edges, mask)
+    assert comp.cpu().tolist() == [True] * 5 + [False] * 6
+    none, _ = largest_component(11, edges, torch.zeros_like(mask))
+    assert not bool(none.any())
+
+
+def test_maximum_spanning_tree_and_composition(device):
+    # Square 0-1-2-3-0 plus diagonal 0-2; the light edges (1-2 and 0-2) must be left out.
+    edges = torch.tensor([[0, 1], [1, 2], [2, 3], [0, 3], [0, 2]], device=device)
+    w = torch.tensor([10.0, 1.0, 9.0, 8.0, 2.0], device=device)
+    tree = maximum_spanning_tree(4, edges, w)
+    in_tree = set(tree.parent_edge[tree.parent >= 0].cpu().tolist())
+    assert in_tree == {0, 2, 3}
+    assert tree.root == 0  # largest summed weight (10 + 8 + 2)
+    assert bool(tree.in_tree.all())
+
+    # Composition along a deep random tree (a path) reproduces absolute rotations.
+    N = 700
+    g = torch.Generator().manual_seed(2)
+    R = so3.random_rotation(N, g).to(device)
+    path = torch.randperm(N, generator=g).to(device)
+    e = torch.stack([path[:-1], path[1:]], 1)
+    tree = maximum_spanning_tree(N, e, torch.ones(N - 1, device=device))
+    parent = tree.parent.clamp_min(0)
+    local = R @ R[parent].transpose(-1, -2)
+    A = compose_along_tree(tree.parent, local) @ R[tree.root]
+    assert torch.allclose(A, R, atol=1e-10)
+
+
+def test_pcg_solves_pinned_laplacian(device):
+    g = torch.Generator().manual_seed(3)
+    n = 60
+    i = torch.randint(0, n, (400,), generator=g)
+    j = torch.randint(0, n, (400,), generator=g)
+    keep = i != j
+    i, j = torch.cat([i[keep], torch.arange(n - 1)]), torch.cat([j[keep], torch.arange(1, n)])
+    w = torch.rand(i.numel(), generator=g, dtype=torch.float64) + 0.1
+    L = torch.zeros(n, n, dtype=torch.float64)
+    L.index_put_((i, i), w, accumulate=True).index_put_((j, j), w, accumulate=True)
+    L.index_put_((i, j), -w, accumulate=True).index_put_((j, i), -w, accumulate=True)
+    b = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    b[0] = 0
+    ref = torch.zeros(n, 3, dtype=torch.float64)
+    ref[1:] = torch.linalg.solve(L[1:, 1:], b[1:])
+    Ld, free = L.to(device), torch.ones(n, 1, dtype=torch.float64, device=device)
+    free[0] = 0
+    x = pcg(lambda v: (Ld @ (v * free)) * free, b.to(device), free / Ld.diagonal()[:, None], 500, 1e-12)
+    assert torch.allclose(x.cpu(), ref, atol=1e-8)
+
+
+def test_image_reasons_first_wins_and_copy_on_write():
+    meta = {}
+    mark_images(meta, 4, torch.tensor([True, False, False, False]), REASON_COMPONENT)
+    shared = dict(meta)  # a clone shares the list
+    mark_images(shared, 4, torch.tensor([True, True, False, False]), "other")
+    assert meta["image_reason"] == [REASON_COMPONENT, "", "", ""]
+    assert shared["image_reason"] == [REASON_COMPONENT, "other", "", ""]
+    assert active_images(shared, 4).tolist() == [False, False, True, True]

@@ -1,0 +1,235 @@
+"""Graph helpers for the view graph and the keypoint match graph.
+
+- `connected_components`: label propagation with pointer jumping in torch (any device, no loop
+  over nodes or edges); it also builds tracks from millions of matches.
+- `largest_component`: node mask of the component with the most nodes.
+- `maximum_spanning_tree`: scipy on the CPU (spanning tree + breadth-first rooting). The graph
+  has a node per image and an edge per pair, so the host round trip is small; `compose_along_tree`
+  then propagates transforms down the tree in torch by pointer doubling.
+- `pcg`: Jacobi-preconditioned conjugate gradient for the graph-structured normal equations of
+  rotation averaging and view-graph calibration (matrix-free, batched right-hand sides).
+- `stage_copy`: the copy-on-write a stage makes of its input (no stage mutates its input).
+- Image bookkeeping: `Reconstruction.meta["image_reason"]` is a list with one string per image,
+  "" while the image is still in play, otherwise why the mapper dropped it (the first reason
+  recorded wins, so later stages do not overwrite an earlier cause).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.model import Reconstruction
+
+# Reasons recorded in meta["image_reason"].
+REASON_NO_PAIRS = "no_valid_pairs"
+REASON_RELPOSE = "relative_pose_failed"
+REASON_COMPONENT = "not_in_largest_component"
+REASON_ROTATION = "rotation_averaging_filtered"
+
+
+def connected_components(num_nodes: int, edges: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Component label of every node (N,) int64: the smallest node index in its component.
+
+    edges (E, 2) int64 node indices; mask (E,) bool selects the edges to use. Hook-and-shortcut
+    (Shiloach-Vishkin style): every round, the root of each edge's endpoints is lowered to the
+    smaller of the two roots, then parent pointers are jumped until every node points at a root.
+    Labels only decrease and stay within the component, so at the fixed point every edge joins
+    nodes with one root, the component's smallest node. Rounds are O(log N) in practice.
+    """
+    device = edges.device
+    f = torch.arange(num_nodes, device=device)
+    if mask is not None:
+        edges = edges[mask]
+    if edges.numel() == 0 or num_nodes == 0:
+        return f
+    a, b = edges[:, 0].contiguous(), edges[:, 1].contiguous()
+    while True:
+        fa, fb = f[a], f[b]
+        m = torch.minimum(fa, fb)
+        g = f.scatter_reduce(0, fa, m, "amin").scatter_reduce_(0, fb, m, "amin")
+        while True:  # pointer jumping
+            h = g[g]
+            if torch.equal(h, g):
+                break
+            g = h
+        if torch.equal(g, f):
+            return f
+        f = g
+        # An edge whose ends share a root stays satisfied (later hooks move both ends together).
+        live = f[a] != f[b]
+        a, b = a[live], b[live]
+        if a.numel() == 0:
+            return f
+
+
+def largest_component(num_nodes: int, edges: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(node mask (N,) bool of the largest component with at least one edge, labels (N,)).
+
+    Ties go to the component with the smallest node index. With no usable edge the mask is all
+    False: a single image is not a reconstruction.
+    """
+    labels = connected_components(num_nodes, edges, mask)
+    used = edges if mask is None else edges[mask]
+    if used.numel() == 0:
+        return torch.zeros(num_nodes, dtype=torch.bool, device=edges.device), labels
+    touched = torch.zeros(num_nodes, dtype=torch.bool, device=edges.device)
+    touched[used.reshape(-1)] = True
+    sizes = torch.bincount(labels[touched], minlength=num_nodes)
+    best = torch.argmax(sizes)  # argmax returns the first maximum: the smallest label
+    return (labels == best) & touched, labels
+
+
+@dataclass
+class SpanningTree:
+    """A rooted spanning tree of one component. Rows outside it have parent = -1."""
+
+    root: int
+    parent: Tensor  # (N,) int64 parent node, -1 for the root and nodes outside the tree
+    parent_edge: Tensor  # (N,) int64 row of the edge to the parent, -1 likewise
+    in_tree: Tensor  # (N,) bool: reached from the root
+
+
+def maximum_spanning_tree(
+    num_nodes: int, edges: Tensor, weights: Tensor, mask: Tensor | None = None, root: int | None = None
+) -> SpanningTree:
+    """Maximum-weight spanning tree of the component of `root`, rooted there.
+
+    root defaults to the node with the largest summed edge weight (a central node keeps the tree
+    shallow, so errors compound over fewer hops). Parallel edges keep the heaviest one.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
+
+    device = edges.device
+    idx = torch.arange(edges.shape[0], device=device)
+    if mask is not None:
+        idx = idx[mask]
+    e = edges[idx].cpu().numpy()
+    w = weights[idx].detach().cpu().numpy().astype(np.float64)
+    parent = np.full(num_nodes, -1, dtype=np.int64)
+    parent_edge = np.full(num_nodes, -1, dtype=np.int64)
+    in_tree = np.zeros(num_nodes, dtype=bool)
+    if e.shape[0] == 0:
+        r = 0 if root is None else int(root)
+        in_tree[r] = num_nodes > 0
+        return _tree(r, parent, parent_edge, in_tree, device)
+    lo, hi = np.minimum(e[:, 0], e[:, 1]), np.maximum(e[:, 0], e[:, 1])
+    # Keep the heaviest of parallel edges: sort by (key, -weight) and take the first of each key.
+    key = lo * num_nodes + hi
+    order = np.lexsort((-w, key))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    keep = order[first]
+    lo, hi, w, eid = lo[keep], hi[keep], w[keep], idx.cpu().numpy()[keep]
+    if root is None:
+        strength = np.bincount(lo, w, num_nodes) + np.bincount(hi, w, num_nodes)
+        root = int(np.argmax(strength))
+    # MST depends only on the order of weights: map to positive costs, heaviest -> cheapest
+    # (scipy treats explicit zeros as missing edges).
+    cost = (w.max() - w) + 1.0
+    G = coo_matrix((cost, (lo, hi)), shape=(num_nodes, num_nodes)).tocsr()
+    T = minimum_spanning_tree(G).tocoo()
+    order_nodes, pred = breadth_first_order(T, root, directed=False, return_predecessors=True)
+    in_tree[order_nodes] = True
+    child = order_nodes[order_nodes != root]
+    parent[child] = pred[child]
+    # Edge row of each (child, parent) link, looked up by the undirected key.
+    tkey = np.minimum(child, parent[child]) * num_nodes + np.maximum(child, parent[child])
+    skey = lo * num_nodes + hi
+    srt = np.argsort(skey)
+    parent_edge[child] = eid[srt[np.searchsorted(skey[srt], tkey)]]
+    return _tree(root, parent, parent_edge, in_tree, device)
+
+
+def _tree(root, parent, parent_edge, in_tree, device) -> SpanningTree:
+    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return SpanningTree(int(root), t(parent), t(parent_edge), t(in_tree))
+
+
+def compose_along_tree(parent: Tensor, local: Tensor) -> Tensor:
+    """Absolute transforms from child-from-parent ones by pointer doubling (O(log depth) rounds).
+
+    local (N, d, d): node_from_parent for every node (ignored for the root and nodes outside the
+    tree, which get the identity). Returns node_from_root (N, d, d).
+    """
+    n, d = local.shape[0], local.shape[-1]
+    eye = torch.eye(d, dtype=local.dtype, device=local.device).expand(n, d, d)
+    has = parent >= 0
+    A = torch.where(has[:, None, None], local, eye)
+    anc = torch.where(has, parent, torch.arange(n, device=parent.device))
+    # Invariant: A[v] = v_from_anc[v]; the root and outside nodes are their own ancestor with
+    # A = I. Doubling: v_from_anc[anc[v]] = v_from_anc[v] @ anc[v]_from_anc[anc[v]].
+    while True:
+        nxt = anc[anc]
+        if torch.equal(nxt, anc):
+            return A
+        A = A @ A[anc]
+        anc = nxt
+
+
+def pcg(apply, rhs: Tensor, inv_diag: Tensor, max_iterations: int = 1000, tolerance: float = 1e-10) -> Tensor:
+    """Solve A x = rhs for SPD A given as `apply(x)`; columns of rhs (n, k) are independent systems.
+
+    Stops when every column's residual norm is below `tolerance` times its right-hand side's.
+    """
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = inv_diag * r
+    p = z.clone()
+    rz = (r * z).sum(0)
+    b_norm = (rhs * rhs).sum(0).sqrt().clamp_min(1e-300)
+    for _ in range(max_iterations):
+        Ap = apply(p)
+        alpha = rz / (p * Ap).sum(0).clamp_min(1e-300)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        if bool(((r * r).sum(0).sqrt() <= tolerance * b_norm).all()):
+            break
+        z = inv_diag * r
+        rz_new = (r * z).sum(0)
+        p = z + (rz_new / rz.clamp_min(1e-300)) * p
+        rz = rz_new
+    return x
+
+
+def stage_copy(rec: Reconstruction, *fields: str) -> Reconstruction:
+    """A new Reconstruction sharing every tensor with `rec`, with its own meta dict and fresh
+    (shallow) containers for `fields`, whose tensors the stage then replaces rather than edits in
+    place. Cheaper than `clone()`, which would copy every keypoint and match."""
+    out = Reconstruction(rec.cameras, rec.images, rec.keypoints, rec.points3D, rec.tracks, rec.view_graph,
+                         dict(rec.meta))
+    for name in fields:
+        setattr(out, name, dataclasses.replace(getattr(rec, name)))
+    return out
+
+
+def image_reasons(meta: dict, num_images: int) -> list[str]:
+    """The per-image reason list in `meta`, created when absent."""
+    reasons = meta.get("image_reason")
+    if reasons is None or len(reasons) != num_images:
+        reasons = [""] * num_images
+        meta["image_reason"] = reasons
+    return reasons
+
+
+def mark_images(meta: dict, num_images: int, dropped: Tensor, reason: str) -> int:
+    """Record `reason` for images in `dropped` (bool (I,)) that have no reason yet. Returns how
+    many were newly marked."""
+    reasons = list(image_reasons(meta, num_images))  # copy: clones share the meta's list
+    meta["image_reason"] = reasons
+    n = 0
+    for i in torch.nonzero(dropped, as_tuple=True)[0].tolist():  # report bookkeeping, not a hot path
+        if not reasons[i]:
+            reasons[i] = reason
+            n += 1
+    return n
+
+
+def active_images(meta: dict, num_images: int, device=None) -> Tensor:
+    """(I,) bool: images without a recorded drop reason."""
+    reasons = image_reasons(meta, num_images)
+    return torch.tensor([not r for r in reasons], dtype=torch.bool, device=device)

@@ -1,0 +1,218 @@
+"""Relative poses of all valid pairs, from their matches, with the current intrinsics.
+
+Keypoints of every match are unprojected at once (`unproject_cameras`, so distortion is
+removed for every supported model) and rescaled by each camera's mean focal length, giving
+undistorted "pixels" about the principal point. Each pair then runs PoseLib's essential-matrix
+LO-RANSAC with non-linear refinement (`estimate_relative_pose` with PINHOLE(f, f, 0, 0)
+cameras, so `max_epipolar_error` is in pixels as in GLOMAP). PoseLib releases the GIL, so the
+pairs run on a thread pool; the per-pair Python work is only slicing and dispatch.
+
+A batched torch 5-point/8-point RANSAC would keep this stage on the GPU; it is not written yet.
+
+Filters (GLOMAP's): at least `min_num_inliers` inliers and an inlier ratio of at least
+`min_inlier_ratio`. Then only the largest connected component of the surviving pairs is kept.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..cameras.models import focal_length, unproject_cameras
+from ..data.model import Reconstruction, offsets_from_counts
+from ..geometry import so3
+from .graph import (
+    REASON_COMPONENT,
+    REASON_NO_PAIRS,
+    REASON_RELPOSE,
+    active_images,
+    largest_component,
+    mark_images,
+    stage_copy,
+)
+
+log = logging.getLogger(__name__)
+
+# Per-pair outcome codes in RelativePoseReport.status.
+PAIR_OK = 0
+PAIR_NOT_ESTIMATED = 1  # invalid on input
+PAIR_TOO_FEW_MATCHES = 2  # fewer finite matches than min_num_inliers: not attempted
+PAIR_FAILED = 3  # PoseLib found no model
+PAIR_FEW_INLIERS = 4
+PAIR_LOW_RATIO = 5
+PAIR_OUTSIDE_COMPONENT = 6
+
+
+@dataclass
+class RelativePoseOptions:
+    max_epipolar_error: float = 1.0  # pixels (undistorted, at each camera's mean focal length)
+    min_iterations: int = 100
+    max_iterations: int = 10000
+    success_prob: float = 0.9999
+    refine: bool = True  # PoseLib's non-linear refinement on the inliers
+    min_num_inliers: int = 30
+    min_inlier_ratio: float = 0.25
+    keep_inlier_matches_only: bool = True  # replace each estimated pair's matches by its inliers
+    keep_largest_component: bool = True
+    num_threads: int | None = None  # default: the cores this process may use
+    seed: int = 0  # RANSAC seed of pair e is seed + e: results do not depend on threading
+    progress: bool | None = None  # tqdm bar (None: only on a terminal)
+
+
+@dataclass
+class RelativePoseReport:
+    num_pairs_in: int = 0
+    num_pairs_valid: int = 0
+    num_images_dropped: int = 0
+    status: Tensor | None = None  # (E,) PAIR_* code
+    num_inliers: Tensor | None = None  # (E,) -1 where not estimated
+    inlier_ratio: Tensor | None = None  # (E,) NaN where not estimated
+
+    def counts(self) -> dict:
+        names = ["ok", "not_estimated", "too_few_matches", "failed", "few_inliers", "low_ratio", "outside_component"]
+        c = torch.bincount(self.status.cpu(), minlength=len(names)).tolist()
+        return dict(zip(names, c))
+
+
+def _default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def estimate_relative_poses(
+    rec: Reconstruction, options: RelativePoseOptions | None = None
+) -> tuple[Reconstruction, RelativePoseReport]:
+    """Re-estimate `rel_quat`/`rel_trans`/`E` of every valid pair and filter the view graph.
+
+    Returns a new reconstruction: pairs that fail get `valid` False; with
+    `keep_inlier_matches_only` the estimated pairs keep only their inlier matches; images left
+    outside the largest component get a reason in `meta["image_reason"]`.
+    """
+    import poselib
+
+    options = options or RelativePoseOptions()
+    rec = stage_copy(rec, "view_graph")
+    vg, kp, cams, images = rec.view_graph, rec.keypoints, rec.cameras, rec.images
+    num_images, E = len(images), len(vg)
+    device, dtype = vg.rel_quat.device, vg.rel_quat.dtype
+    active = active_images(rec.meta, num_images, device)
+    valid_in = vg.valid & active[vg.pairs].all(1)
+    report = RelativePoseReport(num_pairs_in=int(valid_in.sum()))
+    status = torch.full((E,), PAIR_NOT_ESTIMATED, dtype=torch.long)
+    num_inliers = torch.full((E,), -1, dtype=torch.long)
+    ratio = torch.full((E,), float("nan"), dtype=torch.float64)
+
+    # Undistorted, focal-scaled coordinates of both ends of every match of a valid pair.
+    pm = vg.pair_of_match()
+    use = valid_in[pm]
+    sel = torch.nonzero(use, as_tuple=True)[0]
+    m, pms = vg.matches[sel], pm[sel]
+    coords = []
+    for side in (0, 1):
+        img = vg.pairs[pms, side]
+        cam = images.camera[img]
+        uv = kp.xy[kp.offsets[img] + m[:, side]]
+        coords.append(unproject_cameras(cams, cam, uv) * focal_length(cams)[cam][:, None])
+    x1 = coords[0].detach().cpu().numpy().astype(np.float64)
+    x2 = coords[1].detach().cpu().numpy().astype(np.float64)
+    finite = np.isfinite(x1).all(1) & np.isfinite(x2).all(1)
+    f_img = focal_length(cams)[images.camera].detach().cpu().numpy().astype(np.float64)
+    counts = vg.num_matches()[valid_in].cpu().numpy()
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    pair_ids = torch.nonzero(valid_in, as_tuple=True)[0].cpu().numpy()
+    pairs_np = vg.pairs.cpu().numpy()
+
+    ransac = {
+        "max_epipolar_error": float(options.max_epipolar_error),
+        "min_iterations": int(options.min_iterations),
+        "max_iterations": int(options.max_iterations),
+        "success_prob": float(options.success_prob),
+    }
+    bundle = {} if options.refine else {"max_iterations": 0}
+
+    def solve(k: int):
+        e = int(pair_ids[k])
+        s0, s1 = starts[k], starts[k + 1]
+        fin = finite[s0:s1]
+        if int(fin.sum()) < max(options.min_num_inliers, 5):
+            return PAIR_TOO_FEW_MATCHES, None, None, None
+        i, j = pairs_np[e]
+        ci = {"model": "PINHOLE", "width": 0, "height": 0, "params": [f_img[i], f_img[i], 0.0, 0.0]}
+        cj = {"model": "PINHOLE", "width": 0, "height": 0, "params": [f_img[j], f_img[j], 0.0, 0.0]}
+        pose, info = poselib.estimate_relative_pose(
+            x1[s0:s1][fin], x2[s0:s1][fin], ci, cj, dict(ransac, seed=options.seed + e), bundle)
+        inl = np.zeros(s1 - s0, dtype=bool)
+        got = np.asarray(info.get("inliers", []), dtype=bool)
+        if got.size != int(fin.sum()) or not got.any():
+            return PAIR_FAILED, None, None, inl
+        inl[np.nonzero(fin)[0][got]] = True
+        return PAIR_OK, np.asarray(pose.q, dtype=np.float64), np.asarray(pose.t, dtype=np.float64), inl
+
+    threads = options.num_threads or _default_threads()
+    disable = None if options.progress is None else not options.progress  # None: only on a terminal
+    bar = tqdm(total=len(pair_ids), desc="relative poses", unit="pair", disable=disable)
+    results = []
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for r in pool.map(solve, range(len(pair_ids))):
+            results.append(r)
+            bar.update(1)
+    bar.close()
+
+    new_q = vg.rel_quat.detach().cpu().clone().to(torch.float64)
+    new_t = vg.rel_trans.detach().cpu().clone().to(torch.float64)
+    keep_match = np.ones(int(vg.matches.shape[0]), dtype=bool)
+    sel_np = sel.cpu().numpy()
+    for k, (st, q, t, inl) in enumerate(results):  # assembling results: one row per pair, O(E)
+        e = int(pair_ids[k])
+        status[e] = st
+        if st != PAIR_OK:
+            continue
+        n_in = int(inl.sum())
+        num_inliers[e] = n_in
+        ratio[e] = n_in / max(int(counts[k]), 1)
+        if n_in < options.min_num_inliers:
+            status[e] = PAIR_FEW_INLIERS
+        elif ratio[e] < options.min_inlier_ratio:
+            status[e] = PAIR_LOW_RATIO
+        else:
+            new_q[e] = torch.from_numpy(q.copy())
+            new_t[e] = torch.from_numpy(t / max(float(np.linalg.norm(t)), 1e-300))
+            if options.keep_inlier_matches_only:
+                keep_match[sel_np[starts[k]:starts[k + 1]]] = inl
+
+    ok = (status == PAIR_OK).to(device)
+    vg.rel_quat = so3.quat_normalize(new_q.to(device=device, dtype=dtype))
+    vg.rel_trans = new_t.to(device=device, dtype=dtype)
+    Rm = so3.quat_to_matrix(vg.rel_quat)
+    vg.E = torch.where(ok[:, None, None], so3.skew(vg.rel_trans) @ Rm, vg.E)
+    if options.keep_inlier_matches_only:
+        km = torch.from_numpy(keep_match).to(device)
+        per_pair = torch.zeros(E, dtype=torch.long, device=device).index_add_(0, pm, km.to(torch.long))
+        vg.matches = vg.matches[km]
+        vg.match_offsets = offsets_from_counts(per_pair)
+    valid = ok
+
+    touched = torch.zeros(num_images, dtype=torch.bool, device=device)
+    touched[vg.pairs[valid_in].reshape(-1)] = True
+    if options.keep_largest_component:
+        comp, _ = largest_component(num_images, vg.pairs, valid)
+        outside = valid & ~comp[vg.pairs].all(1)
+        status[outside.cpu()] = PAIR_OUTSIDE_COMPONENT
+        valid = valid & ~outside
+        has_pose = torch.zeros(num_images, dtype=torch.bool, device=device)
+        has_pose[vg.pairs[ok].reshape(-1)] = True
+        report.num_images_dropped += mark_images(rec.meta, num_images, has_pose & ~comp, REASON_COMPONENT)
+    keep_img = torch.zeros(num_images, dtype=torch.bool, device=device)
+    keep_img[vg.pairs[valid].reshape(-1)] = True
+    report.num_images_dropped += mark_images(rec.meta, num_images, touched & ~keep_img, REASON_RELPOSE)
+    report.num_images_dropped += mark_images(rec.meta, num_images, active & ~touched, REASON_NO_PAIRS)
+    vg.valid = valid
+    report.num_pairs_valid = int(valid.sum())
+    report.status, report.num_inliers, report.inlier_ratio = status, num_inliers, ratio
+    log.info("relative poses: %d/%d pairs kept %s", report.num_pairs_valid, report.num_pairs_in, report.counts())
+    return rec, report
