@@ -1,0 +1,182 @@
+"""The front end's writes to a COLMAP database.db: cameras, rigs, frames, images, features.
+
+One writer and explicit transactions: each unit of work (registering the new images with their
+cameras, rigs and frames; the keypoints and descriptors of one image) is one SQLite transaction,
+so a run that is killed or interrupted leaves all of a unit or none of it. The schema is created
+by pycolmap, i.e. by the COLMAP version that reads the file later. Raw SQL (rather than
+pycolmap.Database) is used for writing because COLMAP's DatabaseTransaction commits when an
+exception unwinds it, while sqlite3 lets us roll back.
+"""
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+MAX_IMAGE_ID = 2147483647  # COLMAP's kMaxNumImages: pair_id = id1 * MAX_IMAGE_ID + id2 (id1 < id2)
+SENSOR_CAMERA = 0  # SensorType.CAMERA
+DESCRIPTOR_SIFT = 0  # FeatureExtractorType.SIFT
+
+
+class DatabaseError(RuntimeError):
+    """The database file is unusable (corrupt, or not a COLMAP database)."""
+
+
+def pair_ids(id1: np.ndarray, id2: np.ndarray) -> np.ndarray:
+    """COLMAP pair ids of image-id pairs, in either order."""
+    a, b = np.minimum(id1, id2).astype(np.int64), np.maximum(id1, id2).astype(np.int64)
+    return a * MAX_IMAGE_ID + b
+
+
+def pair_ids_to_images(pair_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pair_id = np.asarray(pair_id, dtype=np.int64)
+    return pair_id // MAX_IMAGE_ID, pair_id % MAX_IMAGE_ID
+
+
+def check_database(path: Path) -> None:
+    """Fail early and clearly on a corrupt file or on a SQLite file that is not COLMAP's."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as c:
+            ok = c.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise DatabaseError(f"{path} is not a readable SQLite database ({e}); move it away or pick another --database") from e
+    if ok != "ok":
+        raise DatabaseError(f"{path} is corrupt (SQLite quick_check: {ok}); move it away and rerun to rebuild it")
+    missing = {"cameras", "images", "keypoints", "descriptors"} - tables
+    if tables and missing:
+        raise DatabaseError(f"{path} is not a COLMAP database (no tables {', '.join(sorted(missing))})")
+
+
+def create_schema(path: Path) -> None:
+    import pycolmap
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = pycolmap.Database.open(str(path))
+    db.close()
+
+
+class FrontendDatabase:
+    """A sqlite3 connection in autocommit mode; `transaction()` groups writes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.exists():
+            check_database(self.path)
+        create_schema(self.path)  # no-op on a complete COLMAP database, adds missing tables otherwise
+        self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=60.0)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "FrontendDatabase":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ---- reading ----
+    def images(self) -> dict[str, tuple[int, int]]:
+        """name -> (image_id, camera_id)."""
+        return {n: (i, c) for i, n, c in self.conn.execute("SELECT image_id, name, camera_id FROM images")}
+
+    def camera_sizes(self) -> dict[int, tuple[int, int]]:
+        return {c: (w, h) for c, w, h in self.conn.execute("SELECT camera_id, width, height FROM cameras")}
+
+    def feature_state(self) -> tuple[set[int], set[int]]:
+        """(image ids with keypoints and descriptors, image ids with only one of them)."""
+        kp = {r[0] for r in self.conn.execute("SELECT image_id FROM keypoints")}
+        de = {r[0] for r in self.conn.execute("SELECT image_id FROM descriptors")}
+        return kp & de, kp ^ de
+
+    def num_keypoints(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(SUM(rows), 0) FROM keypoints").fetchone()[0])
+
+    # ---- writing (call inside transaction()) ----
+    def add_camera(self, model_id: int, width: int, height: int, params: np.ndarray, prior_focal: bool) -> int:
+        blob = np.ascontiguousarray(params, dtype=np.float64).tobytes()
+        cur = self.conn.execute(
+            "INSERT INTO cameras(model, width, height, params, prior_focal_length) VALUES (?, ?, ?, ?, ?)",
+            (int(model_id), int(width), int(height), blob, int(bool(prior_focal))),
+        )
+        return int(cur.lastrowid)
+
+    def rig_of_camera(self, camera_id: int) -> int:
+        """COLMAP 4 gives every camera a trivial rig (the camera as reference sensor)."""
+        row = self.conn.execute(
+            "SELECT rig_id FROM rigs WHERE ref_sensor_id = ? AND ref_sensor_type = ?", (camera_id, SENSOR_CAMERA)
+        ).fetchone()
+        if row:
+            return int(row[0])
+        cur = self.conn.execute("INSERT INTO rigs(ref_sensor_id, ref_sensor_type) VALUES (?, ?)", (camera_id, SENSOR_CAMERA))
+        return int(cur.lastrowid)
+
+    def add_image(self, name: str, camera_id: int) -> int:
+        """The image row plus its one-image frame, as COLMAP's importer writes them."""
+        image_id = int(self.conn.execute("INSERT INTO images(name, camera_id) VALUES (?, ?)", (name, camera_id)).lastrowid)
+        rig_id = self.rig_of_camera(camera_id)
+        frame_id = int(self.conn.execute("INSERT INTO frames(rig_id) VALUES (?)", (rig_id,)).lastrowid)
+        self.conn.execute(
+            "INSERT INTO frame_data(frame_id, data_id, sensor_id, sensor_type) VALUES (?, ?, ?, ?)",
+            (frame_id, image_id, camera_id, SENSOR_CAMERA),
+        )
+        return image_id
+
+    def remove_image(self, image_id: int) -> None:
+        rows = self.conn.execute(
+            "SELECT frame_id FROM frame_data WHERE data_id = ? AND sensor_type = ?", (image_id, SENSOR_CAMERA)
+        ).fetchall()
+        for (fid,) in rows:
+            self.conn.execute("DELETE FROM frame_data WHERE frame_id = ?", (fid,))
+            self.conn.execute("DELETE FROM frames WHERE frame_id = ?", (fid,))
+        for table in ("keypoints", "descriptors", "images"):
+            self.conn.execute(f"DELETE FROM {table} WHERE image_id = ?", (image_id,))
+
+    def delete_features(self, image_id: int) -> None:
+        self.conn.execute("DELETE FROM keypoints WHERE image_id = ?", (image_id,))
+        self.conn.execute("DELETE FROM descriptors WHERE image_id = ?", (image_id,))
+
+    def write_keypoints(self, image_id: int, keypoints: np.ndarray) -> None:
+        kp = np.ascontiguousarray(keypoints, dtype=np.float32)
+        self.conn.execute(
+            "INSERT INTO keypoints(image_id, rows, cols, data) VALUES (?, ?, ?, ?)",
+            (image_id, kp.shape[0], kp.shape[1], kp.tobytes()),
+        )
+
+    def write_descriptors(self, image_id: int, descriptors: np.ndarray) -> None:
+        de = np.ascontiguousarray(descriptors, dtype=np.uint8)
+        self.conn.execute(
+            "INSERT INTO descriptors(image_id, type, rows, cols, data) VALUES (?, ?, ?, ?, ?)",
+            (image_id, DESCRIPTOR_SIFT, de.shape[0], de.shape[1], de.tobytes()),
+        )
+
+    def write_features(self, image_id: int, keypoints: np.ndarray, descriptors: np.ndarray) -> None:
+        """Keypoints and descriptors of one image, atomically."""
+        with self.transaction():
+            self.delete_features(image_id)
+            self.write_keypoints(image_id, keypoints)
+            self.write_descriptors(image_id, descriptors)
+
+
+def read_descriptors(conn: sqlite3.Connection, image_ids: list[int]) -> list[np.ndarray]:
+    """uint8 (n, 128) SIFT descriptors of the given images (empty arrays where absent)."""
+    out = []
+    for iid in image_ids:
+        row = conn.execute("SELECT rows, cols, data FROM descriptors WHERE image_id = ?", (int(iid),)).fetchone()
+        if row is None or not row[0]:
+            out.append(np.zeros((0, 128), np.uint8))
+        else:
+            out.append(np.frombuffer(row[2], dtype=np.uint8).reshape(row[0], row[1]))
+    return out

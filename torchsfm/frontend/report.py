@@ -1,0 +1,99 @@
+"""What the front end tells the user: run reports (JSON-able dataclasses) and progress bars."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .ingest import SkippedFile
+
+
+def progress(iterable=None, enabled: bool = True, **kwargs):
+    """tqdm on stderr, shown only on a terminal (and never when disabled)."""
+    return tqdm(iterable, disable=(None if enabled else True), file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def _counts(items) -> str:
+    c = collections.Counter(items)
+    return ", ".join(f"{n} {k}" for k, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def log_aggregated(logger: logging.Logger, headline: str, lines: list[str], limit: int = 20) -> None:
+    """One warning for many items: a headline, then up to `limit` item lines."""
+    if not lines:
+        return
+    shown = lines[:limit] + ([f"... and {len(lines) - limit} more (see the run report)"] if len(lines) > limit else [])
+    logger.warning("%s\n  %s", headline, "\n  ".join(shown))
+
+
+class _Report:
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+@dataclass
+class ExtractReport(_Report):
+    image_dir: str
+    database: str
+    num_files: int = 0  # files found under the image folder
+    num_images: int = 0  # usable images (all of them are in the database afterwards)
+    num_registered: int = 0  # images added to the database by this run
+    num_extracted: int = 0  # images whose features were computed by this run
+    num_resumed: int = 0  # images skipped because the database already had their features
+    num_cameras: int = 0
+    num_keypoints: int = 0  # in the whole database
+    device: str = "cpu"
+    skipped: list[SkippedFile] = field(default_factory=list)
+    exif_focal_ignored: list[dict] = field(default_factory=list)  # {name, detail}
+    exif_orientation: dict = field(default_factory=dict)  # name -> EXIF orientation (!= 1)
+    no_features: list[str] = field(default_factory=list)  # images where SIFT found nothing
+    elapsed_s: float = 0.0
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(collections.Counter(s.reason for s in self.skipped))
+
+    def summary(self) -> str:
+        skipped = f", skipped {len(self.skipped)} files ({_counts(s.reason for s in self.skipped)})" if self.skipped else ""
+        return (
+            f"extract: {self.num_images} images in {self.num_cameras} camera(s) "
+            f"({self.num_extracted} extracted, {self.num_resumed} already done){skipped}; "
+            f"{self.num_keypoints} keypoints in {self.database} [{self.elapsed_s:.1f} s, {self.device}]"
+        )
+
+
+@dataclass
+class MatchReport(_Report):
+    database: str
+    mode: str
+    num_images: int = 0
+    num_candidate_pairs: int = 0  # pairs proposed by the pair generator
+    num_matched: int = 0  # pairs matched by this run
+    num_resumed: int = 0  # candidate pairs already in the database (not redone)
+    num_verified: int = 0  # pairs in the database with a verified geometry (>= min inliers)
+    num_inlier_matches: int = 0  # in the whole database
+    configs: dict = field(default_factory=dict)  # configuration type name -> pair count
+    device: str = "cpu"
+    elapsed_s: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"match ({self.mode}): {self.num_candidate_pairs} candidate pairs over {self.num_images} images "
+            f"({self.num_matched} matched, {self.num_resumed} already done); {self.num_verified} verified pairs, "
+            f"{self.num_inlier_matches} inlier matches in {self.database} [{self.elapsed_s:.1f} s, {self.device}]"
+        )
