@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ba.bundle_adjustment import BundleAdjustmentOptions, bundle_adjust
 from ..data.model import Reconstruction
 from ..report import RunReport
 from ..runtime import resolve_device
@@ -47,19 +48,9 @@ class MapperOptions:
     rotation_averaging: RotationAveragingOptions = field(default_factory=RotationAveragingOptions)
     tracks: TrackOptions = field(default_factory=TrackOptions)
     global_positioning: GlobalPositioningOptions = field(default_factory=GlobalPositioningOptions)
-    bundle_adjustment: "BundleAdjustmentOptions" = None  # type: ignore[assignment]
+    bundle_adjustment: BundleAdjustmentOptions = field(default_factory=BundleAdjustmentOptions)
     retriangulation_tracks: TrackOptions = field(default_factory=_retriangulation_tracks)
     triangulation: TriangulationOptions = field(default_factory=TriangulationOptions)
-
-    def __post_init__(self):
-        from ..ba.bundle_adjustment import BundleAdjustmentOptions
-
-        if self.bundle_adjustment is None:
-            self.bundle_adjustment = BundleAdjustmentOptions()
-        elif isinstance(self.bundle_adjustment, dict):
-            from ..config import from_dict
-
-            self.bundle_adjustment = from_dict(BundleAdjustmentOptions, self.bundle_adjustment)
 
 
 def _check_finite(rec: Reconstruction, stage: str) -> None:
@@ -100,8 +91,6 @@ def normalize(rec: Reconstruction, extent: float) -> Reconstruction:
 
 
 def _bundle_rounds(rec: Reconstruction, opt: MapperOptions, report: RunReport, dev, tag: str) -> Reconstruction:
-    from ..ba.bundle_adjustment import bundle_adjust
-
     for k, thr in enumerate(opt.ba_round_max_reprojection):
         with report.stage(f"{tag}bundle_adjustment_{k + 1}", dev) as st:
             rec, summary = bundle_adjust(rec, opt.bundle_adjustment)

@@ -1,0 +1,267 @@
+"""The sparse LM solver layer on BAL-style problems (its own residual, no camera module)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_data
+from torchsfm.ba import bal
+from torchsfm.solver import SolverOptions, check_jacobians, losses, solve
+from torchsfm.solver.autodiff import AutodiffProblem
+from torchsfm.solver.checks import reduced_jacobian
+from torchsfm.solver.lm import _defaults
+from torchsfm.solver.problem import compact_param_map, identity_param_map
+from torchsfm.solver.schur import ReducedSystem
+from torchsfm.solver.structure import SchurStructure
+
+
+def small_bal(num_cams=8, num_points=120, k=4.0, seed=0, noise=0.5, perturb=1e-2):
+    return bal.synthetic_bal(num_cams, num_points, k, seed=seed, noise_px=noise, perturb=perturb)
+
+
+def shared_intrinsics_map(num_cams: int, device=None) -> torch.Tensor:
+    """Poses per camera, (f, k1, k2) shared by all cameras; camera 0 constant (gauge-ish)."""
+    pm = identity_param_map(num_cams, 9, device=device)
+    pm[:, 6:] = num_cams * 9 + torch.arange(3, device=device)
+    pm[0, :6] = -1
+    return compact_param_map(pm)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+
+
+@pytest.mark.parametrize("loss", ["trivial", "huber", "cauchy", "soft_l1"])
+def test_loss_derivatives_match_finite_differences(loss):
+    s = torch.tensor([0.0, 0.3, 0.9, 1.0, 1.7, 4.0, 25.0, 400.0], dtype=torch.float64)
+    a = 1.3
+    rho, rho1, rho2 = losses.evaluate(s, loss, a)
+    h = 1e-6
+    rp, r1p, _ = losses.evaluate(s + h, loss, a)
+    rm, r1m, _ = losses.evaluate((s - h).clamp_min(0), loss, a)
+    inner = s > 2 * h
+    assert torch.allclose(((rp - rm) / (2 * h))[inner], rho1[inner], rtol=1e-6, atol=1e-8)
+    kink = (s - a * a).abs() < 1e-3  # Huber's rho'' jumps at s = a^2
+    sel = inner & ~kink
+    assert torch.allclose(((r1p - r1m) / (2 * h))[sel], rho2[sel], rtol=1e-5, atol=1e-8)
+    # quadratic near zero, so a small residual costs the same under every loss
+    assert float(rho[0]) == 0.0 and abs(float(rho1[1]) - 1.0) < 0.25
+    if loss != "trivial":
+        assert float(rho1[-1]) < 0.2  # large residuals are down-weighted
+
+
+def test_robustify_is_irls_and_triggs_correction(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(50, 2, generator=g, dtype=torch.float64) * 3
+    J = torch.randn(50, 2, 5, generator=g, dtype=torch.float64)
+    rr, (JJ,) = losses.robustify(r, [J], "huber", 1.0)
+    w = losses.weights(r, "huber", 1.0)
+    assert torch.allclose(rr, r * w.sqrt()[:, None]) and torch.allclose(JJ, J * w.sqrt()[:, None, None])
+    assert float(w.min()) < 0.5 and float(w.max()) == 1.0
+    # A loss with rho'' > 0 takes Ceres' second-order branch: J~^T J~ = J^T (rho' + 2 rho'' r r^T) J
+    # and J~^T r~ = rho' J^T r (the Gauss-Newton model of the robust cost).
+    monkeypatch.setattr(losses, "evaluate", lambda s, loss, a: (s + 0.25 * s * s, 1 + 0.5 * s, 0.5 * torch.ones_like(s)))
+    rr, (JJ,) = losses.robustify(r, [J], "custom", 1.0)
+    s = r.square().sum(1)
+    H = JJ.transpose(1, 2) @ JJ
+    Href = J.transpose(1, 2) @ ((1 + 0.5 * s)[:, None, None] * torch.eye(2, dtype=r.dtype) + 2 * 0.5 * r[:, :, None] * r[:, None, :]) @ J
+    assert torch.allclose(H, Href, rtol=1e-10, atol=1e-9)
+    assert torch.allclose((JJ.transpose(1, 2) @ rr[:, :, None])[..., 0], (1 + 0.5 * s)[:, None] * (J.transpose(1, 2) @ r[:, :, None])[..., 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Jacobians
+
+
+def test_bal_jacobians_match_finite_differences(device):
+    p = bal.BALProblem(small_bal(num_cams=5, num_points=40), device=device)
+    chk = check_jacobians(p, eps=1e-6)
+    assert chk.max_rel_error_cam < 1e-6 and chk.max_rel_error_point < 1e-6, chk
+
+
+def test_autodiff_problem_jacobians_and_solve(device):
+    """A residual with no hand-written Jacobian (BAL camera, additive angle-axis) via torch.func."""
+    from torchsfm.geometry import so3
+
+    d = small_bal(num_cams=4, num_points=30, noise=0.0, perturb=1e-3)
+
+    def residual(cam, X, obs):
+        R = so3.exp(cam[:3])
+        P = R @ X + cam[3:6]
+        p = -P[:2] / P[2]
+        n = (p * p).sum()
+        return cam[6] * (1 + cam[7] * n + cam[8] * n * n) * p - obs
+
+    T = lambda x: torch.as_tensor(x, dtype=torch.float64, device=device)  # noqa: E731
+    prob = AutodiffProblem(residual, T(d.cameras), T(d.points), T(d.cam_index).long(), T(d.point_index).long(),
+                           aux=(T(d.observations),), cam_param_map=None)
+    chk = check_jacobians(prob, eps=1e-6)
+    assert chk.max_rel_error_cam < 1e-6 and chk.max_rel_error_point < 1e-6, chk
+    s = solve(prob, SolverOptions(max_iterations=30))
+    assert s.final_cost < 1e-6 * s.initial_cost
+
+
+# --------------------------------------------------------------------------------------------
+# the reduced system
+
+
+def _dense_step(problem, radius, opt):
+    """Reference: the damped normal equations of the full (reduced cams + points) system."""
+    lin = problem.linearize().as_rows()
+    r = lin.residuals.reshape(-1)
+    Jr = reduced_jacobian(problem, lin.jac_cam)
+    N, d, n = Jr.shape
+    P, k = problem.num_points, problem.point_dim
+    Jpt = torch.zeros(N, d, P * k, dtype=r.dtype, device=r.device)
+    cols = problem.point_index[:, None] * k + torch.arange(k, device=r.device)
+    Jpt.scatter_(2, cols[:, None, :].expand(N, d, k), lin.jac_point)
+    J = torch.cat([Jr, Jpt], 2).reshape(N * d, n + P * k)
+    H = J.T @ J
+    D = H.diagonal().clamp(opt.min_lm_diagonal, opt.max_lm_diagonal)
+    delta = torch.linalg.solve(H + torch.diag(D / radius), -(J.T @ r))
+    return delta[:n], delta[n:].reshape(P, k)
+
+
+@pytest.mark.parametrize("method", ["dense", "sparse", "pcg", "pcg_explicit"])
+@pytest.mark.parametrize("mapping", ["identity", "constant_camera", "shared_intrinsics"])
+def test_schur_step_equals_full_normal_equations(device, method, mapping):
+    if method == "sparse" and device.type != "cpu":
+        pytest.skip("the sparse direct solver is CPU only")
+    p = bal.BALProblem(small_bal(), device=device)
+    if mapping == "constant_camera":
+        p = bal.BALProblem(small_bal(), device=device, constant_cameras=torch.tensor([0, 3]))
+    elif mapping == "shared_intrinsics":
+        p.cam_param_map = shared_intrinsics_map(p.num_cams, device=p.cam_index.device)
+    opt = _defaults(SolverOptions(pcg_eta=1e-12, pcg_max_iterations=500), p.cam_index.device)
+    st = SchurStructure(p.cam_index, p.point_index, p.num_cams, p.num_points, 9, 3, p.cam_param_map,
+                        explicit=method != "pcg", segment_length=4, device=p.cam_index.device)
+    lin = p.linearize().as_soa()
+    system = ReducedSystem(st, lin.residuals, lin.jac_cam, lin.jac_point, opt, method)
+    radius = 1e3
+    step, info = system.step(radius)
+    x_ref, dp_ref = _dense_step(p, radius, opt)
+    assert step is not None
+    tol = 1e-8 if method in ("dense", "sparse") else 1e-5  # CG stops at a relative residual of 1e-12
+    scale = float(x_ref.abs().max())
+    assert float((step.reduced - x_ref).abs().max()) < tol * scale
+    assert float((step.points - dp_ref).abs().max()) < tol * max(float(dp_ref.abs().max()), 1e-12)
+    assert info["model_cost_change"] > 0
+
+
+def test_chunk_size_does_not_change_the_step():
+    p = bal.BALProblem(small_bal(num_cams=10, num_points=200))
+    out = []
+    for chunk, seg in ((None, None), (4096, 2)):
+        opt = _defaults(SolverOptions(chunk_bytes=chunk, segment_length=seg), torch.device("cpu"))
+        st = SchurStructure(p.cam_index, p.point_index, p.num_cams, p.num_points, 9, 3, None, explicit=True,
+                            segment_length=opt.segment_length, device=torch.device("cpu"))
+        lin = p.linearize().as_soa()
+        out.append(ReducedSystem(st, lin.residuals, lin.jac_cam, lin.jac_point, opt, "dense").step(1e4)[0])
+    assert torch.allclose(out[0].reduced, out[1].reduced, rtol=1e-10, atol=1e-12)
+
+
+def test_failed_factorisation_is_a_rejected_step():
+    """Gauge freedom + vanishing damping: Cholesky fails, LM shrinks the radius and carries on."""
+    p = bal.BALProblem(small_bal(num_cams=6, num_points=60))
+    opt = _defaults(SolverOptions(min_lm_diagonal=1e-30), torch.device("cpu"))
+    st = SchurStructure(p.cam_index, p.point_index, p.num_cams, p.num_points, 9, 3, None, explicit=True,
+                        segment_length=4, device=torch.device("cpu"))
+    lin = p.linearize().as_soa()
+    system = ReducedSystem(st, lin.residuals, lin.jac_cam, lin.jac_point, opt, "dense")
+    blocks = system._explicit_blocks(system._y_rows(system._eliminate(1e-300)[1]))
+    S = system._dense_matrix(blocks, torch.zeros(st.n, dtype=torch.float64))
+    S[0, 0] = -1.0  # certainly not positive definite
+    assert torch.linalg.cholesky_ex(S)[1] != 0
+    system._dense_matrix = lambda blocks, damp: S  # noqa: E731
+    step, _ = system.step(1e4)
+    assert step is None
+    s = solve(bal.BALProblem(small_bal(num_cams=6, num_points=60)),
+              SolverOptions(initial_trust_region_radius=1e30, max_trust_region_radius=1e30, min_lm_diagonal=1e-30,
+                            max_consecutive_invalid_steps=40))
+    assert s.unsuccessful_steps >= 1 and s.final_cost < 0.01 * s.initial_cost
+
+
+# --------------------------------------------------------------------------------------------
+# the LM loop
+
+
+def test_converges_to_ground_truth_without_noise(device):
+    clean = bal.synthetic_bal(8, 150, 4.0, seed=3, noise_px=0.0, perturb=0.0)
+    start = bal.synthetic_bal(8, 150, 4.0, seed=3, noise_px=0.0, perturb=3e-3)
+    start.observations = clean.observations
+    const = torch.tensor([0, 1])  # fixes the gauge (and everything of the two cameras)
+    start.cameras[:2] = clean.cameras[:2]
+    p = bal.BALProblem(start, device=device, constant_cameras=const)
+    s = solve(p, SolverOptions(function_tolerance=1e-12, parameter_tolerance=1e-14, gradient_tolerance=1e-14))
+    assert s.final_cost < 1e-14 * s.initial_cost
+    out = p.to_data()
+    assert np.abs(out.points - clean.points).max() < 1e-6
+    assert np.abs(out.cameras - clean.cameras).max() < 1e-6
+
+
+def test_solver_paths_reach_the_same_cost(device):
+    costs = {}
+    for method in ("dense", "pcg", "pcg_explicit") + (("sparse",) if device.type == "cpu" else ()):
+        p = bal.BALProblem(small_bal(num_cams=12, num_points=300, seed=5), device=device)
+        s = solve(p, SolverOptions(linear_solver=method))
+        assert s.linear_solver == method and s.converged, s.termination
+        costs[method] = s.final_cost
+    ref = costs["dense"]
+    for c in costs.values():
+        assert abs(c - ref) <= 1e-6 * ref, costs
+
+
+def test_float32_option_converges():
+    d = small_bal(num_cams=8, num_points=200, seed=2)
+    s64 = solve(bal.BALProblem(d), SolverOptions())
+    s32 = solve(bal.BALProblem(d, dtype=torch.float32), SolverOptions())
+    assert s32.final_cost < 0.05 * s32.initial_cost
+    assert abs(s32.final_cost - s64.final_cost) < 1e-3 * s64.final_cost
+
+
+def test_huber_down_weights_planted_outliers():
+    clean = bal.synthetic_bal(10, 300, 4.0, seed=4, noise_px=0.3, perturb=0.0)
+    d = bal.synthetic_bal(10, 300, 4.0, seed=4, noise_px=0.3, perturb=5e-3)
+    rng = np.random.default_rng(0)
+    bad = rng.choice(d.num_observations, d.num_observations // 20, replace=False)
+    d.observations = clean.observations.copy()
+    d.observations[bad] += rng.choice([-1, 1], (bad.size, 2)) * rng.uniform(20, 60, (bad.size, 2))
+    errors = {}
+    for loss in ("trivial", "huber", "cauchy"):
+        p = bal.BALProblem(d, constant_cameras=torch.tensor([0, 1]))
+        p.R[:2], p.t[:2] = bal.BALProblem(clean).R[:2], torch.as_tensor(clean.cameras[:2, 3:6])
+        solve(p, SolverOptions(loss=loss, loss_scale=2.0))
+        errors[loss] = float(np.median(np.linalg.norm(p.to_data().points - clean.points, axis=1)))
+        if loss == "huber":
+            w = losses.weights(p.residuals(), "huber", 2.0)
+            is_bad = torch.zeros(d.num_observations, dtype=torch.bool)
+            is_bad[torch.as_tensor(bad)] = True
+            assert float(w[is_bad].median()) < 0.1 and float(w[~is_bad].median()) == 1.0
+    assert errors["huber"] < 0.5 * errors["trivial"] and errors["cauchy"] < 0.5 * errors["trivial"], errors
+
+
+def test_summary_trace_and_time_to_cost():
+    s = solve(bal.BALProblem(small_bal()), SolverOptions())
+    assert s.trace[0].cost == s.initial_cost and s.trace[-1].cost == s.final_cost
+    costs = [t.cost for t in s.trace]
+    assert all(b <= a for a, b in zip(costs, costs[1:]))  # accepted steps never increase the cost
+    assert s.time_to_cost(s.final_cost) is not None and s.time_to_cost(0.0) is None
+    assert s.iterations == len(s.trace) - 1 and s.successful_steps + s.unsuccessful_steps == s.iterations
+
+
+# --------------------------------------------------------------------------------------------
+# real BAL problems against Ceres' final costs (../shared/reference/ba-solver-notes.md, sec. 2)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name,ceres_final", [("problem-21-11315-pre", 3.037865e04), ("problem-49-7776-pre", 1.330848e04)])
+def test_bal_problem_reaches_ceres_final_cost(name, ceres_final):
+    d = bal.drop_behind(bal.load_bal(shared_data("bal") / f"{name}.txt.bz2"))
+    p = bal.BALProblem(d)
+    s = solve(p, SolverOptions())
+    assert abs(s.initial_cost - bal.cost_np(d)) <= 1e-12 * s.initial_cost
+    assert s.final_cost <= ceres_final * (1 + 1e-4), (s.final_cost, ceres_final)
+    assert math.isclose(bal.cost_np(p.to_data()), s.final_cost, rel_tol=1e-9)

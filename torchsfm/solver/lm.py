@@ -1,0 +1,222 @@
+"""Levenberg-Marquardt with Ceres' trust-region rules over a Schur-complemented sparse system.
+
+The loop follows ceres::TrustRegionMinimizer with the LEVENBERG_MARQUARDT strategy:
+- damping D/radius with D = clamp(diag(J^T J)) (Marquardt);
+- a step is *invalid* when the linear solve fails (e.g. Cholesky of the gauge-singular system
+  with tiny damping) or the linear model predicts no decrease: radius /= nu, nu *= 2;
+- after evaluating the candidate: parameter tolerance, then function tolerance, then the step is
+  accepted when (actual / predicted decrease) > min_relative_decrease, with radius /=
+  max(1/3, 1 - (2 rho - 1)^3) and nu = 2; otherwise radius /= nu, nu *= 2;
+- the gradient tolerance is tested at every new linearisation.
+One difference: when the function tolerance fires on a candidate that lowers the cost, the
+candidate is kept (Ceres reports the previous point).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+
+from ..runtime import tune_cpu_allocator
+from . import losses
+from .options import LINEAR_SOLVERS, IterationRecord, SolverOptions, SolverSummary
+from .problem import SparseProblem
+from .schur import ReducedSystem
+from .structure import SchurStructure
+
+logger = logging.getLogger(__name__)
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.t: dict[str, float] = {}
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, key: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+
+
+def choose_linear_solver(num_unknowns: int, device: torch.device, options: SolverOptions) -> str:
+    if options.linear_solver not in LINEAR_SOLVERS:
+        raise ValueError(f"linear_solver must be one of {LINEAR_SOLVERS}, got {options.linear_solver!r}")
+    if options.linear_solver != "auto":
+        if options.linear_solver == "sparse" and device.type != "cpu":
+            raise ValueError("the sparse direct solver (scipy) runs on the CPU only; use dense or pcg on CUDA")
+        return options.linear_solver
+    dense_max = options.dense_max_size or (12000 if device.type == "cuda" else 2000)
+    if num_unknowns <= dense_max:
+        return "dense"
+    if device.type == "cpu" and num_unknowns <= options.sparse_max_size:
+        return "sparse"
+    return "pcg"
+
+
+def _defaults(options: SolverOptions, device: torch.device) -> SolverOptions:
+    from dataclasses import replace
+
+    cpu = device.type == "cpu"
+    return replace(
+        options,
+        chunk_bytes=options.chunk_bytes or ((8 << 20) if cpu else (512 << 20)),
+        segment_length=options.segment_length or (8 if cpu else 32),
+    )
+
+
+def _linearize(problem: SparseProblem, st: SchurStructure, opt: SolverOptions, method: str):
+    lin = problem.linearize().as_soa()
+    r, Jc, Jp = lin.residuals, lin.jac_cam, lin.jac_point  # (d, N), (d, nc, N), (d, k, N)
+    cost = losses.cost(r.T, opt.loss, opt.loss_scale)
+    r, (Jc, Jp) = losses.robustify(r, [Jc, Jp], opt.loss, opt.loss_scale, soa=True)
+    return cost, ReducedSystem(st, r, Jc, Jp, opt, method)
+
+
+@torch.no_grad()
+def solve(problem: SparseProblem, options: SolverOptions | None = None) -> SolverSummary:
+    """Minimise 0.5 * sum rho(|r_i|^2) over the problem's parameters (in place)."""
+    opt = options or SolverOptions()
+    t_start = time.perf_counter()
+    summary = SolverSummary()
+    device = problem.cam_index.device
+    opt = _defaults(opt, device)
+    if device.type == "cpu" and opt.tune_cpu_allocator:
+        tune_cpu_allocator()
+    tm = _Timer(device)
+    with tm("setup"):
+        pm = problem.cam_param_map
+        n_unknowns = int(pm.max()) + 1 if pm is not None and pm.numel() else problem.num_cams * problem.cam_dim
+        if pm is not None and not bool((pm >= 0).any()):
+            n_unknowns = 0
+        method = choose_linear_solver(n_unknowns, device, opt)
+        st = SchurStructure(
+            problem.cam_index, problem.point_index, problem.num_cams, problem.num_points, problem.cam_dim,
+            problem.point_dim, pm, explicit=method in ("dense", "sparse", "pcg_explicit"),
+            segment_length=opt.segment_length, device=device,
+        )
+    summary.linear_solver = method
+    summary.num_reduced_unknowns = st.n
+    summary.setup_time_s = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    log = logger.info if opt.verbose else logger.debug
+
+    def now() -> float:
+        return time.perf_counter() - t0
+
+    with tm("linearize"):
+        cost, system = _linearize(problem, st, opt, method)
+    summary.initial_cost = summary.final_cost = cost
+    gnorm = system.gradient_max_norm()
+    radius, nu = opt.initial_trust_region_radius, 2.0
+    rec0 = IterationRecord(0, cost, cost, True, 0.0, radius, 0.0, gnorm, 0, now())
+    summary.trace.append(rec0)
+    if opt.callback:
+        opt.callback(rec0)
+    log("iter   0: cost %.6e |g| %.2e, %s solver, %d reduced unknowns", cost, gnorm, method, st.n)
+    if not math.isfinite(cost):
+        summary.termination, summary.message = "invalid_initial_cost", "initial cost is not finite"
+        return _finish(summary, tm, t_start)
+    if gnorm <= opt.gradient_tolerance:
+        summary.termination = "gradient_tolerance"
+        return _finish(summary, tm, t_start)
+
+    invalid_in_row = 0
+    termination = "max_iterations"
+    it = 0
+    while it < opt.max_iterations:
+        if now() + summary.setup_time_s > opt.max_time_s:
+            termination = "max_time"
+            break
+        it += 1
+        with tm("linear_solve"):
+            step, info = system.step(radius)
+        summary.linear_iterations += info.get("linear_iterations", 0)
+        model_change = info.get("model_cost_change", -1.0)
+        if step is None or not (model_change > 0.0) or not math.isfinite(model_change):
+            invalid_in_row += 1
+            summary.invalid_steps += 1
+            summary.unsuccessful_steps += 1
+            radius, nu = radius / nu, nu * 2
+            rec = IterationRecord(it, cost, math.nan, False, math.nan, radius, 0.0, gnorm,
+                                  info.get("linear_iterations", 0), now())
+            summary.trace.append(rec)
+            if opt.callback:
+                opt.callback(rec)
+            log("iter %3d: invalid step (%s), radius -> %.2e", it,
+                "linear solver failed" if step is None else "no model decrease", radius)
+            if invalid_in_row > opt.max_consecutive_invalid_steps:
+                termination = "linear_solver_failure"
+                break
+            if radius < opt.min_trust_region_radius:
+                termination = "min_trust_region_radius"
+                break
+            continue
+        invalid_in_row = 0
+        with tm("evaluate"):
+            new_r = problem.residuals(step)
+            new_cost = losses.cost(new_r, opt.loss, opt.loss_scale)
+        if not math.isfinite(new_cost):
+            new_cost = math.inf
+        step_norm = step.norm()
+        rho = (cost - new_cost) / model_change
+        x_norm = problem.parameter_norm()
+        done = None
+        if step_norm <= opt.parameter_tolerance * (x_norm + opt.parameter_tolerance):
+            done = "parameter_tolerance"
+        elif abs(cost - new_cost) <= opt.function_tolerance * cost:
+            done = "function_tolerance"
+        accepted = done is None and rho > opt.min_relative_decrease
+        if done is not None and new_cost < cost:
+            accepted = True  # keep an improving last step
+        if accepted:
+            summary.successful_steps += 1
+            with tm("accept"):
+                problem.accept(step)
+            cost = new_cost
+            if done is None:
+                radius = min(radius / max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), opt.max_trust_region_radius)
+                nu = 2.0
+                with tm("linearize"):
+                    _, system = _linearize(problem, st, opt, method)
+                gnorm = system.gradient_max_norm()
+        else:
+            summary.unsuccessful_steps += 1
+            if done is None:
+                radius, nu = radius / nu, nu * 2
+        rec = IterationRecord(it, cost, new_cost, accepted, rho, radius, step_norm, gnorm,
+                              info.get("linear_iterations", 0), now())
+        summary.trace.append(rec)
+        if opt.callback:
+            opt.callback(rec)
+        log("iter %3d: cost %.6e candidate %.6e rho %.3f radius %.2e |step| %.2e cg %d", it, cost, new_cost,
+            rho, radius, step_norm, info.get("linear_iterations", 0))
+        if done is not None:
+            termination = done
+            break
+        if accepted and gnorm <= opt.gradient_tolerance:
+            termination = "gradient_tolerance"
+            break
+        if radius < opt.min_trust_region_radius:
+            termination = "min_trust_region_radius"
+            break
+    summary.iterations = it
+    summary.final_cost = cost
+    summary.termination = termination
+    return _finish(summary, tm, t_start)
+
+
+def _finish(summary: SolverSummary, tm: _Timer, t_start: float) -> SolverSummary:
+    summary.time_s = dict(tm.t)
+    summary.total_time_s = time.perf_counter() - t_start
+    logger.debug("solver: %s", summary.brief())
+    return summary

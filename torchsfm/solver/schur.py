@@ -1,0 +1,390 @@
+"""Normal equations with the eliminated (point) blocks Schur-complemented away.
+
+Notation per residual block a (camera c = cam[a], point p = pt[a]): Jc_a (d x nc), Jp_a (d x k),
+r_a (d). With V_p = sum_a Jp_a^T Jp_a + damping and V_p = L L^T, let M_p = L^-T (so that
+M M^T = V^-1) and K_a = Jp_a M_p (d x k). Then
+
+    W_a V_p^-1 W_b^T = Y_a^T Y_b      with   Y_a = K_a^T Jc_a   (k x nc)
+    W_a V_p^-1 g_p   = Jc_a^T K_a z_p  with   z_p = M_p^T g_p
+    dp_p = -M_p (z_p + sum_a K_a^T Jc_a dc_a)
+
+so the reduced matrix S = U - sum_{a,b same point} Y_a^T Y_b needs only the per-block Y_a, and
+every per-observation quantity is an elementwise product of short (d, k, nc) factors. Those are
+evaluated "structure of arrays" (observations on the last axis) so each torch op streams over
+long contiguous vectors; the pairwise sums are batched GEMMs over pre-built pair segments
+(structure.py).
+
+Damping follows Ceres' LM: the diagonal D = clamp(diag(J^T J), min_lm_diagonal, max_lm_diagonal)
+of the full (reduced-numbering) system is scaled by 1/radius and added to U and V.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+from . import layout, pcg
+from .problem import Step
+from .structure import SchurStructure
+
+logger = logging.getLogger(__name__)
+
+
+def _gram_segments(rows: Tensor, segments, out: Tensor, h: int, chunk_bytes: int, alpha: float = 1.0,
+                   pairs: bool = False) -> None:
+    """out[target] += alpha * sum over each segment of (rows[a] as h x w)^T (rows[b] as h x w).
+
+    `segments` holds (idx_a[, idx_b], target, L): each segment of L row indices becomes one
+    (L*h x w) matrix, so a segment's sum of outer products is a single GEMM. Gathers and products
+    go to buffers reused across chunks (fresh multi-MB allocations page-fault on the CPU).
+    """
+    m = rows.shape[1]
+    w = m // h
+    for seg in segments:
+        if pairs:
+            ia, ib, tgt, L = seg
+        else:
+            ia, tgt, L = seg
+            ib = None
+        nseg = tgt.numel()
+        per = min(nseg, max(1, chunk_bytes // ((2 * L * m + w * w) * rows.element_size())))
+        bufA = rows.new_empty(per * L, m)
+        bufB = rows.new_empty(per * L, m) if ib is not None else None
+        bufP = rows.new_empty(per, w, w)
+        for s0 in range(0, nseg, per):
+            s1 = min(nseg, s0 + per)
+            ns = s1 - s0
+            A = torch.index_select(rows, 0, ia[s0 * L : s1 * L], out=bufA[: ns * L]).view(ns, L * h, w)
+            if ib is None:
+                B = A
+            else:
+                B = torch.index_select(rows, 0, ib[s0 * L : s1 * L], out=bufB[: ns * L]).view(ns, L * h, w)
+            prod = torch.bmm(A.transpose(1, 2), B, out=bufP[:ns])
+            out.index_add_(0, tgt[s0:s1], prod, alpha=alpha)
+
+
+def _chol_inv_factor(V: Tensor, k: int, tol: float) -> Tensor:
+    """M with M M^T = V^-1 for SPD (k*k, P) blocks in SoA layout; returns (k, k, P), M upper.
+
+    Closed form for k <= 3. A pivot below tol * its diagonal (a rank-deficient block that the
+    damping could not lift, e.g. a point seen once) gets a zero inverse: that direction is left
+    unchanged rather than sent to infinity.
+    """
+    P = V.shape[1]
+    zero = V.new_zeros(P)
+
+    def inv_sqrt(piv, diag):
+        ok = piv > tol * diag.abs()
+        return torch.where(ok, piv.clamp_min(torch.finfo(V.dtype).tiny).rsqrt(), zero)
+
+    if k == 1:
+        return inv_sqrt(V[0], V[0])[None, None]
+    if k == 3:
+        a00, a10, a20, a11, a21, a22 = V[0], V[3], V[6], V[4], V[7], V[8]
+        i00 = inv_sqrt(a00, a00)
+        l10, l20 = a10 * i00, a20 * i00
+        i11 = inv_sqrt(a11 - l10 * l10, a11)
+        l21 = (a21 - l20 * l10) * i11
+        i22 = inv_sqrt(a22 - l20 * l20 - l21 * l21, a22)
+        t10 = -l10 * i00 * i11
+        t21 = -l21 * i11 * i22
+        t20 = -(l20 * i00 + l21 * t10) * i22
+        M = V.new_zeros(3, 3, P)
+        M[0, 0], M[0, 1], M[0, 2] = i00, t10, t20
+        M[1, 1], M[1, 2] = i11, t21
+        M[2, 2] = i22
+        return M
+    Vb = V.T.reshape(P, k, k)
+    L, info = torch.linalg.cholesky_ex(Vb)
+    bad = info != 0
+    if bool(bad.any()):
+        eye = torch.eye(k, dtype=V.dtype, device=V.device)
+        L = torch.where(bad[:, None, None], eye.expand_as(Vb), L)
+    T = torch.linalg.solve_triangular(L, torch.eye(k, dtype=V.dtype, device=V.device).expand_as(Vb), upper=False)
+    T = torch.where(bad[:, None, None], torch.zeros_like(T), T)
+    return T.transpose(1, 2).permute(1, 2, 0).contiguous()  # M = T^T, as (k, k, P)
+
+
+class ReducedSystem:
+    """One linearisation: gradient, U, V and everything else that does not depend on damping.
+
+    `step(radius)` eliminates the points with the damping 1/radius, solves the reduced camera
+    system and back-substitutes.
+    """
+
+    def __init__(self, st: SchurStructure, r: Tensor, Jc: Tensor, Jp: Tensor, options, method: str):
+        """r (d, N), Jc (d, nc, N), Jp (d, k, N): robustified, structure-of-arrays layout."""
+        self.st = st
+        self.opt = options
+        self.method = method
+        d, N = r.shape
+        nc, k = st.cam_dim, st.point_dim
+        self.d, self.k, self.nc = d, k, nc
+        dt = r.dtype
+        self.dtype = dt
+        dev = r.device
+        ci, pi = st.cam_index, st.point_index
+        C, P = st.num_cams, st.num_points
+        self.chunk_bytes = options.chunk_bytes
+        self.r, self.Jc, self.Jp = r, Jc, Jp
+        # gradients g = J^T r, per camera block and per point
+        gco = Jc[0] * r[0]
+        gpo = Jp[0] * r[0]
+        for dd in range(1, d):
+            gco.addcmul_(Jc[dd], r[dd])
+            gpo.addcmul_(Jp[dd], r[dd])
+        self.gc = layout.transpose(torch.zeros(nc, C, dtype=dt, device=dev).index_add_(1, ci, gco))  # (C, nc)
+        self.gp = torch.zeros(k, P, dtype=dt, device=dev).index_add_(1, pi, gpo)  # (k, P)
+        # V = sum Jp^T Jp per point, (k*k, P)
+        Vo = Jp[0][:, None, :] * Jp[0][None, :, :]
+        for dd in range(1, d):
+            Vo.addcmul_(Jp[dd][:, None, :], Jp[dd][None, :, :])
+        self.V = torch.zeros(k * k, P, dtype=dt, device=dev).index_add_(1, pi, Vo.reshape(k * k, N))
+        dV = self.V[:: k + 1]  # (k, P)
+        self.DV = dV.clamp(options.min_lm_diagonal, options.max_lm_diagonal)
+        # points without any information (constant, or all residuals switched off): V = I, so
+        # their step is exactly zero instead of 0/0.
+        self.empty_points = dV.abs().sum(0) == 0
+        # U = sum Jc^T Jc per camera (C, nc, nc): per-camera segment GEMMs over Jacobian rows
+        self.Jrows = torch.empty(N + 1, d * nc, dtype=dt, device=dev)
+        layout.transpose(Jc.reshape(d * nc, N), out=self.Jrows[:N])
+        self.Jrows[N] = 0
+        self.U = torch.zeros(C, nc, nc, dtype=dt, device=dev)
+        _gram_segments(self.Jrows, st.cam_segments, self.U, d, self.chunk_bytes)
+        dU = torch.diagonal(self.U, dim1=1, dim2=2)  # (C, nc)
+        self.DC = st.to_reduced(dU).clamp(options.min_lm_diagonal, options.max_lm_diagonal)  # (n,)
+        self.g_reduced = st.to_reduced(self.gc)
+
+    # ------------------------------------------------------------------------------------------
+    def gradient_max_norm(self) -> float:
+        m = self.g_reduced.abs().max() if self.g_reduced.numel() else self.g_reduced.new_zeros(())
+        if self.gp.numel():
+            m = torch.maximum(m, self.gp.abs().max())
+        return float(m)
+
+    def _eliminate(self, lam: float):
+        """Point-block factors for damping lam: M (k, k, P), K (d, k, N), z (k, P), Y rows."""
+        st, k, d = self.st, self.k, self.d
+        Vd = self.V.clone()
+        Vd[:: k + 1] += lam * self.DV
+        if bool(self.empty_points.any()):
+            eye = torch.eye(k, dtype=self.dtype, device=Vd.device).reshape(k * k, 1)
+            Vd = torch.where(self.empty_points[None, :], eye, Vd)
+        tol = 1e-12 if self.dtype == torch.float64 else 1e-6
+        M = _chol_inv_factor(Vd, k, tol)  # (k, k, P) upper
+        Mrows = layout.transpose(M.reshape(k * k, -1)).index_select(0, st.point_index)
+        Mo = layout.transpose(Mrows).reshape(k, k, -1)  # (k, k, N)
+        # K[:, c] = sum_{j<=c} Jp[:, j] M[j, c]   (M is upper triangular)
+        K = torch.empty(d, k, Mo.shape[-1], dtype=self.dtype, device=Mo.device)
+        for c in range(k):
+            kc = K[:, c]
+            torch.mul(self.Jp[:, 0], Mo[0, c], out=kc)
+            for j in range(1, c + 1):
+                kc.addcmul_(self.Jp[:, j], Mo[j, c])
+        z = (M * self.gp[:, None, :]).sum(0)  # (k, P): z_c = sum_j M[j,c] g_j
+        return M, K, z
+
+    def _y_rows(self, K: Tensor) -> Tensor:
+        """Y_a = K_a^T Jc_a as rows (N+1, k*nc), the last row zero (segment padding)."""
+        N = K.shape[-1]
+        Ys = K[0][:, None, :] * self.Jc[0][None]  # (k, nc, N)
+        for dd in range(1, self.d):
+            Ys.addcmul_(K[dd][:, None, :], self.Jc[dd][None])
+        Y = torch.empty(N + 1, self.k * self.nc, dtype=self.dtype, device=K.device)
+        layout.transpose(Ys.reshape(self.k * self.nc, N), out=Y[:N])
+        Y[N] = 0
+        return Y
+
+    def _rhs(self, K: Tensor, z: Tensor) -> Tensor:
+        """-(g_c - sum_a Jc_a^T K_a z_p) per camera block (C, nc)."""
+        st = self.st
+        zo = layout.gather_soa(layout.transpose(z), st.point_index)  # (k, N)
+        t = (K * zo[None]).sum(1)  # (d, N)
+        q = (self.Jc * t[:, None, :]).sum(0)  # (nc, N)
+        corr = torch.zeros(self.nc, st.num_cams, dtype=self.dtype, device=q.device).index_add_(1, st.cam_index, q)
+        return corr.T - self.gc
+
+    def _cam_apply(self, xc: Tensor) -> Tensor:
+        """e_a = Jc_a x_{cam a} for per-camera vectors (C, nc) -> (d, N)."""
+        xo = layout.gather_soa(xc, self.st.cam_index)  # (nc, N)
+        return (self.Jc * xo[None]).sum(1)
+
+    # ------------------------------------------------------------------------------------------
+    def step(self, radius: float) -> tuple[Step | None, dict]:
+        st = self.st
+        lam = 1.0 / radius
+        M, K, z = self._eliminate(lam)
+        rhs_c = self._rhs(K, z)  # (C, nc)
+        b = st.to_reduced(rhs_c)  # (n,)
+        damp = lam * self.DC
+        info = {"linear_iterations": 0}
+        if self.method in ("dense", "sparse", "pcg_explicit"):
+            Yrows = self._y_rows(K)
+            blocks = self._explicit_blocks(Yrows)
+            if self.method == "dense":
+                x = self._solve_dense(blocks, b, damp)
+            elif self.method == "sparse":
+                x = self._solve_sparse(blocks, b, damp)
+            else:
+                x, it = self._solve_pcg_explicit(blocks, b, damp)
+                info["linear_iterations"] = it
+        elif self.method == "pcg":
+            x, it = self._solve_pcg_implicit(K, b, damp)
+            info["linear_iterations"] = it
+        else:
+            raise ValueError(f"unknown linear solver {self.method!r}")
+        if x is None or not bool(torch.isfinite(x).all()):
+            return None, info
+        dc = st.from_reduced(x)  # (C, nc)
+        e = self._cam_apply(dc)  # (d, N) = Jc dc
+        u = (K * e[:, None, :]).sum(0)  # (k, N) = K^T Jc dc
+        w = z.clone().index_add_(1, st.point_index, u)
+        dp = -(M * w[None, :, :]).sum(1)  # (k, P): dp_j = -sum_c M[j, c] w_c
+        if not bool(torch.isfinite(dp).all()):
+            return None, info
+        # linear model: f = J delta per residual block, cost change = -(r.f + |f|^2/2)
+        dpT = layout.transpose(dp)  # (P, k)
+        f = e + (self.Jp * layout.gather_soa(dpT, st.point_index)[None]).sum(1)
+        info["model_cost_change"] = float(-((self.r * f).sum() + 0.5 * f.square().sum()))
+        return Step(cams=dc, points=dpT, reduced=x), info
+
+    # ------------------------------------------------------------------------------------------
+    def _explicit_blocks(self, Yrows: Tensor) -> Tensor:
+        """Upper-triangle blocks of S (undamped): U on the diagonal minus the pair sums."""
+        st = self.st
+        blocks = torch.zeros(st.num_blocks, self.nc, self.nc, dtype=self.dtype, device=Yrows.device)
+        _gram_segments(Yrows, st.pair_segments, blocks, self.k, self.chunk_bytes, alpha=-1.0, pairs=True)
+        has = st.cam_diag_block >= 0
+        blocks.index_add_(0, st.cam_diag_block[has], self.U[has])
+        return blocks
+
+    def _dense_matrix(self, blocks: Tensor, damp: Tensor) -> Tensor:
+        st = self.st
+        n1 = st.n + 1
+        S = torch.zeros(n1 * n1, dtype=self.dtype, device=blocks.device)
+        nb = blocks.shape[0]
+        per = max(1, self.chunk_bytes // (self.nc * self.nc * 16))
+        for s0 in range(0, nb, per):
+            s1 = min(nb, s0 + per)
+            br, bc = st.block_row[s0:s1], st.block_col[s0:s1]
+            S.index_put_((st.dense_index(br, bc).reshape(-1),), blocks[s0:s1].reshape(-1), accumulate=True)
+            off = br != bc  # mirror the strict upper blocks: entry (i, j) also lands at (col j, row i)
+            if bool(off.any()):
+                idx = st.dense_index(bc[off], br[off]).transpose(1, 2)
+                S.index_put_((idx.reshape(-1),), blocks[s0:s1][off].reshape(-1), accumulate=True)
+        S = S.view(n1, n1)[: st.n, : st.n]
+        S.diagonal().add_(damp)
+        return S
+
+    def _solve_dense(self, blocks: Tensor, b: Tensor, damp: Tensor) -> Tensor | None:
+        S = self._dense_matrix(blocks, damp)
+        L, info = torch.linalg.cholesky_ex(S)
+        if int(info) != 0:  # not numerically SPD (gauge freedom + tiny damping): reject the step
+            return None
+        return torch.cholesky_solve(b[:, None], L)[:, 0]
+
+    def _solve_sparse(self, blocks: Tensor, b: Tensor, damp: Tensor) -> Tensor | None:
+        import numpy as np
+        import scipy.sparse as sp
+        import scipy.sparse.linalg as spl
+
+        st = self.st
+        n, n1 = st.n, st.n + 1
+        if not hasattr(st, "_csr_pattern"):
+            idx = [st.dense_index(st.block_row, st.block_col).reshape(-1)]
+            strict = st.block_strict
+            idx.append(st.dense_index(st.block_col[strict], st.block_row[strict]).transpose(1, 2).reshape(-1))
+            flat = torch.cat(idx).cpu().numpy()
+            rows, cols = flat // n1, flat % n1
+            keep = (rows < n) & (cols < n)
+            flat_k = np.concatenate([flat[keep], np.arange(n) * n1 + np.arange(n)])  # + diagonal
+            uniq, inv = np.unique(flat_k, return_inverse=True)
+            st._csr_pattern = (keep, uniq, inv, uniq // n1, uniq % n1)
+        keep, uniq, inv, ur, uc = st._csr_pattern
+        strict = st.block_strict
+        vals = torch.cat([blocks.reshape(-1), blocks[strict].reshape(-1)]).cpu().numpy()
+        data = np.bincount(inv, weights=np.concatenate([vals[keep], damp.cpu().numpy()]), minlength=uniq.size)
+        A = sp.csc_matrix((data, (ur, uc)), shape=(n, n))
+        try:
+            x = spl.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                         options={"SymmetricMode": True}).solve(b.cpu().numpy())
+        except RuntimeError:  # exactly singular
+            return None
+        return torch.as_tensor(x, dtype=self.dtype, device=b.device)
+
+    # ------------------------------------------------------------------------------------------
+    def _precond_blocks(self, diag_blocks: Tensor, damp: Tensor) -> Tensor:
+        """Inverse of the Schur-Jacobi blocks in preconditioner-group numbering (ng, b, b)."""
+        st = self.st
+        ng, bsz = st.num_groups, st.group_size
+        B = torch.zeros((ng + 1) * bsz * bsz, dtype=self.dtype, device=damp.device)
+        B.index_add_(0, st.precond_index, diag_blocks.reshape(-1))
+        B = B[: ng * bsz * bsz].view(ng, bsz, bsz).clone()
+        diag = torch.zeros(ng * bsz, dtype=self.dtype, device=damp.device)
+        diag.index_copy_(0, st.unknown_slot, damp)
+        diag = diag.view(ng, bsz) + st.precond_pad.to(self.dtype)  # unused slots: identity
+        B.diagonal(dim1=1, dim2=2).add_(diag)
+        L, info = torch.linalg.cholesky_ex(B)
+        bad = info != 0
+        if bool(bad.any()):  # fall back to the diagonal for blocks that are not numerically SPD
+            dd = torch.diag_embed(B.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(self.dtype).tiny).sqrt())
+            L = torch.where(bad[:, None, None], dd, L)
+        return torch.cholesky_inverse(L)
+
+    def _apply_precond(self, Minv: Tensor, r: Tensor) -> Tensor:
+        st = self.st
+        ng, bsz = st.num_groups, st.group_size
+        v = r.new_zeros(ng * bsz)
+        v.index_copy_(0, st.unknown_slot, r)
+        y = torch.bmm(Minv, v.view(ng, bsz, 1)).view(-1)
+        return y.index_select(0, st.unknown_slot)
+
+    def _solve_pcg_explicit(self, blocks: Tensor, b: Tensor, damp: Tensor):
+        st = self.st
+        has = st.cam_diag_block >= 0
+        diag_blocks = torch.zeros_like(self.U)
+        diag_blocks[has] = blocks[st.cam_diag_block[has]]
+        Minv = self._precond_blocks(diag_blocks, damp)
+        br, bc, strict = st.block_row, st.block_col, st.block_strict
+        Bs = blocks[strict]
+
+        def matvec(x):
+            xc = st.from_reduced(x)  # (C, nc)
+            y = torch.zeros_like(xc)
+            y.index_add_(0, br, torch.bmm(blocks, xc[bc][:, :, None])[..., 0])
+            y.index_add_(0, bc[strict], torch.bmm(Bs.transpose(1, 2), xc[br[strict]][:, :, None])[..., 0])
+            return st.to_reduced(y) + damp * x
+
+        return pcg.solve(matvec, lambda r: self._apply_precond(Minv, r), b, self.opt)
+
+    def _solve_pcg_implicit(self, K: Tensor, b: Tensor, damp: Tensor):
+        st = self.st
+        k, nc, d = self.k, self.nc, self.d
+        # Schur-Jacobi preconditioner: U_c - sum_{a in c} Y_a^T Y_a
+        Yrows = self._y_rows(K)
+        diag_blocks = self.U.clone()
+        _gram_segments(Yrows, st.cam_segments, diag_blocks, k, self.chunk_bytes, alpha=-1.0)
+        del Yrows
+        Minv = self._precond_blocks(diag_blocks, damp)
+        N = st.num_obs
+        per = max(1, self.chunk_bytes // (8 * (d * (nc + k) + nc + k) * self.Jc.element_size()))
+        chunks = [(s, min(N, s + per)) for s in range(0, N, per)]
+        ci, pi = st.cam_index, st.point_index
+
+        def matvec(x):
+            xc = st.from_reduced(x)  # (C, nc)
+            xT = xc.T.contiguous()
+            s = x.new_zeros(k, st.num_points)
+            for a0, a1 in chunks:  # t_a = K_a^T Jc_a x_c, summed per point
+                e = (self.Jc[:, :, a0:a1] * xT.index_select(1, ci[a0:a1])[None]).sum(1)
+                s.index_add_(1, pi[a0:a1], (K[:, :, a0:a1] * e[:, None, :]).sum(0))
+            corr = x.new_zeros(nc, st.num_cams)
+            for a0, a1 in chunks:  # Jc_a^T K_a s_p, summed per camera
+                h = (K[:, :, a0:a1] * s.index_select(1, pi[a0:a1])[None]).sum(1)
+                corr.index_add_(1, ci[a0:a1], (self.Jc[:, :, a0:a1] * h[:, None, :]).sum(0))
+            y = torch.bmm(self.U, xc[:, :, None])[..., 0] - corr.T
+            return st.to_reduced(y) + damp * x
+
+        return pcg.solve(matvec, lambda r: self._apply_precond(Minv, r), b, self.opt)
