@@ -6,6 +6,7 @@ bundle-adjustment rounds with filtering -> retriangulation -> final BA -> normal
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -42,6 +43,12 @@ class MapperOptions:
     # reprojection thresholds (pixels) of the filtering after each BA round
     ba_round_max_reprojection: tuple[float, ...] = (16.0, 8.0, 4.0)
     min_triangulation_angle: float = 1.5  # degrees
+    # Principal points in the final BA rounds: "auto" refines them when every camera is seen by
+    # at least `min_images_for_principal_point` registered images, and reverts when a principal
+    # point then leaves the central `max_principal_point_offset` fraction of its image.
+    refine_principal_point: str = "auto"  # auto | always | never
+    min_images_for_principal_point: int = 10
+    max_principal_point_offset: float = 0.2
     normalize_extent: float = 10.0  # scene scaled so that the 10-90% camera box has this diagonal
     view_graph_calibration: ViewGraphCalibrationOptions = field(default_factory=ViewGraphCalibrationOptions)
     relative_pose: RelativePoseOptions = field(default_factory=RelativePoseOptions)
@@ -119,13 +126,42 @@ def _map_component(rec: Reconstruction, opt: MapperOptions, report: RunReport, d
     rec = _bundle_rounds(rec, opt, report, dev, tag)
     if not opt.skip_retriangulation:
         with report.stage(f"{tag}retriangulation", dev) as st:
-            posed = rec
-            tracked, r = establish_tracks(posed, opt.retriangulation_tracks)
-            tri = TriangulationOptions(**{**opt.triangulation.__dict__})
-            rec, counts = triangulate_tracks(tracked, tracked.tracks, tri)
+            # all tracks again (length >= 2 now), triangulated from the adjusted poses
+            tracked, _ = establish_tracks(rec, opt.retriangulation_tracks)
+            rec, counts = triangulate_tracks(tracked, tracked.tracks, opt.triangulation)
             st.counts.update(counts)
-        rec = _bundle_rounds(rec, opt, report, dev, f"{tag}final_")
+    rec = _final_rounds(rec, opt, report, dev, tag)
     return normalize(rec, opt.normalize_extent)
+
+
+def _principal_point_ok(rec: Reconstruction, max_offset: float) -> bool:
+    from ..cameras.models import principal_point
+
+    size = torch.stack([rec.cameras.width, rec.cameras.height], 1).to(rec.dtype)
+    off = (principal_point(rec.cameras) - size / 2).abs() / size
+    return bool((off <= max_offset).all())
+
+
+def _final_rounds(rec: Reconstruction, opt: MapperOptions, report: RunReport, dev, tag: str) -> Reconstruction:
+    """Last BA rounds; the principal points join them when the data constrain them."""
+    mode = opt.refine_principal_point
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"refine_principal_point must be auto, always or never, not {mode!r}")
+    per_cam = torch.bincount(rec.images.camera[rec.images.registered], minlength=len(rec.cameras))
+    used = per_cam > 0
+    refine_pp = mode == "always" or (
+        mode == "auto" and bool((per_cam[used] >= opt.min_images_for_principal_point).all()))
+    if not refine_pp or opt.bundle_adjustment.refine_principal_point:
+        return _bundle_rounds(rec, opt, report, dev, f"{tag}final_")
+    fin = copy.deepcopy(opt)
+    fin.bundle_adjustment.refine_principal_point = True
+    out = _bundle_rounds(rec, fin, report, dev, f"{tag}final_pp_")
+    if mode == "always" or _principal_point_ok(out, opt.max_principal_point_offset):
+        report.summary["principal_point_refined"] = True
+        return out
+    log.warning("refined principal points left the image centre region; keeping them fixed instead")
+    report.summary["principal_point_refined"] = False
+    return _bundle_rounds(rec, opt, report, dev, f"{tag}final_")
 
 
 def _counts(r) -> dict:
