@@ -43,11 +43,9 @@ class MapperOptions:
     # reprojection thresholds (pixels) of the filtering after each BA round
     ba_round_max_reprojection: tuple[float, ...] = (16.0, 8.0, 4.0)
     min_triangulation_angle: float = 1.5  # degrees
-    # Principal points in the final BA rounds: "auto" refines them when every camera is seen by
-    # at least `min_images_for_principal_point` registered images, and reverts when a principal
-    # point then leaves the central `max_principal_point_offset` fraction of its image.
-    refine_principal_point: str = "auto"  # auto | always | never
+    refine_principal_point: str = "auto"  # auto | always | never (see _final_rounds)
     min_images_for_principal_point: int = 10
+    principal_point_min_gain: float = 10.0  # likelihood-ratio threshold per freed parameter
     max_principal_point_offset: float = 0.2
     normalize_extent: float = 10.0  # scene scaled so that the 10-90% camera box has this diagonal
     view_graph_calibration: ViewGraphCalibrationOptions = field(default_factory=ViewGraphCalibrationOptions)
@@ -143,25 +141,43 @@ def _principal_point_ok(rec: Reconstruction, max_offset: float) -> bool:
 
 
 def _final_rounds(rec: Reconstruction, opt: MapperOptions, report: RunReport, dev, tag: str) -> Reconstruction:
-    """Last BA rounds; the principal points join them when the data constrain them."""
+    """Last BA rounds; then the principal points are freed when the data constrain them.
+
+    "auto" frees them only when every camera is seen by enough registered images, and keeps the
+    result only when it is significant: on the same observations, the cost decrease must pass a
+    likelihood-ratio test (2 dC / sigma^2 > principal_point_min_gain per freed parameter, sigma^2
+    estimated from the residuals) and the principal points must stay near the image centre. On
+    a ring fixating one point, a principal-point shift is nearly a rotation of every camera, so
+    an untested refinement there trades pose accuracy for noise.
+    """
     mode = opt.refine_principal_point
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"refine_principal_point must be auto, always or never, not {mode!r}")
-    per_cam = torch.bincount(rec.images.camera[rec.images.registered], minlength=len(rec.cameras))
+    out = _bundle_rounds(rec, opt, report, dev, f"{tag}final_")
+    per_cam = torch.bincount(out.images.camera[out.images.registered], minlength=len(out.cameras))
     used = per_cam > 0
-    refine_pp = mode == "always" or (
-        mode == "auto" and bool((per_cam[used] >= opt.min_images_for_principal_point).all()))
-    if not refine_pp or opt.bundle_adjustment.refine_principal_point:
-        return _bundle_rounds(rec, opt, report, dev, f"{tag}final_")
-    fin = copy.deepcopy(opt)
-    fin.bundle_adjustment.refine_principal_point = True
-    out = _bundle_rounds(rec, fin, report, dev, f"{tag}final_pp_")
-    if mode == "always" or _principal_point_ok(out, opt.max_principal_point_offset):
-        report.summary["principal_point_refined"] = True
+    if mode == "never" or opt.bundle_adjustment.refine_principal_point or (
+            mode == "auto" and not bool((per_cam[used] >= opt.min_images_for_principal_point).all())):
         return out
-    log.warning("refined principal points left the image centre region; keeping them fixed instead")
-    report.summary["principal_point_refined"] = False
-    return _bundle_rounds(rec, opt, report, dev, f"{tag}final_")
+    ba = copy.deepcopy(opt.bundle_adjustment)
+    ba.refine_principal_point = True
+    with report.stage(f"{tag}principal_point_bundle_adjustment", dev) as st:
+        pp, summary = bundle_adjust(out, ba)
+        sigma2 = max(summary.initial_cost / max(1, len(out.tracks)), 1e-12)  # per coordinate
+        stat = 2 * (summary.initial_cost - summary.final_cost) / sigma2
+        k = 2 * int(used.sum())
+        plausible = _principal_point_ok(pp, opt.max_principal_point_offset)
+        accept = mode == "always" or (stat > opt.principal_point_min_gain * k and plausible)
+        st.counts.update({"initial_cost": summary.initial_cost, "final_cost": summary.final_cost,
+                          "likelihood_ratio": stat, "parameters": k, "plausible": plausible, "accepted": accept})
+    report.summary["principal_point_refined"] = accept
+    if not accept:
+        return out
+    with report.stage(f"{tag}principal_point_filter", dev) as st:
+        pp, counts = filter_reconstruction(pp, FilterOptions(opt.ba_round_max_reprojection[-1],
+                                                             opt.min_triangulation_angle, 2))
+        st.counts.update(counts)
+    return pp
 
 
 def _counts(r) -> dict:
