@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import logging
 
+# Pillow before pycolmap: with pycolmap's bundled libraries loaded first, saving a PNG through
+# Pillow was seen to abort the process ("free(): invalid pointer").
+import PIL.Image  # noqa: F401
+
 __version__ = "0.1.0"
 
 logger = logging.getLogger("torchsfm")

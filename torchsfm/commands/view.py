@@ -28,6 +28,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--thumbnail-size", type=int, default=160, help="thumbnail size in pixels, 0: none (default: 160)")
     p.add_argument("--frustum-scale", type=float, default=None,
                    help="frustum depth in model units (default: from the camera spacing)")
+    p.add_argument("--point-size", type=int, default=2, help="initial point size in pixels (default: 2)")
     p.add_argument("--title", default=None, help="page title (default: the model names)")
     return p
 
@@ -43,7 +44,7 @@ def run(args) -> int:
     if args.output is not None and args.output.is_dir():
         raise CLIError(f"--output {args.output} is a folder; give a file name such as {args.output / 'viewer.html'}")
     options = ViewerOptions(max_points=args.max_points, thumbnail_size=args.thumbnail_size,
-                            frustum_scale=args.frustum_scale, title=args.title)
+                            frustum_scale=args.frustum_scale, point_size=args.point_size, title=args.title)
     try:
         out = write_viewer(args.models, args.output, image_dir=args.images, options=options)
     except (FileNotFoundError, NotImplementedError, ValueError) as e:

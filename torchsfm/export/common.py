@@ -26,13 +26,14 @@ def check_output(
     only with `overwrite`.
     """
     out = Path(output).absolute()
+    real = out.resolve()  # compare real paths: a symlinked input must not slip through
     for p, may_equal in [(p, False) for p in protect] + [(p, True) for p in replaceable]:
         if p is None:
             continue
-        p = Path(p).absolute()
-        if out in p.parents or (out == p and not may_equal):
+        p = Path(p).resolve()
+        if real in p.parents or (real == p and not may_equal):
             raise ExportError(
-                f"output {out} {'is' if out == p else 'contains'} the input {p}; the export replaces its output "
+                f"output {out} {'is' if real == p else 'contains'} the input {p}; the export replaces its output "
                 "as a whole, so choose a new path (e.g. a sibling of the model folder)"
             )
     if (out.exists() or out.is_symlink()) and not overwrite:

@@ -3,7 +3,7 @@
 Camera frusta are coloured by component (one model folder = one component, so `sparse/0
 sparse/1` shows both with different colours), points by their stored colour, image names (and
 thumbnails, with an image folder) on hover. Points above `max_points` are subsampled at random
-(fixed seed) to keep the file small: ~20 bytes per point in the page.
+(fixed seed) to keep the file small: ~23 bytes per point in the page.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..cameras.models import focal_xy, principal_point
 from ..data.model import Reconstruction
@@ -35,7 +36,7 @@ MODEL_FILES = ("cameras", "images", "points3D")
 
 @dataclass
 class ViewerOptions:
-    max_points: int = 200_000  # subsample above this many points (file size ~20 bytes per point)
+    max_points: int = 200_000  # subsample above this many points (file size ~23 bytes per point)
     thumbnail_size: int = 160  # longest side of hover thumbnails (with an image folder); 0: none
     max_thumbnails: int = 1000  # no thumbnails beyond this many cameras (file size)
     frustum_scale: float | None = None  # frustum depth in world units; None: from camera spacing
@@ -129,7 +130,7 @@ def build_scene(
     if len(names) != len(recs):
         raise ValueError(f"{len(names)} names for {len(recs)} models")
     xyz, rgb, pcomp = [], [], []
-    centers, corners, ccomp, cam_names, cam_ids, cam_obs, cam_models, cam_rows = [], [], [], [], [], [], [], []
+    centers, corners, ups, ccomp, cam_names, cam_ids, cam_obs, cam_models = [], [], [], [], [], [], [], []
     components = []
     for k, rec in enumerate(recs):
         color = PALETTE[k % len(PALETTE)]
@@ -155,6 +156,7 @@ def build_scene(
         rays = torch.stack([(u - c[:, :1]) / f[:, :1], (v - c[:, 1:]) / f[:, 1:], torch.ones_like(u)], -1)  # (n, 4, 3)
         corners.append((rays @ R).numpy())  # world directions R^T ray, as row vectors
         centers.append(C.numpy())
+        ups.append(-R[:, 1, :].numpy())  # image up (-y) in world coordinates
         ccomp.append(np.full(reg.numel(), k, dtype=np.uint16))
         regl = reg.tolist()
         cam_names += [ims.name[i] for i in regl]
@@ -162,7 +164,6 @@ def build_scene(
         cam_obs += torch.bincount(rec.tracks.image.cpu(), minlength=len(ims))[reg].tolist()
         model_names = rec.cameras.model_names
         cam_models += [model_names[r] for r in cam.tolist()]
-        cam_rows += [(k, i) for i in regl]
         components.append({"name": names[k], "color": color, "images": reg.numel(), "points": int(pts.shape[0])})
 
     xyz_all = np.concatenate(xyz) if xyz else np.zeros((0, 3))
@@ -189,8 +190,7 @@ def build_scene(
 
     # Up: the cameras' mean "up" (-y in COLMAP's camera axes); side: from the scene towards the cameras.
     up = np.array([0.0, -1.0, 0.0])
-    ups = [(-ims_rot[:, 1, :]) for ims_rot in _rotations(recs)]
-    if ups and sum(u.shape[0] for u in ups):
+    if C_all.shape[0]:
         m = np.concatenate(ups).mean(0)
         if np.linalg.norm(m) > 1e-6:
             up = m / np.linalg.norm(m)
@@ -205,11 +205,12 @@ def build_scene(
 
     thumbs = None
     if image_dir is not None and o.thumbnail_size > 0:
-        if len(cam_rows) > o.max_thumbnails:
-            logger.warning("%d cameras: no hover thumbnails above max_thumbnails=%d", len(cam_rows), o.max_thumbnails)
+        if len(cam_names) > o.max_thumbnails:
+            logger.warning("%d cameras: no hover thumbnails above max_thumbnails=%d", len(cam_names), o.max_thumbnails)
         else:
             root = Path(image_dir)
-            thumbs = [_thumbnail(root / n, o.thumbnail_size) if (root / n).is_file() else None for n in cam_names]
+            thumbs = [_thumbnail(root / n, o.thumbnail_size) if (root / n).is_file() else None
+                      for n in tqdm(cam_names, desc="thumbnails", unit="image", leave=False)]
             if any(t is None for t in thumbs):
                 logger.warning("%d of %d images not found under %s: no thumbnail for them",
                                sum(t is None for t in thumbs), len(thumbs), root)
@@ -247,21 +248,13 @@ def build_scene(
     }
 
 
-def _rotations(recs: list[Reconstruction]) -> list[np.ndarray]:
-    """cam_from_world rotations (n, 3, 3) of the registered images of each model."""
-    out = []
-    for rec in recs:
-        reg = rec.images.registered.cpu()
-        out.append(rec.images.rotation.detach().cpu().to(torch.float64)[reg].numpy())
-    return out
-
-
 def render_html(scene: dict) -> str:
     """The page for a scene from `build_scene`."""
     # "<" escaped inside the JSON: no image name can close the <script> element.
     data = json.dumps(scene, separators=(",", ":")).replace("<", "\\u003c")
-    page = TEMPLATE.replace("__TITLE__", html.escape(f"torchsfm viewer: {scene['title']}"))
-    return page.replace("__SCENE_JSON__", data)
+    head, rest = TEMPLATE.split("__TITLE__", 1)  # split, not replace: a title or name may hold the markers
+    middle, tail = rest.split("__SCENE_JSON__", 1)
+    return head + html.escape(f"torchsfm viewer: {scene['title']}") + middle + data + tail
 
 
 def write_viewer(

@@ -119,35 +119,44 @@ TEMPLATE = r"""<!DOCTYPE html>
       draw(true);
     }
 
-    function renderPoints() {
-      const img = ctx.createImageData(W, H);
+    let zb = null, img = null;
+    // While the view moves, at most INTERACTIVE points are drawn (every k-th); all of them
+    // once it rests.
+    const INTERACTIVE = 60000;
+    function renderPoints(stride) {
+      if (!img || img.width !== W || img.height !== H) {
+        img = ctx.createImageData(W, H);
+        zb = new Float32Array(W * H);
+      }
       const buf = new Uint32Array(img.data.buffer);
       buf.fill(0xff1b1614);
-      if (!showPoints) return [img, 0];
-      const zb = new Float32Array(W * H).fill(Infinity);
+      if (!showPoints) return 0;
+      zb.fill(Infinity);
       const ex = eye[0], ey = eye[1], ez = eye[2];
       const r0 = rt[0], r1 = rt[1], r2 = rt[2], u0 = uu[0], u1 = uu[1], u2 = uu[2], f0 = fw[0], f1 = fw[1], f2 = fw[2];
       const near = st.dist * 1e-3, ps = Math.max(1, Math.round(pointSize * dpr)), half = ps >> 1;
-      const cx = W / 2, cy = H / 2;
+      const cx = W / 2 - half + 0.5, cy = H / 2 - half + 0.5;
       let drawn = 0;
-      for (let i = 0; i < N; i++) {
+      for (let i = 0; i < N; i += stride) {
         if (!visible[pcomp[i]]) continue;
         const dx = P[3 * i] - ex, dy = P[3 * i + 1] - ey, dz = P[3 * i + 2] - ez;
         const z = dx * f0 + dy * f1 + dz * f2;
         if (z < near) continue;
-        const sx = Math.round(cx + focal * (dx * r0 + dy * r1 + dz * r2) / z) - half;
-        const sy = Math.round(cy - focal * (dx * u0 + dy * u1 + dz * u2) / z) - half;
+        const fz = focal / z;
+        const sx = Math.floor(cx + fz * (dx * r0 + dy * r1 + dz * r2));
+        const sy = Math.floor(cy - fz * (dx * u0 + dy * u1 + dz * u2));
         if (sx >= W || sy >= H || sx + ps <= 0 || sy + ps <= 0) continue;
         drawn++;
         const c = pcol[i];
-        for (let yy = Math.max(0, sy); yy < Math.min(H, sy + ps); yy++) {
-          let k = yy * W + Math.max(0, sx);
-          for (let xx = Math.max(0, sx); xx < Math.min(W, sx + ps); xx++, k++) {
+        const x0 = sx < 0 ? 0 : sx, x1 = sx + ps > W ? W : sx + ps;
+        const y1 = sy + ps > H ? H : sy + ps;
+        for (let yy = sy < 0 ? 0 : sy; yy < y1; yy++) {
+          for (let k = yy * W + x0, e = yy * W + x1; k < e; k++) {
             if (z < zb[k]) { zb[k] = z; buf[k] = c; }
           }
         }
       }
-      return [img, drawn];
+      return drawn;
     }
 
     function project(p) {
@@ -194,20 +203,29 @@ TEMPLATE = r"""<!DOCTYPE html>
       return drawn;
     }
 
+    let moving = false, restTimer = 0;
     function draw(full) {
       if (!W) return;
       setupView();
       if (full || !cache) {
-        const [img, n] = renderPoints();
+        const t0 = performance.now();
+        const n = renderPoints(moving ? Math.max(1, Math.ceil(N / INTERACTIVE)) : 1);
         cache = img;
-        body.dataset.drawnPoints = String(n);
+        if (!moving) body.dataset.drawnPoints = String(n);
+        body.dataset.renderMs = (performance.now() - t0).toFixed(1);
       }
       ctx.putImageData(cache, 0, 0);
       body.dataset.drawnCameras = String(drawCameras());
+      body.dataset.hover = String(hover);
       body.dataset.ready = "1";
     }
     let pending = false;
-    function schedule() { if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; draw(true); }); } }
+    function schedule(interactive) {
+      moving = !!interactive;
+      clearTimeout(restTimer);
+      if (moving) restTimer = setTimeout(() => { if (!drag) { moving = false; schedule(false); } }, 150);
+      if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; draw(true); }); }
+    }
 
     function pick(mx, my) {
       let best = -1, bd = (14 * dpr) ** 2;
@@ -226,8 +244,16 @@ TEMPLATE = r"""<!DOCTYPE html>
       if (cams.thumbnails && cams.thumbnails[m]) html += `<img src="${cams.thumbnails[m]}" alt="">`;
       tip.innerHTML = html;
       tip.style.display = "block";
-      tip.style.left = Math.min(x + 14, window.innerWidth - tip.offsetWidth - 4) + "px";
-      tip.style.top = Math.min(y + 14, window.innerHeight - tip.offsetHeight - 4) + "px";
+      const place = () => {  // below-right of the pointer, flipped to the other side where it would not fit
+        const w = tip.offsetWidth, h = tip.offsetHeight;
+        const left = x + 14 + w <= window.innerWidth ? x + 14 : x - 14 - w;
+        const top = y + 14 + h <= window.innerHeight ? y + 14 : y - 14 - h;
+        tip.style.left = Math.max(4, left) + "px";
+        tip.style.top = Math.max(4, top) + "px";
+      };
+      place();
+      const im = tip.querySelector("img");
+      if (im) im.addEventListener("load", place);  // its size is known only once decoded
     }
 
     let drag = null;
@@ -237,7 +263,9 @@ TEMPLATE = r"""<!DOCTYPE html>
       canvas.classList.add("dragging");
       tip.style.display = "none";
     });
-    window.addEventListener("mouseup", () => { drag = null; canvas.classList.remove("dragging"); });
+    window.addEventListener("mouseup", () => {
+      if (drag) { drag = null; canvas.classList.remove("dragging"); schedule(false); }
+    });
     window.addEventListener("mousemove", (ev) => {
       if (drag) {
         const dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
@@ -249,7 +277,7 @@ TEMPLATE = r"""<!DOCTYPE html>
           st.yaw -= dx * 0.006;
           st.pitch = Math.max(-1.55, Math.min(1.55, st.pitch + dy * 0.006));
         }
-        schedule();
+        schedule(true);
         return;
       }
       if (ev.target !== canvas) return;
@@ -261,7 +289,7 @@ TEMPLATE = r"""<!DOCTYPE html>
     canvas.addEventListener("wheel", (ev) => {
       ev.preventDefault();
       st.dist *= Math.exp(Math.max(-100, Math.min(100, ev.deltaY)) * 0.0015);
-      schedule();
+      schedule(true);
     }, {passive: false});
     canvas.addEventListener("dblclick", () => { reset(); schedule(); });
     window.addEventListener("keydown", (ev) => {
@@ -278,6 +306,11 @@ TEMPLATE = r"""<!DOCTYPE html>
     });
     window.addEventListener("resize", resize);
     resize();
+    // For scripted checks (tests, screenshots): where camera m is drawn, in CSS pixels.
+    window.torchsfmViewer = {
+      cameraScreen: (m) => (camOk[m] ? [camScreen[2 * m] / dpr, camScreen[2 * m + 1] / dpr] : null),
+      numCameras: M, numPoints: N,
+    };
   }
 
   try { main(); } catch (e) { fail(e); }
