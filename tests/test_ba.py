@@ -37,10 +37,12 @@ def perturbed(gt, seed=0, pose=0.01, point=0.01, focal=1.01, keep_first_two=True
     return rec
 
 
-def ceres_initial_cost(rec) -> float:
+def ceres_initial_cost(rec, loss="trivial", scale=1.0) -> float:
     prec = to_pycolmap(rec)
     opts = pycolmap.BundleAdjustmentOptions()
     opts.print_summary = False
+    opts.ceres.loss_function_type = getattr(pycolmap.LossFunctionType, loss.upper())
+    opts.ceres.loss_function_scale = scale
     opts.ceres.solver_options.max_num_iterations = 0
     cfg = pycolmap.BundleAdjustmentConfig()
     for i in prec.reg_image_ids():
@@ -55,6 +57,13 @@ def test_cost_equals_pycolmap_ceres_cost(model):
     rec.points3D.xyz[:3] = -3.0 * rec.points3D.xyz[:3] + torch.tensor([0.0, 0.0, -20.0], dtype=rec.dtype)
     ours = ReprojectionProblem(rec).cost()
     assert abs(ours - ceres_initial_cost(rec)) <= 1e-9 * ours
+
+
+@pytest.mark.parametrize("loss", ["huber", "cauchy", "soft_l1"])
+def test_robust_cost_equals_pycolmap_ceres_cost(loss):
+    rec = perturbed(scene("RADIAL", num_images=8, num_points=120))
+    ours = losses.cost(ReprojectionProblem(rec).residuals(), loss, 2.0)
+    assert abs(ours - ceres_initial_cost(rec, loss, 2.0)) <= 1e-9 * ours
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)
@@ -148,6 +157,15 @@ def test_refine_switches_and_constant_parameters():
     out, _ = bundle_adjust(rec, o)
     moved = (out.cameras.params != rec.cameras.params).any(0)
     assert moved[2] and moved[3] and not moved[0] and not moved[1] and not moved[4:].any()
+    # nothing camera-side left (points only) and no points (cameras only)
+    for method in ("dense", "pcg"):
+        out, s = bundle_adjust(rec, BundleAdjustmentOptions(
+            refine_poses=False, refine_focal_length=False, refine_extra_params=False,
+            solver=SolverOptions(linear_solver=method)))
+        assert s.num_reduced_unknowns == 0 and s.final_cost < 0.5 * s.initial_cost
+        assert torch.equal(out.images.trans, rec.images.trans)
+        out, s = bundle_adjust(rec, BundleAdjustmentOptions(refine_points=False, solver=SolverOptions(linear_solver=method)))
+        assert s.final_cost < 0.5 * s.initial_cost and torch.equal(out.points3D.xyz, rec.points3D.xyz)
 
 
 def test_min_track_length_leaves_short_tracks_out():
@@ -189,3 +207,24 @@ def test_cli_bundle_adjusts_a_colmap_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["ba", str(tmp_path / "in"), str(tmp_path / "out2"), "--loss", "nonsense"])
     assert main(["ba", str(tmp_path / "missing"), str(tmp_path / "out3")]) == 2
+
+
+def test_bal_mirror_mapping_onto_colmap_radial():
+    """A BAL camera is a COLMAP RADIAL camera in the z-mirrored world: same cost through our camera
+    models (data model), through Ceres (pycolmap), and back."""
+    from torchsfm.ba import bal
+
+    d = bal.synthetic_bal(6, 150, 4.0, seed=2)
+    ref = bal.cost_np(d)
+    assert abs(ReprojectionProblem(bal.to_reconstruction(d)).cost() - ref) <= 1e-9 * ref
+    prec = bal.to_pycolmap(d)
+    opts = pycolmap.BundleAdjustmentOptions()
+    opts.print_summary = False
+    opts.refine_principal_point = False
+    cfg = pycolmap.BundleAdjustmentConfig()
+    for i in prec.reg_image_ids():
+        cfg.add_image(i)
+    summary = pycolmap.create_default_ceres_bundle_adjuster(opts, cfg, prec).solve().ceres_summary
+    assert abs(summary.initial_cost - ref) <= 1e-9 * ref
+    back = bal.from_pycolmap(prec, d)
+    assert abs(bal.cost_np(back) - summary.final_cost) <= 1e-9 * summary.final_cost

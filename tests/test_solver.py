@@ -265,3 +265,34 @@ def test_bal_problem_reaches_ceres_final_cost(name, ceres_final):
     assert abs(s.initial_cost - bal.cost_np(d)) <= 1e-12 * s.initial_cost
     assert s.final_cost <= ceres_final * (1 + 1e-4), (s.final_cost, ceres_final)
     assert math.isclose(bal.cost_np(p.to_data()), s.final_cost, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("point_dim", [1, 2, 3, 4])
+def test_generic_eliminated_block_size(point_dim, device):
+    """Eliminated blocks of any size (1: per-observation scales as in global positioning)."""
+    g = torch.Generator().manual_seed(point_dim)
+    C, P, N, nc = 6, 40, 160, 4
+    ci = torch.randint(0, C, (N,), generator=g)
+    pi = torch.cat([torch.arange(P), torch.randint(0, P, (N - P,), generator=g)])
+    A = torch.randn(N, 3, nc, generator=g, dtype=torch.float64)
+    B = torch.randn(N, 3, point_dim, generator=g, dtype=torch.float64)
+    y = torch.randn(N, 3, generator=g, dtype=torch.float64)
+
+    def residual(cam, pt, a, b, obs):  # mildly nonlinear in both blocks
+        return a @ cam + b @ pt + 0.1 * torch.tanh(cam[:3] * pt.sum()) - obs
+
+    T = lambda x: x.to(device)  # noqa: E731
+    prob = AutodiffProblem(residual, T(torch.zeros(C, nc, dtype=torch.float64)),
+                           T(torch.zeros(P, point_dim, dtype=torch.float64)), T(ci), T(pi), aux=(T(A), T(B), T(y)))
+    prob.cam_param_map = compact_param_map(torch.where(torch.arange(C)[:, None] == 0, -1,
+                                                       identity_param_map(C, nc)).to(device))[0]
+    opt = _defaults(SolverOptions(), prob.cam_index.device)
+    st = SchurStructure(prob.cam_index, prob.point_index, C, P, nc, point_dim, prob.cam_param_map, explicit=True,
+                        segment_length=4, device=prob.cam_index.device)
+    lin = prob.linearize().as_soa()
+    step, _ = ReducedSystem(st, lin.residuals, lin.jac_cam, lin.jac_point, opt, "dense").step(10.0)
+    x_ref, dp_ref = _dense_step(prob, 10.0, opt)
+    assert torch.allclose(step.reduced, x_ref, rtol=1e-9, atol=1e-11)
+    assert torch.allclose(step.points, dp_ref, rtol=1e-9, atol=1e-11)
+    s = solve(prob, SolverOptions(function_tolerance=1e-12))
+    assert s.converged and s.final_cost < s.initial_cost

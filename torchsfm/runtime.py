@@ -46,10 +46,12 @@ def tune_cpu_allocator() -> bool:
 
     The solvers allocate multi-MB per-observation temporaries on every iteration. glibc serves
     those with fresh mmap()s (or trims the heap after freeing them), so every iteration pays
-    page faults and kernel zeroing; on the shared 2-core CPU this was 2-3x the arithmetic of
-    the Schur-complement LM. Disabling mmap for allocations and heap trimming makes freed
-    buffers reusable. Process-wide and idempotent; memory is then not given back to the OS until
-    exit. Set TORCHSFM_NO_MALLOC_TUNING=1 to skip. Returns whether the settings were applied.
+    page faults and kernel zeroing; on the shared 2-core CPU this was up to 2-3x the arithmetic
+    of the Schur-complement LM. Serving blocks up to glibc's largest mmap threshold (32 MiB)
+    from the heap and never trimming it makes freed buffers reusable; larger blocks keep being
+    mmapped (so thread arenas, which need mmap for them, still work). Process-wide and
+    idempotent; freed heap memory is kept until exit. Set TORCHSFM_NO_MALLOC_TUNING=1 to skip.
+    Returns whether the settings were applied.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED or os.environ.get("TORCHSFM_NO_MALLOC_TUNING"):
@@ -58,8 +60,8 @@ def tune_cpu_allocator() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):
         ok = False
     _ALLOCATOR_TUNED = ok

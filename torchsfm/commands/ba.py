@@ -37,9 +37,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--fixed-images", type=int, nargs="*", default=[], metavar="IMAGE_ID",
                    help="COLMAP image ids whose poses stay constant")
     g.add_argument("--min-track-length", type=int, default=0, help="leave out points seen by fewer images (default: 0)")
-    g.add_argument("--gauge", default="none", choices=["none", "two_cams"],
-                   help="none: leave the similarity freedom to the damping; two_cams: fix the first image and "
-                   "the scale along the second (default: none)")
+    g.add_argument("--gauge", default="two_cams", choices=["none", "two_cams"],
+                   help="two_cams: fix the first image's pose and the scale along the second, as colmap "
+                   "bundle_adjuster does, so the model keeps its frame; none: leave the similarity freedom to "
+                   "the LM damping (default: two_cams)")
     s = p.add_argument_group("solver")
     s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     s.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="arithmetic precision (default: float64)")

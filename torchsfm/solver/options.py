@@ -33,19 +33,20 @@ class SolverOptions:
     loss: str = "trivial"  # trivial | huber | cauchy | soft_l1
     loss_scale: float = 1.0
     # --- reduced camera system ----------------------------------------------------------------
-    # auto: dense Cholesky while the reduced system has <= dense_max_size unknowns (a dense
-    # factorisation is then cheaper than anything sparse), sparse direct (scipy) on the CPU up to
-    # sparse_max_size, implicit-Schur PCG beyond.
+    # auto (lm.choose_linear_solver): dense Cholesky while the reduced system has <=
+    # dense_max_size unknowns, sparse direct (scipy) on the CPU up to sparse_max_size, then PCG
+    # on the explicit S while it has <= explicit_max_pairs observation pairs, implicit beyond.
     linear_solver: str = "auto"
     dense_max_size: int | None = None  # default: 2000 on the CPU, 12000 on CUDA
     sparse_max_size: int = 20000
+    explicit_max_pairs: int = 100_000_000  # beyond: implicit PCG (pair indices take 8 bytes/pair)
     pcg_eta: float = 0.01  # Nash-Sofer forcing; 0.1 (Ceres' default) stalled on Ladybug-73
     pcg_max_iterations: int = 200
     pcg_min_iterations: int = 1
     # --- memory / speed ---------------------------------------------------------------------
     # Per-chunk temporaries stay below this many bytes; on the CPU, buffers above ~32 MB are
     # returned to the OS and page-faulted in again on every use (measured 2x on the Schur build).
-    chunk_bytes: int | None = None  # default: 8 MiB on the CPU, 512 MiB on CUDA
+    chunk_bytes: int | None = None  # default: 4 MiB on the CPU, 512 MiB on CUDA
     segment_length: int | None = None  # observation pairs per batched GEMM in the Schur build
     # keep freed heap memory for reuse (runtime.tune_cpu_allocator); measured 2-3x on the CPU
     tune_cpu_allocator: bool = True

@@ -27,6 +27,12 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 
+def count_pairs(cam_index: Tensor, point_index: Tensor, num_points: int) -> int:
+    """Upper-triangle observation pairs of the explicit Schur complement: sum_p k_p (k_p + 1) / 2."""
+    k = torch.bincount(point_index.detach().cpu(), minlength=num_points).to(torch.float64)
+    return int((k * (k + 1) / 2).sum())
+
+
 def _segments(group: np.ndarray, num_groups: int, length: int, small: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Cut the items of each group (items sorted by group) into segments.
 
@@ -130,8 +136,10 @@ class SchurStructure:
         self.num_groups, self.group_size = ng, bmax
         self.unknown_slot = as_t(grp * bmax + gpos)  # (n,) row in the (ng*bmax) flattening
         # local (c, i, j) of a camera's diagonal block -> flat index in (ng+1, bmax, bmax); trash ng
-        gi = np.where(pm >= 0, grp[np.maximum(pm, 0)], -1)
-        pi_ = np.where(pm >= 0, gpos[np.maximum(pm, 0)], 0)
+        safe = np.maximum(pm, 0) if n else np.zeros_like(pm)
+        grp_, gpos_ = (grp, gpos) if n else (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        gi = np.where(pm >= 0, grp_[safe], -1)
+        pi_ = np.where(pm >= 0, gpos_[safe], 0)
         same = (gi[:, :, None] == gi[:, None, :]) & (gi[:, :, None] >= 0)
         flat = (gi[:, :, None] * bmax + pi_[:, :, None]) * bmax + pi_[:, None, :]
         self.precond_index = as_t(np.where(same, flat, ng * bmax * bmax).reshape(-1))
@@ -158,15 +166,22 @@ class SchurStructure:
         ia = order[start[pt] + local // kk]
         ib = order[start[pt] + local % kk]
         ca, cb = ci[ia], ci[ib]
-        # Upper block triangle. Within a diagonal block keep every ordered pair (a camera may see a
-        # point twice); off the diagonal one orientation suffices and the block is mirrored.
-        keep = ca <= cb
+        # Upper block triangle: off the diagonal one orientation suffices (the block is mirrored);
+        # within a diagonal block every ordered pair a != b (a camera may see a point twice). The
+        # pairs (a, a) are left to the camera segments (one gather per observation, not two).
+        keep = (ca < cb) | ((ca == cb) & (ia != ib))
         ia, ib, ca, cb = ia[keep], ib[keep], ca[keep], cb[keep]
-        key = ca * C + cb
+        # every camera with observations gets its diagonal block, even without pairs
+        has_obs = np.unique(ci)
+        key = np.concatenate([ca * C + cb, has_obs * C + has_obs])
+        ia = np.concatenate([ia, np.full(has_obs.size, -1)])
+        ib = np.concatenate([ib, np.full(has_obs.size, -1)])
         ukey, blk = np.unique(key, return_inverse=True)
+        real = ia >= 0
+        ia, ib, blk = ia[real], ib[real], blk[real]
         srt = np.argsort(blk, kind="stable")
         ia, ib, blk = ia[srt], ib[srt], blk[srt]
-        self.num_pairs = int(ia.size)
+        self.num_pairs = int(ia.size) + int(ci.size)  # + the (a, a) pairs of the camera segments
         self.num_blocks = int(ukey.size)
         br, bc = ukey // C, ukey % C
         self.block_row = as_t(br)
@@ -177,9 +192,10 @@ class SchurStructure:
         diag[br[isd]] = np.nonzero(isd)[0]
         self.cam_diag_block = as_t(diag)
         self.pair_segments = []
+        it = np.int32 if self.num_obs < 2**31 - 1 else np.int64  # halves the largest index arrays
         for idx, sg, ln in _segments(blk, self.num_blocks, L, Ls):
-            a = pad(np.where(idx < 0, -1, ia[np.maximum(idx, 0)]))
-            b = pad(np.where(idx < 0, -1, ib[np.maximum(idx, 0)]))
+            a = pad(np.where(idx < 0, -1, ia[np.maximum(idx, 0)])).astype(it)
+            b = pad(np.where(idx < 0, -1, ib[np.maximum(idx, 0)])).astype(it)
             self.pair_segments.append((as_t(a), as_t(b), as_t(sg), ln))
         padded = sum(int(s[0].numel()) for s in self.pair_segments)
         logger.debug("Schur structure: %d pairs (%d padded) in %d blocks", self.num_pairs, padded, self.num_blocks)
