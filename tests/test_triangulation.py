@@ -69,3 +69,19 @@ def test_filter_drops_bad_observations_and_low_angle_points(device):
     assert len(out.points3D) == len(gt.points3D) - counts["points_removed"]
     assert float(out.points3D.error.max()) < 1e-6
     assert not torch.any(out.points3D.point3D_id == gt.points3D.point3D_id[0])
+
+
+def test_nan_ray_flags_only_its_track():
+    from torchsfm.mapper.triangulation import triangulate
+
+    R = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).clone()
+    t = torch.tensor([[0.0, 0, 0], [-1.0, 0, 0]], dtype=torch.float64)
+    X = torch.tensor([[0.2, 0.1, 4.0], [-0.3, 0.2, 5.0]], dtype=torch.float64)
+    img = torch.tensor([0, 1, 0, 1])
+    trk = torch.tensor([0, 0, 1, 1])
+    pc = X[trk] + t[img]
+    rays = pc / pc.norm(dim=1, keepdim=True)
+    rays[2] = float("nan")
+    out, ok = triangulate(R, t, rays, img, trk, 2)
+    assert ok.tolist() == [True, False]
+    assert torch.allclose(out[0], X[0], atol=1e-10)

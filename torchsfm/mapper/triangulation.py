@@ -53,10 +53,14 @@ def triangulate(R: Tensor, t: Tensor, rays: Tensor, obs_image: Tensor, obs_track
         b = b * weight[:, None]
     AA = torch.zeros(num_tracks, 3, 3, dtype=A.dtype, device=A.device).index_add_(0, obs_track, A)
     bb = torch.zeros(num_tracks, 3, dtype=A.dtype, device=A.device).index_add_(0, obs_track, b)
-    # A track with (nearly) parallel rays has a near-singular system: flag it.
-    ev = torch.linalg.eigvalsh(AA)
-    ok = ev[:, 0] > 1e-9 * ev[:, 2].clamp_min(1e-300)
+    # Non-finite input (a NaN ray or pose) and tracks with (nearly) parallel rays, whose system is
+    # near-singular, are flagged and solved against the identity instead.
     eye = torch.eye(3, dtype=A.dtype, device=A.device)
+    finite = torch.isfinite(AA).all(2).all(1) & torch.isfinite(bb).all(1)
+    AA = torch.where(finite[:, None, None], AA, eye.expand_as(AA))
+    bb = torch.where(finite[:, None], bb, torch.zeros_like(bb))
+    ev = torch.linalg.eigvalsh(AA)
+    ok = finite & (ev[:, 0] > 1e-9 * ev[:, 2].clamp_min(1e-300))
     X = torch.linalg.solve(torch.where(ok[:, None, None], AA, eye.expand_as(AA)), bb)
     return X, ok
 
