@@ -2,7 +2,9 @@
 
 Outputs are written atomically: `OUTPUT/sparse/K` (one model per connected component, largest
 first), `OUTPUT/config.json` (the resolved options) and `OUTPUT/report.json` (times, counts,
-skipped inputs, versions). An interrupted run leaves no half-written model.
+skipped inputs, versions). An interrupted run leaves no half-written model, and the mapper's
+per-stage checkpoints (`OUTPUT/.checkpoints/`, removed after a successful write) let a rerun of
+the same command on the same database resume from the last completed stage.
 """
 from __future__ import annotations
 
@@ -18,14 +20,45 @@ from .data.model import Points3D, Reconstruction, Tracks
 from .io.atomic import atomic_dir, atomic_write_text
 from .io.colmap_model import write_model
 from .io.database import read_view_graph
+from .mapper.checkpoint import CheckpointStore, checkpoint_key
 from .mapper.pipeline import MapperOptions, global_mapping
 from .report import RunReport, format_summary
+from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 
+def check_mapper_database(database: str | os.PathLike) -> None:
+    """A clear DatabaseError for a file that is missing, not SQLite, corrupt or not COLMAP's
+    (instead of pycolmap's "No registered database factory succeeded", or pycolmap silently
+    creating an empty schema in it)."""
+    import contextlib
+    import sqlite3
+
+    from .frontend.colmap_db import DatabaseError
+
+    path = Path(database)
+    if not path.is_file():
+        raise DatabaseError(f"database {path} does not exist; create it with `torchsfm extract` and `torchsfm match`")
+    if path.stat().st_size == 0:
+        raise DatabaseError(f"database {path} is an empty file, not a COLMAP database")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as c:
+            ok = c.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise DatabaseError(f"{path} is not a readable SQLite database ({e})") from e
+    if ok != "ok":
+        raise DatabaseError(f"{path} is corrupt (SQLite quick_check: {ok}); rebuild it with `torchsfm extract` "
+                            "and `torchsfm match` (a fresh output folder)")
+    missing = {"cameras", "images", "keypoints", "two_view_geometries"} - tables
+    if missing:
+        raise DatabaseError(f"{path} is not a COLMAP database with matches (no tables {', '.join(sorted(missing))})")
+
+
 def load_mapper_input(database: str | os.PathLike, device=None) -> Reconstruction:
     """A Reconstruction with cameras, unposed images, keypoints and the verified view graph."""
+    check_mapper_database(database)
     cameras, images, keypoints, vg = read_view_graph(database, device=device)
     dt, dev = keypoints.xy.dtype, keypoints.xy.device
     pts = Points3D(torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=dt, device=dev),
@@ -78,17 +111,49 @@ def write_outputs(models: list[Reconstruction], output: str | os.PathLike, repor
     return out
 
 
+def _write_failure_report(output, report: RunReport, options, error: BaseException) -> None:
+    """No model: still write report.json (what was skipped and why it failed), unless an earlier
+    run's model is there, whose report it would contradict."""
+    out = Path(output)
+    if (out / "sparse").exists():
+        return
+    try:
+        report.summary["error"] = str(error)
+        report.config = to_dict(options)
+        atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=str))
+    except OSError as e:  # the original error matters more
+        log.warning("could not write %s: %s", out / "report.json", e)
+
+
 def map_database(database: str | os.PathLike, output: str | os.PathLike, options: MapperOptions | None = None,
                  image_dir: str | os.PathLike | None = None, fmt: str = "bin",
-                 report: RunReport | None = None) -> tuple[list[Reconstruction], RunReport]:
-    """`torchsfm map`: a COLMAP database (ours, COLMAP's, hloc's) -> OUTPUT/sparse/K."""
+                 report: RunReport | None = None, resume: bool = True,
+                 keep_checkpoints: bool = False) -> tuple[list[Reconstruction], RunReport]:
+    """`torchsfm map`: a COLMAP database (ours, COLMAP's, hloc's) -> OUTPUT/sparse/K.
+
+    With `resume`, the mapper checkpoints every stage under OUTPUT/.checkpoints/<key> (key: a
+    hash of the input read from the database, the options and the device) and continues from the latest
+    checkpoint of an interrupted run with the same key; the result equals an uninterrupted run.
+    Checkpoints are removed once the outputs are written (unless `keep_checkpoints`)."""
     opt = options or MapperOptions()
     report = report or RunReport(command="map")
     with report.stage("load_database") as st:
         rec = load_mapper_input(database)
         st.counts.update({"images": len(rec.images), "pairs": len(rec.view_graph), "keypoints": len(rec.keypoints)})
-    models, report = global_mapping(rec, opt, report)
+    store = None
+    if resume:
+        key = checkpoint_key(rec, to_dict(opt), str(resolve_device(opt.device)))
+        store = CheckpointStore.for_output(output, key)
+        if store.remove_stale():
+            log.info("removed checkpoints of a different database or options from %s", store.root)
+    try:
+        models, report = global_mapping(rec, opt, report, store)
+    except (ValueError, RuntimeError) as e:
+        _write_failure_report(output, report, opt, e)
+        raise
     with report.stage("write"):
         write_outputs(models, output, report, opt, image_dir, fmt)
+    if store is not None and not keep_checkpoints:
+        store.clear()
     log.info("\n%s", format_summary(report))
     return models, report

@@ -58,14 +58,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(args.verbose, args.quiet)
     configure_threads(args.threads)
+    from .reliability.signals import interrupt_exit_code, terminate_as_interrupt
+
     try:
-        return int(handlers[args.verb](args) or 0)
+        with terminate_as_interrupt():  # SIGTERM takes the Ctrl-C path below
+            return int(handlers[args.verb](args) or 0)
     except CLIError as e:
         print(f"torchsfm {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"torchsfm {args.verb}: interrupted; no partial output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code = interrupt_exit_code(e)
+        what = "terminated (SIGTERM)" if code == 143 else "interrupted"
+        print(f"torchsfm {args.verb}: {what}; no partial output was written. Completed stages are kept: rerun the "
+              "same command to resume", file=sys.stderr)
+        return code
+    except Exception as e:  # noqa: BLE001 - never a bare traceback for users; -v shows it
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"torchsfm {args.verb}: error: {type(e).__name__}: {e}"
+              + ("" if args.verbose else " (run with -v for the traceback)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from ..cli import CLIError
 from ..config import load, merge
 from ..mapper.pipeline import MapperOptions
 from ..report import format_summary
+from ..runtime import resolve_device
 
 
 def add_mapper_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,10 @@ def mapper_options(args) -> MapperOptions:
     if args.skip_retriangulation:
         over["skip_retriangulation"] = True
     opt = merge(opt, over)
+    try:  # an unusable --device fails here, before any work (never a silent CPU fallback)
+        resolve_device(opt.device)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(str(e)) from e
     if args.refine_principal_point:
         opt.bundle_adjustment.refine_principal_point = True
     return opt

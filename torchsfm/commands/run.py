@@ -35,6 +35,7 @@ def run(args) -> int:
 
     if not args.images.is_dir():
         raise CLIError(f"image folder {args.images} does not exist")
+    opt = mapper_options(args)  # option and --device errors before the front end runs
     args.output.mkdir(parents=True, exist_ok=True)
     db = args.output / "database.db"
     report = RunReport(command="run")
@@ -52,7 +53,7 @@ def run(args) -> int:
     except (IngestError, DatabaseError, ValueError) as e:
         raise CLIError(str(e)) from e
     try:
-        _, report = map_database(db, args.output, mapper_options(args), args.images, args.output_format, report)
+        _, report = map_database(db, args.output, opt, args.images, args.output_format, report)
     except (ValueError, RuntimeError) as e:
         raise CLIError(str(e)) from e
     print(format_summary(report))

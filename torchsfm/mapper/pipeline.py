@@ -3,29 +3,58 @@
 Stages, each `(data, options) -> (new data, report)`, composed in GLOMAP's order:
 view-graph calibration -> relative poses -> rotation averaging -> tracks -> global positioning ->
 bundle-adjustment rounds with filtering -> retriangulation -> final BA -> normalisation.
+
+Reliability (see docs/fault-cases.md):
+- non-finite values are looked for in the input and after every stage and quarantined
+  (`_check_finite`); a stage that breaks most images is an error naming it;
+- a scene without parallax (every pair explained by a pure rotation) gives a rotation-only model
+  with a warning instead of positions made of noise; many inconsistent pairs in rotation
+  averaging give a symmetry warning; cameras far from all others after positioning, or left
+  with too few observations, are dropped with a warning;
+- global positioning and bundle adjustment retry out-of-memory failures with smaller chunks,
+  the implicit solver, then the CPU (`torchsfm.reliability.memory`);
+- with a `CheckpointStore`, the state is saved after every major step and a rerun resumes from
+  the latest one with an identical result (`torchsfm.mapper.checkpoint`).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..ba.bundle_adjustment import BundleAdjustmentOptions, bundle_adjust
-from ..data.model import Reconstruction
-from ..report import RunReport
+from ..config import to_dict
+from ..data.model import Points3D, Reconstruction, Tracks
+from ..geometry import so3
+from ..reliability.degeneracy import DegeneracyOptions, detect_no_parallax, outlier_cameras, symmetry_warning
+from ..reliability.finite import check_finite
+from ..reliability.memory import MemoryFallbackOptions, OutOfMemory, run_with_memory_fallback
+from ..report import RunReport, StageReport
 from ..runtime import resolve_device
+from .checkpoint import Checkpoint, CheckpointStore, rng_state, set_rng_state
 from .global_positioning import GlobalPositioningOptions, global_positioning
 from .graph import connected_components, image_reasons, mark_images
 from .relative_pose import RelativePoseOptions, estimate_relative_poses
 from .rotation_averaging import RotationAveragingOptions, rotation_averaging
 from .tracks import TrackOptions, establish_tracks
-from .triangulation import FilterOptions, TriangulationOptions, filter_reconstruction, triangulate_tracks
+from .triangulation import (
+    FilterOptions,
+    TriangulationOptions,
+    compact_tracks,
+    filter_reconstruction,
+    triangulate_tracks,
+)
 from .view_graph_calibration import ViewGraphCalibrationOptions, calibrate_view_graph
 
 log = logging.getLogger(__name__)
+
+REASON_OUTLIER_POSITION = "outlier_position_after_global_positioning"
+REASON_FEW_OBSERVATIONS = "too_few_observations"
 
 
 def _retriangulation_tracks() -> TrackOptions:
@@ -43,11 +72,13 @@ class MapperOptions:
     # reprojection thresholds (pixels) of the filtering after each BA round
     ba_round_max_reprojection: tuple[float, ...] = (16.0, 8.0, 4.0)
     min_triangulation_angle: float = 1.5  # degrees
-    refine_principal_point: str = "auto"  # auto | always | never (see _final_rounds)
+    refine_principal_point: str = "auto"  # auto | always | never (see _principal_point_step)
     min_images_for_principal_point: int = 10
     principal_point_min_gain: float = 10.0  # likelihood-ratio threshold per freed parameter
     max_principal_point_offset: float = 0.2
     normalize_extent: float = 10.0  # scene scaled so that the 10-90% camera box has this diagonal
+    # a stage giving non-finite values for more than this share of the images is an error
+    max_nonfinite_fraction: float = 0.5
     view_graph_calibration: ViewGraphCalibrationOptions = field(default_factory=ViewGraphCalibrationOptions)
     relative_pose: RelativePoseOptions = field(default_factory=RelativePoseOptions)
     rotation_averaging: RotationAveragingOptions = field(default_factory=RotationAveragingOptions)
@@ -56,28 +87,34 @@ class MapperOptions:
     bundle_adjustment: BundleAdjustmentOptions = field(default_factory=BundleAdjustmentOptions)
     retriangulation_tracks: TrackOptions = field(default_factory=_retriangulation_tracks)
     triangulation: TriangulationOptions = field(default_factory=TriangulationOptions)
+    degeneracy: DegeneracyOptions = field(default_factory=DegeneracyOptions)
+    memory: MemoryFallbackOptions = field(default_factory=MemoryFallbackOptions)
 
 
-def _check_finite(rec: Reconstruction, stage: str) -> None:
-    """NaN/Inf after a stage: quarantine the images and points concerned, with a warning."""
-    bad_img = ~torch.isfinite(rec.images.quat).all(1) | ~torch.isfinite(rec.images.trans).all(1)
-    bad_img &= rec.images.registered
-    if bool(bad_img.any()):
-        log.warning("%s produced non-finite poses for %d images; they are unregistered", stage, int(bad_img.sum()))
-        rec.images.registered = rec.images.registered & ~bad_img
-        mark_images(rec.meta, len(rec.images), bad_img, f"non-finite pose after {stage}")
-    if rec.points3D is not None and len(rec.points3D):
-        bad_pt = ~torch.isfinite(rec.points3D.xyz).all(1)
-        if bool(bad_pt.any()):
-            log.warning("%s produced %d non-finite points; they are dropped", stage, int(bad_pt.sum()))
-            rec.points3D.xyz[bad_pt] = 0.0
-            keep = ~bad_pt[rec.tracks.point]
-            rec.tracks.point, rec.tracks.image, rec.tracks.keypoint = (
-                rec.tracks.point[keep], rec.tracks.image[keep], rec.tracks.keypoint[keep])
+def _check_finite(rec: Reconstruction, stage: str, max_fraction: float = 0.5,
+                  report: RunReport | None = None) -> Reconstruction:
+    """NaN/Inf after a stage: quarantine the cameras, keypoints, pairs, images and points
+    concerned, with a warning (`torchsfm.reliability.finite.check_finite`). Returns the cleaned
+    reconstruction; raises NonFiniteError when more than `max_fraction` of the images are hit."""
+    rec, warnings = check_finite(rec, stage, max_fraction)
+    if warnings and report is not None:
+        _add_warnings(report, warnings)
+    return rec
+
+
+def _add_warnings(report: RunReport, warnings: list[str], stage: StageReport | None = None) -> None:
+    """Warnings go to `stage` (default: the last finished stage) and are counted in the summary."""
+    stage = stage or (report.stages[-1] if report.stages else None)
+    if stage is not None:
+        stage.warnings.extend(warnings)
+    report.summary["warnings"] = int(report.summary.get("warnings", 0)) + len(warnings)
 
 
 def normalize(rec: Reconstruction, extent: float) -> Reconstruction:
-    """Centre the registered cameras at the origin and scale them to a fixed extent (GLOMAP)."""
+    """Centre the registered cameras at the origin and scale them to a fixed extent (GLOMAP).
+
+    The similarity is recorded in `meta["normalization"]` = {"scale": s, "center": c}: a point
+    x of the model before normalisation is s (x - c) after it, so x = c + x' / s."""
     reg = rec.images.registered
     if int(reg.sum()) < 2:
         return rec
@@ -92,44 +129,203 @@ def normalize(rec: Reconstruction, extent: float) -> Reconstruction:
     out.images.trans = s * (out.images.trans + (R @ mid[:, None])[..., 0])
     if out.points3D is not None:
         out.points3D.xyz = s * (out.points3D.xyz - mid)
+    out.meta["normalization"] = {"scale": s, "center": [float(v) for v in mid]}
     return out
 
 
-def _bundle_rounds(rec: Reconstruction, opt: MapperOptions, report: RunReport, dev, tag: str) -> Reconstruction:
-    for k, thr in enumerate(opt.ba_round_max_reprojection):
-        with report.stage(f"{tag}bundle_adjustment_{k + 1}", dev) as st:
-            rec, summary = bundle_adjust(rec, opt.bundle_adjustment)
-            st.counts.update({"initial_cost": summary.initial_cost, "final_cost": summary.final_cost,
-                              "iterations": summary.iterations, "termination": summary.termination})
-        _check_finite(rec, "bundle adjustment")
-        with report.stage(f"{tag}filter_{k + 1}", dev) as st:
-            rec, counts = filter_reconstruction(rec, FilterOptions(thr, opt.min_triangulation_angle, 2))
-            st.counts.update(counts)
+def _counts(r) -> dict:
+    if isinstance(r, dict):
+        return r
+    d = getattr(r, "__dict__", {})
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+
+
+def _deregister(rec: Reconstruction, drop, reason: str) -> Reconstruction:
+    """Unregister images `drop` (bool (I,)), record why, and remove their observations (points
+    left with fewer than two are dropped)."""
+    out = Reconstruction(rec.cameras, dataclasses.replace(rec.images), rec.keypoints, rec.points3D, rec.tracks,
+                         rec.view_graph, dict(rec.meta))
+    out.images.registered = rec.images.registered & ~drop
+    mark_images(out.meta, len(out.images), drop, reason)
+    keep_obs = ~drop[out.tracks.image]
+    keep_pt = torch.ones(len(out.points3D), dtype=torch.bool, device=rec.device)
+    return compact_tracks(out, out.points3D.xyz, out.tracks, keep_obs, keep_pt, 2)
+
+
+class _Run:
+    """One mapping run: options, report, device, checkpoints and the step counter."""
+
+    def __init__(self, opt: MapperOptions, report: RunReport, dev: torch.device, store: CheckpointStore | None):
+        self.opt, self.report, self.dev, self.store = opt, report, dev, store
+        self.seq = 0
+        self.base: Reconstruction | None = None  # the common-phase result, shared by component states
+        self.base_seq = -1
+        self.report_base = len(report.stages)  # stages before the mapper's (load_database, front end)
+        self.memory_events: list = []
+
+    def check(self, rec: Reconstruction, stage: str, st: StageReport | None = None) -> Reconstruction:
+        rec, warnings = check_finite(rec, stage, self.opt.max_nonfinite_fraction)
+        if warnings:
+            _add_warnings(self.report, warnings, st)
+        return rec
+
+    def warn(self, msg: str) -> None:
+        log.warning(msg)
+        _add_warnings(self.report, [msg])
+
+    def solve(self, st: StageReport, fn: Callable, rec: Reconstruction) -> Reconstruction:
+        """fn(rec, options) -> rec inside stage `st`, with the out-of-memory fallbacks."""
+        n = len(self.memory_events)
+        out = run_with_memory_fallback(st.name, fn, rec, self.opt, self.opt.memory, self.memory_events)
+        if len(self.memory_events) > n:
+            self.report.summary["memory_fallbacks"] = list(self.memory_events)
+            st.warnings.extend(f"out of memory: {e['attempt']} -> {e['result']}" for e in self.memory_events[n:])
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, phase: str, component: int, step: int, name: str, rec: Reconstruction,
+             models: list[Reconstruction]) -> None:
+        self.seq += 1
+        if self.store is None:
+            return
+        snap = {"stages": [to_dict(s) for s in self.report.stages[self.report_base:]],
+                "summary": dict(self.report.summary)}
+        base, base_seq = (self.base, self.base_seq) if phase == "component" else (None, -1)
+        self.store.save(Checkpoint(self.seq, name, phase, component, step, rec, list(models), snap, rng_state(),
+                                   base=base, base_seq=base_seq))
+
+    def restore(self, ck: Checkpoint) -> None:
+        self.seq = ck.seq
+        stages = [StageReport(**s) for s in ck.report.get("stages", [])]
+        self.report.stages[self.report_base:] = stages
+        self.report.summary.update(ck.report.get("summary", {}))
+        self.memory_events = list(self.report.summary.get("memory_fallbacks", []))
+        if ck.rng is not None:
+            set_rng_state(ck.rng)
+        with self.report.stage("resume") as st:
+            st.counts.update({"from_checkpoint": ck.name, "file": str(ck.path)})
+        log.info("resuming from checkpoint %s (%s)", ck.name, ck.path)
+
+
+# -- steps before the split into components ----------------------------------------------------
+
+def _calibration_step(rec: Reconstruction, run: _Run) -> Reconstruction:
+    if run.opt.skip_view_graph_calibration:
+        return rec
+    with run.report.stage("view_graph_calibration", run.dev) as st:
+        rec, r = calibrate_view_graph(rec, run.opt.view_graph_calibration)
+        st.counts.update(_counts(r))
+    return run.check(rec, "view-graph calibration")
+
+
+def _relative_pose_step(rec: Reconstruction, run: _Run) -> Reconstruction:
+    with run.report.stage("relative_poses", run.dev) as st:
+        # components are mapped one by one, so none is dropped here (the options stay untouched)
+        relopt = dataclasses.replace(run.opt.relative_pose, keep_largest_component=False)
+        rec, r = estimate_relative_poses(rec, relopt)
+        st.counts.update(_counts(r))
+    rec = run.check(rec, "relative poses")
+    with run.report.stage("parallax_check", run.dev) as st:
+        no_parallax, counts, Rfit = detect_no_parallax(rec, run.opt.degeneracy)
+        st.counts.update(counts)
+    rec.meta["no_parallax"] = no_parallax
+    if no_parallax:
+        # rotation-only relative poses (the homography of a rotating camera) for rotation averaging
+        vg = rec.view_graph
+        rec.view_graph = dataclasses.replace(
+            vg, rel_quat=torch.where(vg.valid[:, None], so3.matrix_to_quat(Rfit).to(vg.rel_quat.dtype), vg.rel_quat),
+            rel_trans=torch.where(vg.valid[:, None], torch.zeros_like(vg.rel_trans), vg.rel_trans))
+        run.report.summary["no_parallax"] = True
+        run.warn(f"no parallax: {counts['rotation_only_pairs']} of {counts['pairs']} image pairs are explained by a "
+                 "pure rotation (a tripod panorama, or images taken from one spot). Camera positions cannot be "
+                 "recovered: the model has rotations only, every centre at the origin and no 3D points")
     return rec
 
 
-def _map_component(rec: Reconstruction, opt: MapperOptions, report: RunReport, dev, tag: str) -> Reconstruction:
-    with report.stage(f"{tag}rotation_averaging", dev) as st:
-        rec, r = rotation_averaging(rec, opt.rotation_averaging)
+COMMON_STEPS: list[tuple[str, Callable]] = [("view_graph_calibration", _calibration_step),
+                                            ("relative_poses", _relative_pose_step)]
+
+
+# -- steps of one connected component ----------------------------------------------------------
+
+def _rotation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    with run.report.stage(f"{tag}rotation_averaging", run.dev) as st:
+        rec, r = rotation_averaging(rec, run.opt.rotation_averaging)
         st.counts.update(_counts(r))
-    _check_finite(rec, "rotation averaging")
-    with report.stage(f"{tag}tracks", dev) as st:
-        rec, r = establish_tracks(rec, opt.tracks)
+    rec = run.check(rec, "rotation averaging")
+    msg = symmetry_warning(r.num_edges_in, r.num_edges_dropped, run.opt.degeneracy)
+    if msg:
+        run.report.summary["symmetry_suspected"] = True
+        run.warn(msg)
+    if not bool(rec.images.registered.any()):
+        raise RuntimeError("rotation averaging registered no image")
+    return rec
+
+
+def _rotation_only_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    """The model of a scene without parallax: rotations, all centres at the origin, no points."""
+    with run.report.stage(f"{tag}rotation_only_model", run.dev) as st:
+        dt, dev = rec.dtype, rec.device
+        images = dataclasses.replace(rec.images, trans=torch.zeros_like(rec.images.trans))
+        e = torch.zeros(0, dtype=torch.long, device=dev)
+        pts = Points3D(e.clone(), torch.zeros(0, 3, dtype=dt, device=dev),
+                       torch.zeros(0, 3, dtype=torch.uint8, device=dev), torch.zeros(0, dtype=dt, device=dev))
+        rec = Reconstruction(rec.cameras, images, rec.keypoints, pts, Tracks(e, e.clone(), e.clone()), rec.view_graph,
+                             dict(rec.meta))
+        st.counts["registered_images"] = int(images.registered.sum())
+    return rec
+
+
+def _positioning_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    with run.report.stage(f"{tag}tracks", run.dev) as st:
+        rec, r = establish_tracks(rec, run.opt.tracks)
         st.counts.update(_counts(r))
-    with report.stage(f"{tag}global_positioning", dev) as st:
-        gp = opt.global_positioning
-        rec, counts = global_positioning(rec, gp)
-        st.counts.update(counts)
-    _check_finite(rec, "global positioning")
-    rec = _bundle_rounds(rec, opt, report, dev, tag)
-    if not opt.skip_retriangulation:
-        with report.stage(f"{tag}retriangulation", dev) as st:
-            # all tracks again (length >= 2 now), triangulated from the adjusted poses
-            tracked, _ = establish_tracks(rec, opt.retriangulation_tracks)
-            rec, counts = triangulate_tracks(tracked, tracked.tracks, opt.triangulation)
+    rec = run.check(rec, "tracks")
+    with run.report.stage(f"{tag}global_positioning", run.dev) as st:
+        def gp(r, o):
+            out, counts = global_positioning(r, o.global_positioning)
             st.counts.update(counts)
-    rec = _final_rounds(rec, opt, report, dev, tag)
-    return normalize(rec, opt.normalize_extent)
+            return out
+
+        rec = run.solve(st, gp, rec)
+    rec = run.check(rec, "global positioning")
+    far = outlier_cameras(rec, run.opt.degeneracy)
+    if bool(far.any()):
+        names = [rec.images.name[i] for i in torch.nonzero(far)[:, 0].tolist()]
+        run.warn(f"global positioning placed {len(names)} camera(s) far from all others; dropped as outliers: "
+                 f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+        rec = _deregister(rec, far, REASON_OUTLIER_POSITION)
+    return rec
+
+
+def _ba_step(k: int, prefix: str):
+    def step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+        opt = run.opt
+        thr = opt.ba_round_max_reprojection[k]
+        with run.report.stage(f"{tag}{prefix}bundle_adjustment_{k + 1}", run.dev) as st:
+            def ba(r, o):
+                out, summary = bundle_adjust(r, o.bundle_adjustment)
+                st.counts.update({"initial_cost": summary.initial_cost, "final_cost": summary.final_cost,
+                                  "iterations": summary.iterations, "termination": summary.termination})
+                return out
+
+            rec = run.solve(st, ba, rec)
+        rec = run.check(rec, "bundle adjustment")
+        with run.report.stage(f"{tag}{prefix}filter_{k + 1}", run.dev) as st:
+            rec, counts = filter_reconstruction(rec, FilterOptions(thr, opt.min_triangulation_angle, 2))
+            st.counts.update(counts)
+        return rec
+
+    return step
+
+
+def _retriangulation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    with run.report.stage(f"{tag}retriangulation", run.dev) as st:
+        # all tracks again (length >= 2 now), triangulated from the adjusted poses
+        tracked, _ = establish_tracks(rec, run.opt.retriangulation_tracks)
+        rec, counts = triangulate_tracks(tracked, tracked.tracks, run.opt.triangulation)
+        st.counts.update(counts)
+    return run.check(rec, "retriangulation")
 
 
 def _principal_point_ok(rec: Reconstruction, max_offset: float) -> bool:
@@ -140,8 +336,8 @@ def _principal_point_ok(rec: Reconstruction, max_offset: float) -> bool:
     return bool((off <= max_offset).all())
 
 
-def _final_rounds(rec: Reconstruction, opt: MapperOptions, report: RunReport, dev, tag: str) -> Reconstruction:
-    """Last BA rounds; then the principal points are freed when the data constrain them.
+def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    """After the last BA rounds the principal points are freed when the data constrain them.
 
     "auto" frees them only when every camera is seen by enough registered images, and keeps the
     result only when it is significant: on the same observations, the cost decrease must pass a
@@ -150,19 +346,24 @@ def _final_rounds(rec: Reconstruction, opt: MapperOptions, report: RunReport, de
     a ring fixating one point, a principal-point shift is nearly a rotation of every camera, so
     an untested refinement there trades pose accuracy for noise.
     """
+    opt, report, dev = run.opt, run.report, run.dev
     mode = opt.refine_principal_point
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"refine_principal_point must be auto, always or never, not {mode!r}")
-    out = _bundle_rounds(rec, opt, report, dev, f"{tag}final_")
     per_cam = torch.bincount(out.images.camera[out.images.registered], minlength=len(out.cameras))
     used = per_cam > 0
     if mode == "never" or opt.bundle_adjustment.refine_principal_point or (
             mode == "auto" and not bool((per_cam[used] >= opt.min_images_for_principal_point).all())):
         return out
-    ba = copy.deepcopy(opt.bundle_adjustment)
-    ba.refine_principal_point = True
     with report.stage(f"{tag}principal_point_bundle_adjustment", dev) as st:
-        pp, summary = bundle_adjust(out, ba)
+        res = {}
+
+        def ba(r, o):
+            b = copy.deepcopy(o.bundle_adjustment)
+            b.refine_principal_point = True
+            res["pp"], res["summary"] = bundle_adjust(r, b)
+            return res["pp"]
+
+        pp = run.solve(st, ba, out)
+        summary = res["summary"]
         sigma2 = max(summary.initial_cost / max(1, len(out.tracks)), 1e-12)  # per coordinate
         stat = 2 * (summary.initial_cost - summary.final_cost) / sigma2
         k = 2 * int(used.sum())
@@ -173,6 +374,7 @@ def _final_rounds(rec: Reconstruction, opt: MapperOptions, report: RunReport, de
     report.summary["principal_point_refined"] = accept
     if not accept:
         return out
+    pp = run.check(pp, "principal point bundle adjustment")
     with report.stage(f"{tag}principal_point_filter", dev) as st:
         pp, counts = filter_reconstruction(pp, FilterOptions(opt.ba_round_max_reprojection[-1],
                                                              opt.min_triangulation_angle, 2))
@@ -180,61 +382,121 @@ def _final_rounds(rec: Reconstruction, opt: MapperOptions, report: RunReport, de
     return pp
 
 
-def _counts(r) -> dict:
-    if isinstance(r, dict):
-        return r
-    d = getattr(r, "__dict__", {})
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+def _finish_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    """Drop images left with too few observations, then normalise the scene."""
+    reg = rec.images.registered
+    n_obs = torch.bincount(rec.tracks.image, minlength=len(rec.images))
+    few = reg & (n_obs < run.opt.degeneracy.min_camera_observations)
+    if bool(few.any()) and int((reg & ~few).sum()) >= 2:
+        names = [rec.images.name[i] for i in torch.nonzero(few)[:, 0].tolist()]
+        run.warn(f"{len(names)} registered image(s) kept fewer than {run.opt.degeneracy.min_camera_observations} "
+                 f"observations after the last filtering and are dropped: {', '.join(names[:10])}")
+        rec = _deregister(rec, few, REASON_FEW_OBSERVATIONS)
+    with run.report.stage(f"{tag}normalize", run.dev) as st:
+        rec = normalize(rec, run.opt.normalize_extent)
+        # x_normalized = scale * (x - center): the report keeps the way back to the mapper's frame
+        st.counts.update(rec.meta.get("normalization", {}))
+    return rec
 
 
-def global_mapping(rec: Reconstruction, options: MapperOptions | None = None,
-                   report: RunReport | None = None) -> tuple[list[Reconstruction], RunReport]:
+def component_steps(opt: MapperOptions, rotation_only: bool) -> list[tuple[str, Callable]]:
+    """The steps of one component, in order; a checkpoint follows each."""
+    if rotation_only:
+        return [("rotation_averaging", _rotation_step), ("rotation_only_model", _rotation_only_step)]
+    n = len(opt.ba_round_max_reprojection)
+    steps = [("rotation_averaging", _rotation_step), ("global_positioning", _positioning_step)]
+    steps += [(f"bundle_adjustment_{k + 1}", _ba_step(k, "")) for k in range(n)]
+    if not opt.skip_retriangulation:
+        steps.append(("retriangulation", _retriangulation_step))
+    steps += [(f"final_bundle_adjustment_{k + 1}", _ba_step(k, "final_")) for k in range(n)]
+    steps += [("principal_point", _principal_point_step), ("finish", _finish_step)]
+    return steps
+
+
+def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, report: RunReport | None = None,
+                   checkpoints: CheckpointStore | None = None) -> tuple[list[Reconstruction], RunReport]:
     """Map `rec` (cameras, images, keypoints, view graph; no poses needed) to one model per
     connected component, largest first. Images that could not be registered are listed with a
-    reason in each model's `meta['image_reason']` and in the report."""
+    reason in each model's `meta['image_reason']` and in the report.
+
+    With `checkpoints`, the state is saved after every step and the run resumes from the latest
+    valid checkpoint of the store (giving the same models as an uninterrupted run)."""
     opt = options or MapperOptions()
+    if opt.refine_principal_point not in ("auto", "always", "never"):
+        raise ValueError(f"refine_principal_point must be auto, always or never, not {opt.refine_principal_point!r}")
     report = report or RunReport(command="map")
     dev = resolve_device(opt.device)
     report.device, report.seed = str(dev), opt.seed
     torch.manual_seed(opt.seed)
-    rec = rec.to(dev, torch.float64)
+    run = _Run(opt, report, dev, checkpoints)
+
+    latest = checkpoints.latest(dev) if checkpoints is not None else None
+    if latest is not None:
+        run.restore(latest)
+        if latest.phase == "common":
+            rec, common_done, run.base_seq = latest.rec, latest.step, latest.seq
+        else:
+            rec, common_done, run.base_seq = latest.base, len(COMMON_STEPS) - 1, latest.base_seq
+    else:
+        rec = rec.to(dev, torch.float64)
+        with report.stage("input_check", dev) as st:
+            rec = run.check(rec, "input", st)
+        common_done = -1
     if rec.view_graph is None or not bool(rec.view_graph.valid.any()):
         raise ValueError("the view graph has no verified image pairs: nothing to reconstruct")
-    if not opt.skip_view_graph_calibration:
-        with report.stage("view_graph_calibration", dev) as st:
-            rec, r = calibrate_view_graph(rec, opt.view_graph_calibration)
-            st.counts.update(_counts(r))
-    with report.stage("relative_poses", dev) as st:
-        relopt = opt.relative_pose
-        relopt.keep_largest_component = False  # components are mapped one by one below
-        rec, r = estimate_relative_poses(rec, relopt)
-        st.counts.update(_counts(r))
+    for s, (name, fn) in enumerate(COMMON_STEPS):
+        if s > common_done:
+            rec = fn(rec, run)
+            run.save("common", -1, s, name, rec, [])
+            run.base_seq = run.seq
+    run.base = rec
+
     vg = rec.view_graph
     labels = connected_components(len(rec.images), vg.pairs, vg.valid)
-    in_graph = torch.zeros(len(rec.images), dtype=torch.bool, device=dev)
+    in_graph = torch.zeros(len(rec.images), dtype=torch.bool, device=rec.device)
     in_graph[vg.pairs[vg.valid].reshape(-1)] = True
     comp_ids, sizes = torch.unique(labels[in_graph], return_counts=True)
     order = torch.argsort(sizes, descending=True, stable=True)
-    models = []
+    resume_comp, resume_step, models = -1, -1, []
+    if latest is not None and latest.phase == "component":
+        resume_comp, resume_step, models = latest.component, latest.step, list(latest.models)
+    steps = component_steps(opt, bool(rec.meta.get("no_parallax", False)))
+    failures = []
     for rank, k in enumerate(order.tolist()):
+        if rank < resume_comp:
+            continue
         if int(sizes[k]) < opt.min_component_size or len(models) >= opt.max_num_models:
             break
         members = labels == comp_ids[k]
-        sub = rec.clone()
-        sub.view_graph.valid = vg.valid & members[vg.pairs[:, 0]] & members[vg.pairs[:, 1]]
         tag = f"model{rank}/" if len(order) > 1 else ""
+        if rank == resume_comp:
+            sub, first = latest.rec, resume_step + 1
+        else:
+            # copy-on-write: the component shares every tensor with `rec` except its pair mask
+            valid = vg.valid & members[vg.pairs[:, 0]] & members[vg.pairs[:, 1]]
+            sub = Reconstruction(rec.cameras, rec.images, rec.keypoints, rec.points3D, rec.tracks,
+                                 dataclasses.replace(vg, valid=valid), dict(rec.meta))
+            first = 0
         try:
-            model = _map_component(sub, opt, report, dev, tag)
+            for s in range(first, len(steps)):
+                name, fn = steps[s]
+                sub = fn(sub, run, tag)
+                if s == len(steps) - 1:
+                    n = len(sub.images)
+                    mark_images(sub.meta, n, ~sub.images.registered & ~members, "in another connected component")
+                    mark_images(sub.meta, n, ~sub.images.registered, "not registered")
+                    models.append(sub)
+                run.save("component", rank, s, f"{tag}{name}", sub, models)
+        except OutOfMemory:
+            raise
         except RuntimeError as e:  # a component that cannot be positioned is reported, not fatal
+            failures.append(f"component {rank} ({int(sizes[k])} images): {e}")
             log.warning("component %d (%d images) failed: %s", rank, int(sizes[k]), e)
             continue
-        n = len(model.images)
-        mark_images(model.meta, n, ~model.images.registered & ~members, "in another connected component")
-        mark_images(model.meta, n, ~model.images.registered, "not registered")
-        models.append(model)
     models.sort(key=lambda m: int(m.images.registered.sum()), reverse=True)
     if not models:
-        raise RuntimeError("no connected component of the view graph could be reconstructed")
+        why = "; ".join(failures) if failures else "no component has enough images"
+        raise RuntimeError(f"no connected component of the view graph could be reconstructed ({why})")
     best = models[0]
     report.summary.update({
         "models": len(models),
