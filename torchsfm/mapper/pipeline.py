@@ -49,6 +49,7 @@ from .triangulation import (
     filter_reconstruction,
     triangulate_tracks,
 )
+from .calibration_check import CalibrationCheckOptions, check_calibration
 from .view_graph_calibration import ViewGraphCalibrationOptions, calibrate_view_graph
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class MapperOptions:
     # a stage giving non-finite values for more than this share of the images is an error
     max_nonfinite_fraction: float = 0.5
     view_graph_calibration: ViewGraphCalibrationOptions = field(default_factory=ViewGraphCalibrationOptions)
+    calibration_check: CalibrationCheckOptions = field(default_factory=CalibrationCheckOptions)
     relative_pose: RelativePoseOptions = field(default_factory=RelativePoseOptions)
     rotation_averaging: RotationAveragingOptions = field(default_factory=RotationAveragingOptions)
     tracks: TrackOptions = field(default_factory=TrackOptions)
@@ -213,8 +215,11 @@ def _calibration_step(rec: Reconstruction, run: _Run) -> Reconstruction:
     if run.opt.skip_view_graph_calibration:
         return rec
     with run.report.stage("view_graph_calibration", run.dev) as st:
-        rec, r = calibrate_view_graph(rec, run.opt.view_graph_calibration)
+        calibrated, r = calibrate_view_graph(rec, run.opt.view_graph_calibration)
         st.counts.update(_counts(r))
+    with run.report.stage("calibration_check", run.dev) as st:
+        rec, counts = check_calibration(rec, calibrated, run.opt.calibration_check)
+        st.counts.update(counts)
     return run.check(rec, "view-graph calibration")
 
 
