@@ -71,7 +71,7 @@ class MapperOptions:
     skip_view_graph_calibration: bool = False
     skip_retriangulation: bool = False
     # reprojection thresholds (pixels) of the filtering after each BA round
-    ba_round_max_reprojection: tuple[float, ...] = (16.0, 8.0, 4.0)
+    ba_round_max_reprojection: tuple[float, ...] = (8.0, 4.0, 2.0)
     min_triangulation_angle: float = 1.5  # degrees
     refine_principal_point: str = "auto"  # auto | always | never (see _principal_point_step)
     min_images_for_principal_point: int = 10
