@@ -1,0 +1,247 @@
+"""Benchmark inputs: one COLMAP database per dataset, made once and cached, that every mapper reads.
+
+Datasets by name:
+- `ringN` (object ring, exhaustive matching), `turntableN` (ring, sequential matching),
+  `corridorN` (forward motion, sequential matching), `sphereN` (sphere, exhaustive): synthetic
+  scenes of N images from `torchsfm.synthetic` (objects of 2,000 points, corridors of 40 points per
+  image; 0.5 px noise, 20% wrong matches, data seed 0). Their raw matches are verified by pycolmap's two-view geometry
+  estimation with the front end's options (`MatchOptions`), as real matches are, so the mappers
+  get a real front end's kind of input: inlier sets with a few surviving outliers and estimated
+  (not true) relative poses. The ground truth is written next to the database as a COLMAP model.
+- `templeRing`, `dtu_scan24`, `kitchen` (and any folder of images): torchsfm's front end (SIFT,
+  exhaustive matching, one shared SIMPLE_RADIAL camera), with the GT model in `gt/` if present.
+- an existing database (`database:PATH`): used as it is.
+
+The cache folder WORK/NAME holds database.db, gt/ and input.json (the spec, the content hash,
+input statistics). A cached input is reused only when its spec is unchanged and its database
+still has the recorded content hash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .child import database_hash
+
+log = logging.getLogger(__name__)
+
+DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SYNTHETIC_FAMILIES = {  # name prefix -> (layout, match graph)
+    "ring": ("ring", "exhaustive"),
+    "turntable": ("ring", "sequential"),
+    "corridor": ("forward", "sequential"),
+    "sphere": ("sphere", "exhaustive"),
+}
+REAL_DATASETS = ("templeRing", "dtu_scan24", "kitchen")
+_PAIR_ID_BASE = 2147483647  # COLMAP's pair_id = id1 * base + id2
+
+
+@dataclass
+class InputSpec:
+    """What a dataset's database is made from; equal specs give equal databases."""
+    name: str
+    kind: str  # synthetic | images | database
+    synthetic: dict = field(default_factory=dict)  # SyntheticOptions fields
+    image_dir: str | None = None
+    gt: str | None = None  # GT COLMAP model folder (images, database kinds)
+    database: str | None = None  # database kind: the given file
+    frontend: dict = field(default_factory=dict)  # extract / match options
+
+
+@dataclass
+class PreparedInput:
+    spec: InputSpec
+    database: Path
+    input_hash: str
+    gt: Path | None
+    image_dir: Path | None
+    stats: dict
+    prepare_seconds: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.spec.name, "kind": self.spec.kind, "spec": asdict(self.spec),
+                "database": str(self.database), "input_hash": self.input_hash,
+                "gt": None if self.gt is None else str(self.gt),
+                "image_dir": None if self.image_dir is None else str(self.image_dir),
+                "stats": self.stats, "prepare_seconds": self.prepare_seconds}
+
+
+def synthetic_spec(name: str, object_points: int = 2000, points_per_image: int = 40, pixel_noise: float = 0.5,
+                   outlier_ratio: float = 0.2, sequential_overlap: int = 10, seed: int = 0) -> InputSpec | None:
+    """Object layouts (ring, turntable, sphere) have `object_points` points, each image seeing
+    ~30% of them (~600 observations); the corridor has `points_per_image` points per image,
+    each seen by ~16 images (~650 observations per image)."""
+    m = re.fullmatch(r"([a-z]+)(\d+)", name)
+    if not m or m.group(1) not in SYNTHETIC_FAMILIES:
+        return None
+    layout, graph = SYNTHETIC_FAMILIES[m.group(1)]
+    n = int(m.group(2))
+    points = points_per_image * n if layout == "forward" else object_points
+    return InputSpec(name, "synthetic", synthetic=dict(
+        num_images=n, num_points=points, layout=layout, match_graph=graph,
+        sequential_overlap=sequential_overlap, pixel_noise=pixel_noise, outlier_ratio=outlier_ratio, seed=seed))
+
+
+def resolve_spec(name: str, data_root: Path = DATA_ROOT) -> InputSpec:
+    """A dataset name (see the module doc), `database:PATH[@GT]` or `images:PATH[@GT]`."""
+    spec = synthetic_spec(name)
+    if spec is not None:
+        return spec
+    if name.startswith(("database:", "images:")):
+        kind, rest = name.split(":", 1)
+        path, _, gt = rest.partition("@")
+        p = Path(path).resolve()
+        if not p.exists():
+            raise FileNotFoundError(f"{kind} {p} does not exist")
+        label = (p.parent.name if kind == "database" else p.name) or kind
+        gt_path = str(Path(gt).resolve()) if gt else None
+        if kind == "database":
+            return InputSpec(label, "database", database=str(p), gt=gt_path)
+        return InputSpec(label, "images", image_dir=str(p), gt=gt_path, frontend=_frontend_options())
+    root = data_root / name
+    if name in REAL_DATASETS or root.is_dir():
+        if not (root / "images").is_dir():
+            raise FileNotFoundError(f"dataset {name}: {root / 'images'} is absent (shared data at {data_root})")
+        gt = root / "gt"
+        return InputSpec(name, "images", image_dir=str(root / "images"), gt=str(gt) if gt.is_dir() else None,
+                         frontend=_frontend_options())
+    raise ValueError(f"unknown dataset {name!r}: use ringN, turntableN, corridorN, sphereN, one of {REAL_DATASETS}, "
+                     "database:PATH[@GT] or images:PATH[@GT]")
+
+
+def _frontend_options() -> dict:
+    """The reference setting of ../shared/data/README.md: SIFT, exhaustive, one SIMPLE_RADIAL camera."""
+    return {"extract": {"camera_mode": "single", "camera_model": "SIMPLE_RADIAL"},
+            "match": {"mode": "exhaustive", "seed": 0}}
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics of a database
+
+
+def database_stats(path: Path) -> dict:
+    """Images, cameras, verified pairs and matches, and observations: keypoints with at least one
+    verified match (what a mapper can put into tracks; the x axis of the scaling curve)."""
+    from ..io.database import UNVERIFIED_CONFIGS
+
+    con = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        n_img = con.execute("SELECT count(*) FROM images").fetchone()[0]
+        n_cam = con.execute("SELECT count(*) FROM cameras").fetchone()[0]
+        n_kp = con.execute("SELECT coalesce(sum(rows), 0) FROM keypoints").fetchone()[0]
+        bad = ",".join(str(int(c)) for c in UNVERIFIED_CONFIGS)
+        rows = con.execute(f"SELECT pair_id, rows, data FROM two_view_geometries WHERE rows > 0 AND config NOT IN ({bad})").fetchall()
+    finally:
+        con.close()
+    if rows:
+        pid = np.array([r[0] for r in rows], dtype=np.int64)
+        cnt = np.array([r[1] for r in rows], dtype=np.int64)
+        m = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.uint32).reshape(-1, 2).astype(np.int64)
+        id1 = np.repeat(pid // _PAIR_ID_BASE, cnt)
+        id2 = np.repeat(pid % _PAIR_ID_BASE, cnt)
+        base = int(m.max()) + 1
+        obs = np.unique(np.concatenate([id1 * base + m[:, 0], id2 * base + m[:, 1]])).size
+    else:
+        cnt, obs = np.zeros(0, np.int64), 0
+    return {"images": int(n_img), "cameras": int(n_cam), "keypoints": int(n_kp), "verified_pairs": len(rows),
+            "verified_matches": int(cnt.sum()), "observations": int(obs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# preparation
+
+
+def _verify_matches(database: Path, names: list[str], pairs: np.ndarray, num_threads: int) -> None:
+    """Replace two_view_geometries by pycolmap's verification of the raw matches (as `match`)."""
+    import pycolmap
+
+    from ..frontend.matching import _pycolmap_options
+    from ..frontend.options import MatchOptions
+
+    _, vo = _pycolmap_options(MatchOptions(seed=0, num_threads=num_threads, progress=False))
+    con = sqlite3.connect(str(database))
+    try:
+        con.execute("DELETE FROM two_view_geometries")
+        con.commit()
+    finally:
+        con.close()
+    lst = database.parent / "pairs.txt"
+    lst.write_text("".join(f"{names[i]} {names[j]}\n" for i, j in pairs.tolist()))
+    level = pycolmap.logging.minloglevel
+    pycolmap.logging.minloglevel = max(level, 1)
+    try:
+        pycolmap.verify_matches(str(database), str(lst), vo)
+    finally:
+        pycolmap.logging.minloglevel = level
+        lst.unlink()
+
+
+def _make_synthetic(spec: InputSpec, folder: Path, num_threads: int) -> tuple[Path, Path]:
+    from ..io.colmap_model import write_model
+    from ..synthetic import SyntheticOptions, synthesize, write_synthetic_database
+
+    scene = synthesize(SyntheticOptions(**spec.synthetic))
+    db = folder / "database.db"
+    write_synthetic_database(scene, db, overwrite=True)
+    _verify_matches(db, scene.gt.images.name, scene.view_graph.pairs.cpu().numpy(), num_threads)
+    gt = folder / "gt"
+    write_model(scene.gt, gt, format="bin")
+    return db, gt
+
+
+def _make_from_images(spec: InputSpec, folder: Path, num_threads: int) -> Path:
+    from ..frontend import extract, match
+    from ..frontend.options import ExtractOptions, MatchOptions
+
+    db = folder / "database.db"
+    fo = spec.frontend
+    extract(spec.image_dir, db, ExtractOptions(**fo.get("extract", {}), progress=False))
+    match(db, MatchOptions(**fo.get("match", {}), num_threads=num_threads, progress=False))
+    return db
+
+
+def prepare(spec: InputSpec, work_dir: Path, num_threads: int = -1, force: bool = False) -> PreparedInput:
+    """Make (or reuse) the dataset's database in WORK/NAME; returns it with its content hash."""
+    folder = Path(work_dir) / spec.name
+    meta = folder / "input.json"
+    if not force and meta.is_file():
+        old = json.loads(meta.read_text())
+        db = Path(old["database"])
+        if old.get("spec") == json.loads(json.dumps(asdict(spec))) and db.is_file():
+            h = database_hash(db)
+            if h == old["input_hash"]:
+                log.info("%s: reusing %s (%s)", spec.name, db, h[:12])
+                return PreparedInput(spec, db, h, Path(old["gt"]) if old["gt"] else None,
+                                     Path(old["image_dir"]) if old["image_dir"] else None, old["stats"],
+                                     old["prepare_seconds"])
+            log.warning("%s: cached database changed (hash %s, recorded %s); making it again", spec.name, h[:12],
+                        old["input_hash"][:12])
+    if spec.kind != "database" and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    gt = Path(spec.gt) if spec.gt else None
+    image_dir = Path(spec.image_dir) if spec.image_dir else None
+    if spec.kind == "synthetic":
+        log.info("%s: synthesising and verifying %s", spec.name, spec.synthetic)
+        db, gt = _make_synthetic(spec, folder, num_threads)
+    elif spec.kind == "images":
+        log.info("%s: front end on %s", spec.name, spec.image_dir)
+        db = _make_from_images(spec, folder, num_threads)
+    elif spec.kind == "database":
+        db = Path(spec.database)
+    else:
+        raise ValueError(f"unknown input kind {spec.kind!r}")
+    seconds = time.perf_counter() - t0
+    prep = PreparedInput(spec, db, database_hash(db), gt, image_dir, database_stats(db), seconds)
+    meta.write_text(json.dumps(prep.to_dict(), indent=2))
+    log.info("%s: %s, hash %s (%.1f s)", spec.name, prep.stats, prep.input_hash[:12], seconds)
+    return prep
