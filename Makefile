@@ -27,5 +27,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
+# Regenerates docs/bench_cpu.{json,md} and docs/scaling.png (about 30 minutes on 2 cores).
+bench: $(STAMP)
+	$(BIN)/torchsfm bench --suite cpu
+
 clean:
 	rm -rf $(VENV) build *.egg-info
