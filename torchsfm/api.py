@@ -1,10 +1,11 @@
 """High-level entry points shared by the CLI and Python users: map a database, run end to end.
 
 Outputs are written atomically: `OUTPUT/sparse/K` (one model per connected component, largest
-first), `OUTPUT/config.json` (the resolved options) and `OUTPUT/report.json` (times, counts,
-skipped inputs, versions). An interrupted run leaves no half-written model, and the mapper's
-per-stage checkpoints (`OUTPUT/.checkpoints/`, removed after a successful write) let a rerun of
-the same command on the same database resume from the last completed stage.
+first), `OUTPUT/config.json` (the resolved options), `OUTPUT/report.json` (times, counts,
+skipped inputs, versions) and `OUTPUT/torchsfm.log` (every log record, DEBUG included, appended
+as the run goes, not atomically). An interrupted run leaves no half-written model, and the mapper's per-stage
+checkpoints (`OUTPUT/.checkpoints/`, removed after a successful write) let a rerun of the same
+command on the same database resume from the last completed stage.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .io.colmap_model import write_model
 from .io.database import read_view_graph
 from .mapper.checkpoint import CheckpointStore, checkpoint_key
 from .mapper.pipeline import MapperOptions, global_mapping
-from .report import RunReport, format_summary
+from .report import RunReport, format_summary, log_to_file
 from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,17 @@ def map_database(database: str | os.PathLike, output: str | os.PathLike, options
     With `resume`, the mapper checkpoints every stage under OUTPUT/.checkpoints/<key> (key: a
     hash of the input read from the database, the options and the device) and continues from the latest
     checkpoint of an interrupted run with the same key; the result equals an uninterrupted run.
-    Checkpoints are removed once the outputs are written (unless `keep_checkpoints`)."""
+    Checkpoints are removed once the outputs are written (unless `keep_checkpoints`).
+    Every log record of the run, DEBUG included, is appended to OUTPUT/torchsfm.log."""
     opt = options or MapperOptions()
     report = report or RunReport(command="map")
+    with log_to_file(Path(output) / "torchsfm.log"):
+        log.info("torchsfm %s: mapping %s into %s", report.command, database, output)
+        return _map_database(database, output, opt, image_dir, fmt, report, resume, keep_checkpoints)
+
+
+def _map_database(database, output, opt: MapperOptions, image_dir, fmt: str, report: RunReport, resume: bool,
+                  keep_checkpoints: bool) -> tuple[list[Reconstruction], RunReport]:
     with report.stage("load_database") as st:
         rec = load_mapper_input(database)
         st.counts.update({"images": len(rec.images), "pairs": len(rec.view_graph), "keypoints": len(rec.keypoints)})

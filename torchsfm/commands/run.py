@@ -31,7 +31,7 @@ def run(args) -> int:
     from ..api import map_database
     from ..frontend import ExtractOptions, IngestError, MatchOptions, extract, match
     from ..frontend.colmap_db import DatabaseError
-    from ..report import RunReport, format_summary
+    from ..report import RunReport, format_summary, log_to_file
 
     if not args.images.is_dir():
         raise CLIError(f"image folder {args.images} does not exist")
@@ -39,22 +39,24 @@ def run(args) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     db = args.output / "database.db"
     report = RunReport(command="run")
-    try:
-        with report.stage("extract") as st:
-            ex = extract(args.images, db, ExtractOptions(camera_mode=args.camera_mode, camera_model=args.camera_model))
-            st.counts["images"] = ex.summary()
-            report.skipped.extend({"file": s.name, "reason": s.reason, "detail": s.detail} for s in ex.skipped)
-        mode = args.match_mode
-        if mode == "auto":
-            mode = "exhaustive" if ex.num_images <= args.exhaustive_max else "retrieval"
-        with report.stage("match") as st:
-            mr = match(db, MatchOptions(mode=mode))
-            st.counts["pairs"] = mr.summary()
-    except (IngestError, DatabaseError, ValueError) as e:
-        raise CLIError(str(e)) from e
-    try:
-        _, report = map_database(db, args.output, opt, args.images, args.output_format, report)
-    except (ValueError, RuntimeError) as e:
-        raise CLIError(str(e)) from e
+    with log_to_file(args.output / "torchsfm.log"):  # front end too; map_database reuses it
+        try:
+            with report.stage("extract") as st:
+                ex = extract(args.images, db,
+                             ExtractOptions(camera_mode=args.camera_mode, camera_model=args.camera_model))
+                st.counts["images"] = ex.summary()
+                report.skipped.extend({"file": s.name, "reason": s.reason, "detail": s.detail} for s in ex.skipped)
+            mode = args.match_mode
+            if mode == "auto":
+                mode = "exhaustive" if ex.num_images <= args.exhaustive_max else "retrieval"
+            with report.stage("match") as st:
+                mr = match(db, MatchOptions(mode=mode))
+                st.counts["pairs"] = mr.summary()
+        except (IngestError, DatabaseError, ValueError) as e:
+            raise CLIError(str(e)) from e
+        try:
+            _, report = map_database(db, args.output, opt, args.images, args.output_format, report)
+        except (ValueError, RuntimeError) as e:
+            raise CLIError(str(e)) from e
     print(format_summary(report))
     return 0

@@ -34,7 +34,7 @@ from ..geometry import so3
 from ..reliability.degeneracy import DegeneracyOptions, detect_no_parallax, outlier_cameras, symmetry_warning
 from ..reliability.finite import check_finite
 from ..reliability.memory import MemoryFallbackOptions, OutOfMemory, run_with_memory_fallback
-from ..report import RunReport, StageReport
+from ..report import RunReport, StageReport, solver_progress
 from ..runtime import resolve_device
 from .checkpoint import Checkpoint, CheckpointStore, rng_state, set_rng_state
 from .global_positioning import GlobalPositioningOptions, global_positioning
@@ -288,7 +288,8 @@ def _positioning_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstructio
     rec = run.check(rec, "tracks")
     with run.report.stage(f"{tag}global_positioning", run.dev) as st:
         def gp(r, o):
-            out, counts = global_positioning(r, o.global_positioning)
+            with solver_progress(o.global_positioning, st.name) as gpo:
+                out, counts = global_positioning(r, gpo)
             st.counts.update(counts)
             return out
 
@@ -309,7 +310,8 @@ def _ba_step(k: int, prefix: str):
         thr = opt.ba_round_max_reprojection[k]
         with run.report.stage(f"{tag}{prefix}bundle_adjustment_{k + 1}", run.dev) as st:
             def ba(r, o):
-                out, summary = bundle_adjust(r, o.bundle_adjustment)
+                with solver_progress(o.bundle_adjustment, st.name) as bao:
+                    out, summary = bundle_adjust(r, bao)
                 st.counts.update({"initial_cost": summary.initial_cost, "final_cost": summary.final_cost,
                                   "iterations": summary.iterations, "termination": summary.termination})
                 return out
