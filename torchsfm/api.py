@@ -30,31 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def check_mapper_database(database: str | os.PathLike) -> None:
-    """A clear DatabaseError for a file that is missing, not SQLite, corrupt or not COLMAP's
-    (instead of pycolmap's "No registered database factory succeeded", or pycolmap silently
-    creating an empty schema in it)."""
-    import contextlib
-    import sqlite3
-
-    from .frontend.colmap_db import DatabaseError
+    """A clear DatabaseError for a file that is missing, empty, not SQLite, corrupt, or not a
+    COLMAP database with matches."""
+    from .frontend.colmap_db import DatabaseError, check_database
 
     path = Path(database)
     if not path.is_file():
         raise DatabaseError(f"database {path} does not exist; create it with `torchsfm extract` and `torchsfm match`")
     if path.stat().st_size == 0:
         raise DatabaseError(f"database {path} is an empty file, not a COLMAP database")
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as c:
-            ok = c.execute("PRAGMA quick_check").fetchone()[0]
-            tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.DatabaseError as e:
-        raise DatabaseError(f"{path} is not a readable SQLite database ({e})") from e
-    if ok != "ok":
-        raise DatabaseError(f"{path} is corrupt (SQLite quick_check: {ok}); rebuild it with `torchsfm extract` "
-                            "and `torchsfm match` (a fresh output folder)")
-    missing = {"cameras", "images", "keypoints", "two_view_geometries"} - tables
-    if missing:
-        raise DatabaseError(f"{path} is not a COLMAP database with matches (no tables {', '.join(sorted(missing))})")
+    check_database(path, frozenset({"cameras", "images", "keypoints", "two_view_geometries"}), allow_empty_schema=False)
 
 
 def load_mapper_input(database: str | os.PathLike, device=None) -> Reconstruction:

@@ -35,8 +35,12 @@ def pair_ids_to_images(pair_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pair_id // MAX_IMAGE_ID, pair_id % MAX_IMAGE_ID
 
 
-def check_database(path: Path) -> None:
-    """Fail early and clearly on a corrupt file or on a SQLite file that is not COLMAP's."""
+def check_database(path: Path, required: frozenset[str] = frozenset({"cameras", "images", "keypoints", "descriptors"}),
+                   allow_empty_schema: bool = True) -> None:
+    """Fail early and clearly on a corrupt file or on a SQLite file that is not COLMAP's (instead of
+    pycolmap's "No registered database factory succeeded", or pycolmap silently adding an empty
+    schema to it). `required`: tables it must have; a schema-less file passes when
+    `allow_empty_schema` (the front end then creates the schema)."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as c:
             ok = c.execute("PRAGMA quick_check").fetchone()[0]
@@ -45,8 +49,8 @@ def check_database(path: Path) -> None:
         raise DatabaseError(f"{path} is not a readable SQLite database ({e}); move it away or pick another --database") from e
     if ok != "ok":
         raise DatabaseError(f"{path} is corrupt (SQLite quick_check: {ok}); move it away and rerun to rebuild it")
-    missing = {"cameras", "images", "keypoints", "descriptors"} - tables
-    if tables and missing:
+    missing = set(required) - tables
+    if missing and (tables or not allow_empty_schema):
         raise DatabaseError(f"{path} is not a COLMAP database (no tables {', '.join(sorted(missing))})")
 
 
