@@ -49,6 +49,7 @@ from .data.model import (
     Reconstruction,
     Tracks,
     ViewGraph,
+    group_pairs,
     offsets_from_counts,
 )
 from .geometry import se3, so3
@@ -246,19 +247,6 @@ def _visibility(o: SyntheticOptions, cameras: Cameras, cam_of_img: Tensor, R: Te
 # Matches
 
 
-def _track_pairs(obs_point: Tensor, obs_image: Tensor, num_points: int) -> tuple[Tensor, Tensor]:
-    """All (a, b) pairs of observations of the same point, a before b in the (point, image)
-    order, so that image[a] < image[b]."""
-    length = torch.bincount(obs_point, minlength=num_points)
-    start = offsets_from_counts(length)[:-1]
-    pos = torch.arange(obs_point.numel()) - start[obs_point]  # position within the track
-    partners = length[obs_point] - 1 - pos
-    a = torch.repeat_interleave(torch.arange(obs_point.numel()), partners)
-    first = offsets_from_counts(partners)[:-1]
-    b = a + 1 + (torch.arange(a.numel()) - first[a])
-    return a, b
-
-
 def _select_pairs(o: SyntheticOptions, keys: Tensor, counts: Tensor, g: torch.Generator) -> Tensor:
     """Keys (i * N + j) of the pairs in the view graph, sorted."""
     N = o.num_images
@@ -403,7 +391,7 @@ def synthesize(options: SyntheticOptions | None = None, device: torch.device | s
     kp_point[kp_flat] = obs_point
 
     # Candidate pairs: every two observations of one point (image[a] < image[b]).
-    a, b = _track_pairs(obs_point, obs_image, P)
+    a, b = group_pairs(obs_point, P)  # obs sorted by (point, image): image[a] < image[b]
     if o.match_graph == "sequential":  # drop far pairs early: they are most of a long track's pairs
         near = (obs_image[b] - obs_image[a]) <= o.sequential_overlap
         a, b = a[near], b[near]

@@ -72,6 +72,20 @@ def offsets_from_counts(counts: Tensor) -> Tensor:
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
+def group_pairs(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """All unordered pairs (a, b), a < b, of items in the same group; `group` must be sorted
+    (e.g. observations by track). Vectorised: each item pairs with the items after it."""
+    dev = group.device
+    length = torch.bincount(group, minlength=num_groups)
+    start = offsets_from_counts(length)[:-1]
+    pos = torch.arange(group.numel(), device=dev) - start[group]
+    partners = length[group] - 1 - pos
+    a = torch.repeat_interleave(torch.arange(group.numel(), device=dev), partners)
+    first = offsets_from_counts(partners)[:-1]
+    b = a + 1 + (torch.arange(a.numel(), device=dev) - first[a])
+    return a, b
+
+
 def rows_of(offsets: Tensor) -> Tensor:
     """For CSR offsets (N+1,), the row index of every item (offsets[-1],)."""
     counts = offsets[1:] - offsets[:-1]

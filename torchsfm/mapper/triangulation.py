@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..cameras.models import project_cameras, unproject_cameras
-from ..data.model import Points3D, Reconstruction, Tracks
+from ..data.model import Points3D, Reconstruction, Tracks, group_pairs
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +93,7 @@ def max_triangulation_angle(centers: Tensor, xyz: Tensor, obs_image: Tensor, obs
 
 def track_observation_pairs(obs_track: Tensor, num_tracks: int) -> tuple[Tensor, Tensor]:
     """All unordered pairs (a < b) of observations of the same track; obs must be sorted by track."""
-    counts = torch.bincount(obs_track, minlength=num_tracks)
-    start = torch.cumsum(counts, 0) - counts
-    npairs = counts * (counts - 1) // 2
-    total = int(npairs.sum())
-    dev = obs_track.device
-    if total == 0:
-        e = torch.zeros(0, dtype=torch.long, device=dev)
-        return e, e
-    trk = torch.repeat_interleave(torch.arange(num_tracks, device=dev), npairs)
-    local = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(npairs, 0) - npairs, npairs)
-    # Invert local = i*(2k-i-1)/2 + (j-i-1) for the pair (i, j), i < j, in a track of length k.
-    k = counts[trk].to(torch.float64)
-    lf = local.to(torch.float64)
-    i = torch.floor(((2 * k - 1) - torch.sqrt((2 * k - 1) ** 2 - 8 * lf)) / 2).long()
-    # guard against floating-point rounding at row boundaries
-    row_start = i * (2 * counts[trk] - i - 1) // 2
-    i = torch.where(row_start > local, i - 1, i)
-    row_start = i * (2 * counts[trk] - i - 1) // 2
-    nxt = (i + 1) * (2 * counts[trk] - i - 2) // 2
-    i = torch.where(nxt <= local, i + 1, i)
-    row_start = i * (2 * counts[trk] - i - 1) // 2
-    j = local - row_start + i + 1
-    return start[trk] + i, start[trk] + j
+    return group_pairs(obs_track, num_tracks)
 
 
 def compact_tracks(rec: Reconstruction, xyz: Tensor, tracks: Tracks, keep_obs: Tensor, keep_point: Tensor,
