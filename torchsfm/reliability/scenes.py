@@ -27,10 +27,11 @@ from ..data.model import (
     Reconstruction,
     Tracks,
     ViewGraph,
+    group_pairs,
     offsets_from_counts,
 )
 from ..geometry import se3, so3
-from ..synthetic import SyntheticOptions, SyntheticScene, _look_at, _track_pairs
+from ..synthetic import SyntheticOptions, SyntheticScene, _look_at
 
 
 def scene_from_geometry(R: Tensor, t: Tensor, X: Tensor, *, width: int = 640, height: int = 480,
@@ -87,7 +88,7 @@ def scene_from_geometry(R: Tensor, t: Tensor, X: Tensor, *, width: int = 640, he
     mk = key_of_point[obs_point]
     srt = torch.sort(mk * N + obs_image, stable=True).indices
     grp = torch.unique_consecutive(mk[srt], return_inverse=True)[1]
-    a, b = _track_pairs(grp, obs_image[srt], int(grp.max()) + 1 if O else 0)
+    a, b = group_pairs(grp, int(grp.max()) + 1 if O else 0)
     a, b = srt[a], srt[b]
     diff = obs_image[a] != obs_image[b]
     a, b = a[diff], b[diff]
