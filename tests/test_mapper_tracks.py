@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from torchsfm.mapper.tracks import TrackOptions, establish_tracks, select_tracks
@@ -45,7 +46,10 @@ def test_noiseless_matches_reproduce_ground_truth_tracks(device):
     assert bool((out.points3D.error == -1).all())
 
 
-def test_outlier_match_merging_two_tracks_is_rejected():
+@pytest.mark.parametrize("split_rounds", [2, 0])
+def test_outlier_match_merging_two_tracks_is_cut_or_rejected(split_rounds):
+    """The wrong match closes no triangle: it is cut and both tracks survive whole; with
+    split_rounds=0 (GLOMAP) the merged component is dropped, losing both tracks."""
     sc = complete_scene(seed=1)
     rec = sc.mapper_input()
     vg, gt = rec.view_graph, sc.gt
@@ -63,12 +67,18 @@ def test_outlier_match_merging_two_tracks_is_rejected():
     vg.matches = torch.cat([vg.matches[:o1], wrong, vg.matches[o1:]])
     vg.match_offsets[e + 1:] += 1
 
-    out, rep = establish_tracks(rec, TrackOptions(min_track_length=2))
-    assert rep.num_inconsistent == 1
-    assert rep.num_tracks == len(gt.points3D) - 2
+    out, rep = establish_tracks(rec, TrackOptions(min_track_length=2, split_rounds=split_rounds))
     found = torch.unique(gt_point_of_observation(sc, out.tracks.image, out.tracks.keypoint))
-    assert not bool(torch.isin(torch.tensor([A, B]), found).any())
-    assert found.numel() == len(gt.points3D) - 2  # every other track intact and pure
+    if split_rounds:
+        assert rep.num_matches_cut == 1 and rep.num_inconsistent == 0
+        assert rep.num_tracks == len(gt.points3D)
+        assert found.numel() == len(gt.points3D)
+        assert len(out.tracks) == len(gt.tracks)  # every observation kept
+    else:
+        assert rep.num_matches_cut == 0 and rep.num_inconsistent == 1
+        assert rep.num_tracks == len(gt.points3D) - 2
+        assert not bool(torch.isin(torch.tensor([A, B]), found).any())
+        assert found.numel() == len(gt.points3D) - 2  # every other track intact and pure
     pure = gt_point_of_observation(sc, out.tracks.image, out.tracks.keypoint)
     per_track = torch.unique(torch.stack([out.tracks.point, pure], 1), dim=0)
     assert per_track.shape[0] == rep.num_tracks

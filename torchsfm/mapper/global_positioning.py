@@ -6,11 +6,20 @@ with one free scale per observation. The scales are eliminated per observation i
 problem by variable projection: at every trial point each scale is set to its optimum
 v.d/|d|^2, clamped to stay positive, and the Jacobians are projected accordingly (the exact
 1x1 Schur complement of the scale blocks). The solver then sees a plain camera/point problem:
-camera blocks are centres (3), eliminated blocks are points (3, Schur). Starts from a seeded
-random layout, as GLOMAP and InstantSfM do.
+camera blocks are centres (3), eliminated blocks are points (3, Schur).
+
+GLOMAP and InstantSfM start BATA from a seeded random layout and need up to 100 LM iterations
+(more on long tracks and forward motion, where it often stops at the cap). By default torchsfm
+starts it from the minimum of a convex problem instead (`init="convex"`), the least-squares
+version of LUD (Ozyesil and Singer) on tracks:
+    min sum_o |X - c_i - d_o v_o|^2   subject to d_o >= 1,
+with the distances d_o eliminated the same way (d_o = max(1, v.(X - c_i))). The constraint
+fixes the scale gauge without a random start, the problem has a single minimum, and Gauss-Newton
+reaches it in a few iterations; BATA then only polishes it. `init="random"` is GLOMAP's start.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -38,6 +47,11 @@ class GlobalPositioningOptions:
     min_track_length: int = 3  # tracks used by positioning (longer ones constrain more)
     max_angle_error: float = 1.0  # degrees: observations whose ray disagrees more are dropped after
     uncalibrated_weight: float = 0.5  # residual weight of images whose camera has no focal prior
+    init: str = "convex"  # convex (LUD-style least squares, see above) | random (GLOMAP)
+    init_trim_rounds: int = 1  # convex start solved again without rays off by > the limit below
+    init_trim_factor: float = 5.0  # limit: this many median ray angles (at least max_angle_error)
+    init_max_iterations: int = 50  # the convex start is solved with `solver`'s options, but these
+    init_function_tolerance: float = 1e-4  # (and least squares: no robust loss)
     solver: SolverOptions = field(default_factory=_gp_solver_defaults)
 
 
@@ -98,6 +112,33 @@ class PositioningProblem:
         return float(torch.sqrt(self.c.square().sum() + self.X.square().sum() + self.s.square().sum()))
 
 
+class ConvexInitProblem(PositioningProblem):
+    """min sum_o w_o^2 |X - c_i - d_o v_o|^2 with d_o = max(1, v.(X - c_i)) (see the module doc).
+
+    Where d_o > 1 the residual is the part of X - c_i across the ray, P_v (X - c_i) (P_v = I -
+    v v^T); where the constraint is active it is X - c_i - v. Both are linear in (c, X), so the
+    problem is a convex piecewise quadratic and the Jacobians are exact.
+    """
+
+    def __init__(self, centers, points, rays_world, cam_index, point_index, weight, fixed_cam):
+        super().__init__(centers, points, rays_world, cam_index, point_index, weight, fixed_cam, 1.0)
+
+    def _optimal_scales(self, c: Tensor, X: Tensor) -> Tensor:  # here: the distances d_o >= 1
+        return ((X[self.point_index] - c[self.cam_index]) * self.v).sum(1).clamp_min(1.0)
+
+    def _parts(self, c: Tensor, X: Tensor, s: Tensor):
+        e = X[self.point_index] - c[self.cam_index]
+        return e, self.w[:, None] * (e - s[:, None] * self.v)
+
+    def linearize(self) -> Linearization:
+        e, r = self._parts(self.c, self.X, self.s)
+        free = (e * self.v).sum(1) > 1.0  # distance not at its bound: projected Jacobian
+        eye = torch.eye(3, dtype=e.dtype, device=e.device)
+        Pm = eye - torch.where(free[:, None, None], self.v[:, :, None] * self.v[:, None, :], torch.zeros_like(eye))
+        Jx = Pm * self.w[:, None, None]
+        return Linearization(r, -Jx, Jx)
+
+
 def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | None = None
                        ) -> tuple[Reconstruction, dict]:
     """Centres and points for the registered images of `rec` (rotations known, `rec.tracks` =
@@ -123,9 +164,34 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     v = (R[obs_image].transpose(1, 2) @ b[:, :, None])[:, :, 0]
     prior = rec.cameras.has_prior_focal_length[rec.images.camera[obs_image]]
     w = torch.where(prior, torch.ones_like(v[:, 0]), torch.full_like(v[:, 0], opt.uncalibrated_weight))
-    gen = torch.Generator().manual_seed(opt.seed)
-    c0 = ((torch.rand(img_ids.numel(), 3, generator=gen, dtype=torch.float64) * 2 - 1) * opt.init_extent).to(dev, dt)
-    X0 = ((torch.rand(trk_ids.numel(), 3, generator=gen, dtype=torch.float64) * 2 - 1) * opt.init_extent).to(dev, dt)
+    init_iterations = 0
+    if opt.init == "convex":
+        z = lambda n: torch.zeros(n, 3, dtype=dt, device=dev)  # noqa: E731
+        c0, X0 = z(img_ids.numel()), z(trk_ids.numel())
+        init_solver = dataclasses.replace(opt.solver, loss="trivial", max_iterations=opt.init_max_iterations,
+                                          function_tolerance=opt.init_function_tolerance,
+                                          initial_trust_region_radius=1e6, callback=None)
+        wi = w
+        for rnd in range(1 + opt.init_trim_rounds):
+            init = ConvexInitProblem(c0, X0, v, cam_index, point_index, wi, fixed_cam=0)
+            init_summary = solve(init, init_solver)
+            log.info("global positioning, convex start %d: %s", rnd + 1, init_summary.brief())
+            c0, X0, init_iterations = init.c, init.X, init_iterations + init_summary.iterations
+            if rnd == opt.init_trim_rounds:
+                break
+            # least squares follows outliers: drop the rays far off the fit (by angle, which does
+            # not grow with depth as the residual does) and solve again from here
+            d = X0[point_index] - c0[cam_index]
+            ang = torch.rad2deg(torch.acos(((v * d).sum(1) / d.norm(dim=1).clamp_min(1e-300)).clamp(-1, 1)))
+            lim = max(opt.max_angle_error, opt.init_trim_factor * float(ang[wi > 0].median()))
+            wi = torch.where(ang > lim, torch.zeros_like(w), w)
+        w = wi  # trimmed rays stay out of BATA too (the angle filter below drops them)
+    elif opt.init == "random":
+        gen = torch.Generator().manual_seed(opt.seed)
+        c0 = ((torch.rand(img_ids.numel(), 3, generator=gen, dtype=torch.float64) * 2 - 1) * opt.init_extent).to(dev, dt)
+        X0 = ((torch.rand(trk_ids.numel(), 3, generator=gen, dtype=torch.float64) * 2 - 1) * opt.init_extent).to(dev, dt)
+    else:
+        raise ValueError(f"global positioning: init must be 'convex' or 'random', not {opt.init!r}")
     problem = PositioningProblem(c0, X0, v, cam_index, point_index, w, fixed_cam=0, min_scale=opt.min_scale)
     summary = solve(problem, opt.solver)
     log.info("global positioning: %s", summary.brief())
@@ -151,5 +217,5 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     out = Reconstruction(rec.cameras, images, rec.keypoints, pts, tracks, rec.view_graph, dict(rec.meta))
     counts = {"images": int(img_ids.numel()), "points": n, "observations": int(good.sum()),
               "observations_dropped": int((~good).sum()), "initial_cost": summary.initial_cost,
-              "final_cost": summary.final_cost, "iterations": summary.iterations, "termination": summary.termination}
+              "final_cost": summary.final_cost, "init_iterations": init_iterations, "iterations": summary.iterations, "termination": summary.termination}
     return out, counts

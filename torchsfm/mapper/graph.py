@@ -2,6 +2,8 @@
 
 - `connected_components`: label propagation with pointer jumping in torch (any device, no loop
   over nodes or edges); it also builds tracks from millions of matches.
+- `edge_triangle_support`: common neighbours of the two ends of each edge (a merge test), and
+  `certified_support`, its cheap MinHash prefilter.
 - `largest_component`: node mask of the component with the most nodes.
 - `maximum_spanning_tree`: scipy on the CPU (spanning tree + breadth-first rooting). The graph
   has a node per image and an edge per pair, so the host round trip is small; `compose_along_tree`
@@ -64,6 +66,69 @@ def connected_components(num_nodes: int, edges: Tensor, mask: Tensor | None = No
         a, b = a[live], b[live]
         if a.numel() == 0:
             return f
+
+
+def certified_support(num_nodes: int, edges: Tensor, query: Tensor, at_least: int, num_hashes: int = 8,
+                      seed: int = 0) -> Tensor:
+    """Bool (Q,): queried edges proven to have at least `at_least` common neighbours, by MinHash.
+
+    For each of `num_hashes` random orders of the nodes, every node keeps the first of its
+    neighbours. When both ends of an edge keep the same node, that node is a common neighbour
+    (never one of the two ends: no node is its own neighbour). So the test has no false
+    positives; an edge it cannot certify goes to the exact count (`edge_triangle_support`). For
+    an edge inside a densely matched track nearly every order certifies it, in O(num_hashes * E)
+    with no walk over neighbours.
+    """
+    device = edges.device
+    g = torch.Generator().manual_seed(seed)
+    a, b = edges[:, 0], edges[:, 1]
+    u, v = a[query], b[query]
+    common = torch.full((query.numel(), num_hashes), -1, dtype=torch.long, device=device)
+    for k in range(num_hashes):
+        order = torch.randperm(num_nodes, generator=g).to(device)  # order[node] = rank
+        first = torch.full((num_nodes,), num_nodes, dtype=torch.long, device=device)
+        first.scatter_reduce_(0, a, order[b], "amin").scatter_reduce_(0, b, order[a], "amin")
+        same = (first[u] == first[v]) & (first[u] < num_nodes)
+        common[:, k] = torch.where(same, first[u], common[:, k])  # a rank identifies the node
+    srt = torch.sort(common, dim=1).values
+    distinct = (srt >= 0) & torch.cat([torch.ones_like(srt[:, :1], dtype=torch.bool), srt[:, 1:] != srt[:, :-1]], 1)
+    return distinct.sum(1) >= at_least
+
+
+def edge_triangle_support(num_nodes: int, edges: Tensor, query: Tensor, chunk: int = 1 << 22) -> Tensor:
+    """For each queried edge (u, v), the number of nodes adjacent to both u and v (int64 (Q,)).
+
+    edges (E, 2) is the undirected graph (duplicates and both orientations allowed); query (Q,)
+    indexes rows of `edges`. Each query walks the neighbours of its lower-degree end and looks
+    the closing edge up in the sorted adjacency keys, in chunks of at most `chunk` lookups. An
+    edge that merges two tracks by mistake closes no triangle, one inside a track closes many.
+    """
+    device = edges.device
+    a, b = edges[:, 0], edges[:, 1]
+    keys = torch.unique(torch.cat([a * num_nodes + b, b * num_nodes + a]))  # sorted, no duplicates
+    src, dst = keys // num_nodes, keys % num_nodes
+    deg = torch.bincount(src, minlength=num_nodes)
+    start = torch.cumsum(deg, 0) - deg
+    u, v = a[query], b[query]
+    swap = deg[u] > deg[v]
+    u, v = torch.where(swap, v, u), torch.where(swap, u, v)
+    support = torch.zeros(query.numel(), dtype=torch.long, device=device)
+    n = deg[u]
+    ends = torch.cumsum(n, 0)
+    q0 = 0
+    while q0 < query.numel():  # chunks of queries whose neighbour lists fit in `chunk` lookups
+        base = int(ends[q0 - 1]) if q0 else 0
+        q1 = max(q0 + 1, int(torch.searchsorted(ends, torch.tensor(base + chunk, device=device), right=True)))
+        q1 = min(q1, query.numel())
+        rep = torch.repeat_interleave(torch.arange(q0, q1, device=device), n[q0:q1])
+        if rep.numel():
+            k = torch.arange(rep.numel(), device=device) - (ends[rep] - n[rep] - base)
+            w = dst[start[u[rep]] + k]
+            look = w * num_nodes + v[rep]
+            pos = torch.searchsorted(keys, look).clamp_max(keys.numel() - 1)
+            support.index_add_(0, rep, (keys[pos] == look).to(torch.long))
+        q0 = q1
+    return support
 
 
 def largest_component(num_nodes: int, edges: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

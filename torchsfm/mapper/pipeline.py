@@ -76,6 +76,7 @@ class MapperOptions:
     refine_principal_point: str = "auto"  # auto | always | never (see _principal_point_step)
     min_images_for_principal_point: int = 10
     principal_point_min_gain: float = 10.0  # likelihood-ratio threshold per freed parameter
+    principal_point_min_relative_gain: float = 0.01  # and the BA cost must fall by this fraction
     max_principal_point_offset: float = 0.2
     normalize_extent: float = 10.0  # scene scaled so that the 10-90% camera box has this diagonal
     # a stage giving non-finite values for more than this share of the images is an error
@@ -349,9 +350,13 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
     "auto" frees them only when every camera is seen by enough registered images, and keeps the
     result only when it is significant: on the same observations, the cost decrease must pass a
     likelihood-ratio test (2 dC / sigma^2 > principal_point_min_gain per freed parameter, sigma^2
-    estimated from the residuals) and the principal points must stay near the image centre. On
-    a ring fixating one point, a principal-point shift is nearly a rotation of every camera, so
-    an untested refinement there trades pose accuracy for noise.
+    estimated from the residuals), the cost must also fall by `principal_point_min_relative_gain`,
+    and the principal points must stay near the image centre. On a ring fixating one point, a
+    principal-point shift is nearly a rotation of every camera, so an untested refinement there
+    trades pose accuracy for noise. The relative test is needed because the likelihood ratio
+    assumes a perfect model: on synthetic rings with a centred principal point, a few surviving
+    wrong matches make it 20-150 (cost -0.03% to -0.2%) and cost up to 0.2 deg of rotation, while
+    the real offsets of templeRing, DTU and kitchen lower the cost by 5-7%.
     """
     opt, report, dev = run.opt, run.report, run.dev
     mode = opt.refine_principal_point
@@ -375,9 +380,11 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
         stat = 2 * (summary.initial_cost - summary.final_cost) / sigma2
         k = 2 * int(used.sum())
         plausible = _principal_point_ok(pp, opt.max_principal_point_offset)
-        accept = mode == "always" or (stat > opt.principal_point_min_gain * k and plausible)
+        gain = 1 - summary.final_cost / max(summary.initial_cost, 1e-300)
+        accept = mode == "always" or (stat > opt.principal_point_min_gain * k and plausible
+                                      and gain >= opt.principal_point_min_relative_gain)
         st.counts.update({"initial_cost": summary.initial_cost, "final_cost": summary.final_cost,
-                          "likelihood_ratio": stat, "parameters": k, "plausible": plausible, "accepted": accept})
+                          "likelihood_ratio": stat, "relative_gain": gain, "parameters": k, "plausible": plausible, "accepted": accept})
     report.summary["principal_point_refined"] = accept
     if not accept:
         return out

@@ -1,13 +1,21 @@
 """Relative poses of all valid pairs, from their matches, with the current intrinsics.
 
 Keypoints of every match are unprojected at once (`unproject_cameras`, so distortion is
-removed for every supported model) and rescaled by each camera's mean focal length, giving
-undistorted "pixels" about the principal point. Each pair then runs PoseLib's essential-matrix
-LO-RANSAC with non-linear refinement (`estimate_relative_pose` with PINHOLE(f, f, 0, 0)
-cameras, so `max_epipolar_error` is in pixels as in GLOMAP). PoseLib releases the GIL, so the
-pairs run on a thread pool; the per-pair Python work is only slicing and dispatch.
+removed for every supported model). Two ways to a pose, per pair:
 
-A batched torch 5-point/8-point RANSAC would keep this stage on the GPU; it is not written yet.
+- `init="database"` (default): the verified two-view geometry already holds a pose (COLMAP
+  computes it from E, F or H when it verifies the matches). All those poses are refined at once
+  in torch with the current intrinsics (`geometry.epipolar.refine_relative_poses`: batched
+  Levenberg-Marquardt on the Sampson error, Cauchy loss), and a pair keeps the result when at
+  least `min_refined_inlier_ratio` of its matches lie within `max_epipolar_error`. That is one
+  pass over all matches per iteration, on the CPU or GPU, instead of a RANSAC per pair; it also
+  keeps COLMAP's homography-based poses of planar pairs, which an essential-matrix RANSAC on
+  the same matches gets wrong.
+- PoseLib's essential-matrix LO-RANSAC with non-linear refinement, for the other pairs (no
+  stored pose, or the refined one explains too few matches) and for every pair with
+  `init="ransac"` (GLOMAP's way). Coordinates are rescaled by each camera's mean focal length
+  and given to PoseLib with PINHOLE(f, f, 0, 0) cameras, so `max_epipolar_error` is in pixels as
+  in GLOMAP. PoseLib releases the GIL, so the pairs run on a thread pool.
 
 Filters (GLOMAP's): at least `min_num_inliers` inliers and an inlier ratio of at least
 `min_inlier_ratio`. Then only the largest connected component of the surviving pairs is kept.
@@ -25,8 +33,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..cameras.models import focal_length, unproject_cameras
-from ..data.model import Reconstruction, offsets_from_counts
+from ..data.model import (
+    TWO_VIEW_CALIBRATED,
+    TWO_VIEW_PLANAR,
+    TWO_VIEW_PLANAR_OR_PANORAMIC,
+    TWO_VIEW_UNCALIBRATED,
+    Reconstruction,
+    offsets_from_counts,
+)
 from ..geometry import so3
+from ..geometry.epipolar import refine_relative_poses, sampson_error
 from .graph import (
     REASON_COMPONENT,
     REASON_NO_PAIRS,
@@ -48,10 +64,17 @@ PAIR_FEW_INLIERS = 4
 PAIR_LOW_RATIO = 5
 PAIR_OUTSIDE_COMPONENT = 6
 
+# configurations whose stored pose COLMAP derived from E, F or H (panoramic ones have no baseline)
+_POSED_CONFIGS = (TWO_VIEW_CALIBRATED, TWO_VIEW_UNCALIBRATED, TWO_VIEW_PLANAR, TWO_VIEW_PLANAR_OR_PANORAMIC)
+
 
 @dataclass
 class RelativePoseOptions:
     max_epipolar_error: float = 1.0  # pixels (undistorted, at each camera's mean focal length)
+    init: str = "database"  # database (refine the stored two-view pose) | ransac (PoseLib for all)
+    refine_iterations: int = 6  # batched LM iterations of the database poses
+    refine_max_matches: int = 256  # per pair, evenly spread (the inliers are counted over all)
+    min_refined_inlier_ratio: float = 0.8  # below: the pair falls back to RANSAC
     min_iterations: int = 100
     max_iterations: int = 10000
     success_prob: float = 0.9999
@@ -74,6 +97,8 @@ class RelativePoseReport:
     num_inliers: Tensor | None = None  # (E,) -1 where not estimated
     inlier_ratio: Tensor | None = None  # (E,) NaN where not estimated
 
+    num_refined: int = 0  # pairs whose stored pose was refined and kept (no RANSAC)
+
     def counts(self) -> dict:
         names = ["ok", "not_estimated", "too_few_matches", "failed", "few_inliers", "low_ratio", "outside_component"]
         c = torch.bincount(self.status.cpu(), minlength=len(names)).tolist()
@@ -82,6 +107,63 @@ class RelativePoseReport:
 
 def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _refine_stored_poses(vg, valid_in: Tensor, pms: Tensor, xn: list[Tensor], fm: list[Tensor], finite: Tensor,
+                         options: RelativePoseOptions) -> dict:
+    """Check, and where needed refine, the stored poses of the valid pairs that have one, all at once; returns
+    {pair: (PAIR_OK, quat, trans, inlier mask over the pair's matches)} for the pairs that keep
+    the refined pose (enough inliers), so that only the others go to RANSAC."""
+    if options.init == "ransac":
+        return {}
+    if options.init != "database":
+        raise ValueError(f"relative poses: init must be 'database' or 'ransac', not {options.init!r}")
+    tn = vg.rel_trans.norm(dim=1)
+    posed = valid_in & torch.isin(vg.config, torch.tensor(_POSED_CONFIGS, device=vg.config.device))
+    posed &= (tn > 0) & torch.isfinite(vg.rel_quat).all(1) & torch.isfinite(tn)
+    if not bool(posed.any()):
+        return {}
+    ids = torch.nonzero(posed, as_tuple=True)[0]
+    local = torch.full((len(vg),), -1, dtype=torch.long, device=ids.device)
+    local[ids] = torch.arange(ids.numel(), device=ids.device)
+    R = so3.quat_to_matrix(so3.quat_normalize(vg.rel_quat[ids]))
+    t = vg.rel_trans[ids] / tn[ids, None]
+    thr = options.max_epipolar_error
+
+    def count_inliers(pairs: Tensor, r: Tensor, sel: Tensor) -> tuple[Tensor, Tensor]:
+        inlier = torch.zeros(pms.numel(), dtype=torch.bool, device=pms.device)
+        inlier[sel] = r.abs() <= thr
+        n_in = torch.zeros(len(vg), dtype=torch.long, device=pms.device).index_add_(0, pms, inlier.to(torch.long))
+        return inlier, pairs & (n_in >= options.min_refined_inlier_ratio * vg.num_matches())
+
+    # The stored pose as it is (one pass over the matches); refine only the pairs it does not
+    # explain, typically those whose intrinsics view-graph calibration changed.
+    sel = posed[pms] & finite
+    Em = so3.skew(t) @ R
+    inlier, keep = count_inliers(posed, sampson_error(xn[0][sel], xn[1][sel], Em[local[pms[sel]]], fm[0][sel],
+                                                      fm[1][sel]), sel)
+    redo = posed & ~keep
+    if bool(redo.any()) and options.refine_iterations > 0:
+        sub = redo[ids]
+        sel2 = redo[pms] & finite
+        loc2 = torch.cumsum(sub.to(torch.long), 0) - 1
+        R2, t2, r2 = refine_relative_poses(xn[0][sel2], xn[1][sel2], loc2[local[pms[sel2]]], R[sub], t[sub],
+                                           fm[0][sel2], fm[1][sel2], thr, options.refine_iterations,
+                                           options.refine_max_matches)
+        R, t = R.clone(), t.clone()
+        R[sub], t[sub] = R2, t2
+        inlier2, keep2 = count_inliers(redo, r2, sel2)
+        inlier = torch.where(redo[pms], inlier2, inlier)
+        keep = keep | keep2
+    q = so3.matrix_to_quat(R).detach().cpu().to(torch.float64).numpy()
+    tt = t.detach().cpu().to(torch.float64).numpy()
+    inl = inlier.cpu().numpy()
+    # matches of valid pairs are contiguous per pair (sorted by pair): slice by pair offsets
+    starts = torch.searchsorted(pms, torch.arange(len(vg), device=pms.device)).cpu().numpy()
+    ends = torch.searchsorted(pms, torch.arange(len(vg), device=pms.device), right=True).cpu().numpy()
+    loc = local.cpu().numpy()
+    return {int(e): (PAIR_OK, q[loc[e]], tt[loc[e]], inl[starts[e]:ends[e]])
+            for e in torch.nonzero(keep, as_tuple=True)[0].tolist()}
 
 
 def estimate_relative_poses(
@@ -112,20 +194,22 @@ def estimate_relative_poses(
     use = valid_in[pm]
     sel = torch.nonzero(use, as_tuple=True)[0]
     m, pms = vg.matches[sel], pm[sel]
-    coords = []
+    xn, fm = [], []
     for side in (0, 1):
         img = vg.pairs[pms, side]
         cam = images.camera[img]
         uv = kp.xy[kp.offsets[img] + m[:, side]]
-        coords.append(unproject_cameras(cams, cam, uv) * focal_length(cams)[cam][:, None])
-    x1 = coords[0].detach().cpu().numpy().astype(np.float64)
-    x2 = coords[1].detach().cpu().numpy().astype(np.float64)
+        xn.append(unproject_cameras(cams, cam, uv))
+        fm.append(focal_length(cams)[cam])
+    x1 = (xn[0] * fm[0][:, None]).detach().cpu().numpy().astype(np.float64)
+    x2 = (xn[1] * fm[1][:, None]).detach().cpu().numpy().astype(np.float64)
     finite = np.isfinite(x1).all(1) & np.isfinite(x2).all(1)
     f_img = focal_length(cams)[images.camera].detach().cpu().numpy().astype(np.float64)
     counts = vg.num_matches()[valid_in].cpu().numpy()
     starts = np.concatenate([[0], np.cumsum(counts)])
     pair_ids = torch.nonzero(valid_in, as_tuple=True)[0].cpu().numpy()
     pairs_np = vg.pairs.cpu().numpy()
+    refined = _refine_stored_poses(vg, valid_in, pms, xn, fm, torch.from_numpy(finite).to(device), options)
 
     ransac = {
         "max_epipolar_error": float(options.max_epipolar_error),
@@ -138,6 +222,8 @@ def estimate_relative_poses(
     def solve(k: int):
         e = int(pair_ids[k])
         s0, s1 = starts[k], starts[k + 1]
+        if e in refined:
+            return refined[e]
         fin = finite[s0:s1]
         if int(fin.sum()) < max(options.min_num_inliers, 5):
             return PAIR_TOO_FEW_MATCHES, None, None, None
@@ -185,6 +271,7 @@ def estimate_relative_poses(
             if options.keep_inlier_matches_only:
                 keep_match[sel_np[starts[k]:starts[k + 1]]] = inl
 
+    report.num_refined = len(refined)
     ok = (status == PAIR_OK).to(device)
     vg.rel_quat = so3.quat_normalize(new_q.to(device=device, dtype=dtype))
     vg.rel_trans = new_t.to(device=device, dtype=dtype)
