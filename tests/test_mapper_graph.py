@@ -107,3 +107,27 @@ def test_image_reasons_first_wins_and_copy_on_write():
     assert meta["image_reason"] == [REASON_COMPONENT, "", "", ""]
     assert shared["image_reason"] == [REASON_COMPONENT, "other", "", ""]
     assert active_images(shared, 4).tolist() == [False, False, True, True]
+
+
+def test_edge_triangle_support_known_answer_and_chunking():
+    from torchsfm.mapper.graph import certified_support, edge_triangle_support
+
+    # a square 0-1-2-3 with the diagonal 0-2, a pendant edge 3-4 and a duplicate of 0-1
+    edges = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [3, 4], [1, 0]])
+    expect = torch.tensor([1, 1, 1, 1, 2, 0, 1])
+    q = torch.arange(edges.shape[0])
+    assert torch.equal(edge_triangle_support(5, edges, q), expect)
+    assert torch.equal(edge_triangle_support(5, edges, q, chunk=1), expect)
+    # MinHash never certifies more than there is
+    for k in (1, 2, 3):
+        assert not bool((certified_support(5, edges, q, k) & (expect < k)).any())
+
+
+def test_certified_support_proves_dense_cliques():
+    from torchsfm.mapper.graph import certified_support
+
+    n = 12
+    i, j = torch.triu_indices(n, n, 1)
+    edges = torch.stack([i, j], 1)
+    q = torch.arange(edges.shape[0])
+    assert bool(certified_support(n, edges, q, 2).all())  # every edge closes 10 triangles

@@ -124,3 +124,28 @@ def test_inlier_ratio_threshold(ratio, expect):
     attempted = rep.status != PAIR_TOO_FEW_MATCHES
     assert int(attempted.sum()) >= 5
     assert bool((rep.status[attempted] == expect).all())
+
+
+def test_stored_poses_are_kept_refined_or_replaced_by_ransac():
+    """init="database": exact stored poses are kept as they are, wrong ones (3 deg) are refined in
+    the batch, and a pose that explains nothing (60 deg) goes to RANSAC; all end at the truth."""
+    sc = synthesize(SyntheticOptions(num_images=10, num_points=600, layout="ring", seed=5))
+    rec = sc.mapper_input()
+    vg = rec.view_graph
+    R_gt, t_gt = gt_relative(sc)
+    E = len(vg)
+    g = torch.Generator().manual_seed(0)
+    axis = torch.nn.functional.normalize(torch.randn(E, 3, generator=g, dtype=torch.float64), dim=1)
+    angle = torch.zeros(E, dtype=torch.float64)
+    angle[E // 3: 2 * E // 3] = torch.deg2rad(torch.tensor(3.0))  # refined
+    angle[2 * E // 3:] = torch.deg2rad(torch.tensor(60.0))  # hopeless: RANSAC
+    vg.rel_quat = so3.matrix_to_quat(so3.exp(angle[:, None] * axis) @ so3.quat_to_matrix(vg.rel_quat))
+    out, rep = estimate_relative_poses(rec, OPTS)
+    ok = rep.status == PAIR_OK
+    assert torch.equal(ok, vg.num_matches() >= 30)  # every pair with enough matches
+    rot, tra = errors(out, R_gt, t_gt)
+    assert float(rot[ok].max()) < 0.05 and float(tra[ok].max()) < 0.05
+    assert float(rot[ok & (angle > 0) & (angle < 1)].max()) < 1e-3  # refined to the truth
+    assert rep.num_refined >= E // 3  # at least the exact ones skip RANSAC
+    _, rep_r = estimate_relative_poses(rec, RelativePoseOptions(num_threads=2, progress=False, init="ransac"))
+    assert rep_r.num_refined == 0 and torch.equal(rep_r.status == PAIR_OK, ok)

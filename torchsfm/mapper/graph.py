@@ -89,7 +89,9 @@ def certified_support(num_nodes: int, edges: Tensor, query: Tensor, at_least: in
         first = torch.full((num_nodes,), num_nodes, dtype=torch.long, device=device)
         first.scatter_reduce_(0, a, order[b], "amin").scatter_reduce_(0, b, order[a], "amin")
         same = (first[u] == first[v]) & (first[u] < num_nodes)
-        common[:, k] = torch.where(same, first[u], common[:, k])  # a rank identifies the node
+        node = torch.empty_like(order)
+        node[order] = torch.arange(num_nodes, device=device)  # rank -> node
+        common[:, k] = torch.where(same, node[first[u].clamp_max(num_nodes - 1)], common[:, k])
     srt = torch.sort(common, dim=1).values
     distinct = (srt >= 0) & torch.cat([torch.ones_like(srt[:, :1], dtype=torch.bool), srt[:, 1:] != srt[:, :-1]], 1)
     return distinct.sum(1) >= at_least
