@@ -109,10 +109,6 @@ def refine_relative_poses(x1: Tensor, x2: Tensor, pair: Tensor, R: Tensor, t: Te
 
     p = torch.cat([x1, x2], 1).T.contiguous()  # (4, M)
 
-    def essential(delta: Tensor) -> Tensor:  # per pair, at the tangent step delta from (R, t)
-        Rn, tn = _update(R, t, delta)
-        return so3.skew(tn) @ Rn
-
     def residual(Rp: Tensor, tp: Tensor) -> Tensor:
         num, _, den = _sampson_parts(p, _soa(so3.skew(tp) @ Rp, pair), f1, f2)
         return num / den.sqrt()
@@ -124,16 +120,15 @@ def refine_relative_poses(x1: Tensor, x2: Tensor, pair: Tensor, R: Tensor, t: Te
     cost = pair_cost(r)
     lam = torch.full((num_pairs,), 1e-4, dtype=dt, device=dev)
     for _ in range(iterations):
-        # dE/d(delta_k) per pair by forward differentiation (E pairs, cheap), then the chain rule
-        # through the Sampson error per match in closed form
+        # dE/d(delta_k) per pair in closed form at delta = 0 (R' = exp(w) R, t' = t + B tau
+        # normalised, B orthogonal to t): [t]x [e_k]x R for the rotation, [B_k]x R for the
+        # translation; then the chain rule through the Sampson error per match
         Em = _soa(so3.skew(t) @ R, pair)
-        zero = torch.zeros(num_pairs, 5, dtype=dt, device=dev)
-        cols = []
-        for k in range(5):
-            d = torch.zeros(num_pairs, 5, dtype=dt, device=dev)
-            d[:, k] = 1
-            dE = torch.func.jvp(essential, (zero,), (d,))[1]
-            cols.append(_sampson_jacobian(p, Em, _soa(dE, pair), f1, f2))
+        eye = torch.eye(3, dtype=dt, device=dev)
+        B = _tangent_basis(t)
+        dEs = [so3.skew(t) @ so3.skew(eye[k].expand(num_pairs, 3)) @ R for k in range(3)]
+        dEs += [so3.skew(B[:, :, k]) @ R for k in range(2)]
+        cols = [_sampson_jacobian(p, Em, _soa(dE, pair), f1, f2) for dE in dEs]
         w = 1.0 / (1.0 + r.square() / c2)  # IRLS weight of the Cauchy loss
         wJ = [w * c for c in cols]
         prods = torch.stack([wJ[a] * cols[b] for a, b in _UPPER] + [wj * r for wj in wJ])  # (15 + 5, M)

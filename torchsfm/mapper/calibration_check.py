@@ -53,7 +53,9 @@ def check_calibration(before: Reconstruction, after: Reconstruction, options: Ca
         return after, report
     sample = torch.zeros_like(valid)
     sample[torch.topk(n, k).indices] = True
-    rp = RelativePoseOptions(max_iterations=opt.max_iterations, min_num_inliers=0, min_inlier_ratio=0.0,
+    # RANSAC for both: the stored poses were estimated with the initial intrinsics, so refining
+    # them would favour whichever focal is closer to those
+    rp = RelativePoseOptions(init="ransac", max_iterations=opt.max_iterations, min_num_inliers=0, min_inlier_ratio=0.0,
                              keep_inlier_matches_only=False, keep_largest_component=False, progress=False)
     inliers = []
     for rec in (before, after):

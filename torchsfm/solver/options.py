@@ -40,7 +40,7 @@ class SolverOptions:
     dense_max_size: int | None = None  # default: 2000 on the CPU, 12000 on CUDA
     sparse_max_size: int = 20000
     explicit_max_pairs: int = 100_000_000  # beyond: implicit PCG (pair indices take 8 bytes/pair)
-    explicit_max_pairs_per_observation: float = 8.0  # beyond (long tracks): implicit PCG at any size
+    explicit_max_pairs_per_observation: float = 16.0  # beyond (long tracks): implicit PCG at any size
     pcg_eta: float = 0.01  # Nash-Sofer forcing; 0.1 (Ceres' default) stalled on Ladybug-73
     pcg_max_iterations: int = 200
     pcg_min_iterations: int = 1
