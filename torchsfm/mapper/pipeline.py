@@ -306,29 +306,40 @@ def _positioning_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstructio
     return rec
 
 
+_UNCHANGED = "unchanged_since_converged_ba"  # meta flag: the next BA round would not move anything
+_CONVERGED = ("function_tolerance", "gradient_tolerance", "parameter_tolerance")
+
+
 def _ba_step(k: int, prefix: str):
     def step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
         opt = run.opt
         thr = opt.ba_round_max_reprojection[k]
+        converged = {}
         with run.report.stage(f"{tag}{prefix}bundle_adjustment_{k + 1}", run.dev) as st:
-            def ba(r, o):
-                with solver_progress(o.bundle_adjustment, st.name) as bao:
-                    out, summary = bundle_adjust(r, bao)
-                st.counts.update({"initial_cost": summary.initial_cost, "final_cost": summary.final_cost,
-                                  "iterations": summary.iterations, "termination": summary.termination})
-                return out
+            if rec.meta.pop(_UNCHANGED, False):  # the last BA converged and its filter removed nothing
+                st.counts["skipped"] = "unchanged since the last converged bundle adjustment"
+            else:
+                def ba(r, o):
+                    with solver_progress(o.bundle_adjustment, st.name) as bao:
+                        out, summary = bundle_adjust(r, bao)
+                    st.counts.update({"initial_cost": summary.initial_cost, "final_cost": summary.final_cost,
+                                      "iterations": summary.iterations, "termination": summary.termination})
+                    converged["yes"] = summary.termination in _CONVERGED
+                    return out
 
-            rec = run.solve(st, ba, rec)
-        rec = run.check(rec, "bundle adjustment")
+                rec = run.check(run.solve(st, ba, rec), "bundle adjustment")
         with run.report.stage(f"{tag}{prefix}filter_{k + 1}", run.dev) as st:
             rec, counts = filter_reconstruction(rec, FilterOptions(thr, opt.min_triangulation_angle, 2))
             st.counts.update(counts)
+        if converged and counts.get("observations_removed", 1) == 0 and counts.get("points_removed", 1) == 0:
+            rec.meta[_UNCHANGED] = True
         return rec
 
     return step
 
 
 def _retriangulation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    rec.meta.pop(_UNCHANGED, None)
     with run.report.stage(f"{tag}retriangulation", run.dev) as st:
         # all tracks again (length >= 2 now), triangulated from the adjusted poses
         tracked, _ = establish_tracks(rec, run.opt.retriangulation_tracks)
