@@ -327,7 +327,8 @@ def _ba_step(k: int, prefix: str):
                     converged["yes"] = summary.termination in _CONVERGED
                     return out
 
-                rec = run.check(run.solve(st, ba, rec), "bundle adjustment")
+                rec = run.solve(st, ba, rec)
+        rec = run.check(rec, "bundle adjustment")  # after the stage closes: its warnings go to it
         with run.report.stage(f"{tag}{prefix}filter_{k + 1}", run.dev) as st:
             rec, counts = filter_reconstruction(rec, FilterOptions(thr, opt.min_triangulation_angle, 2))
             st.counts.update(counts)
