@@ -2,7 +2,8 @@
 import torch
 
 from torchsfm.geometry import so3
-from torchsfm.geometry.epipolar import _sampson_jacobian, _soa, refine_relative_poses, sampson_error, spread_subset
+from torchsfm.data.model import spread_subset
+from torchsfm.geometry.epipolar import _sampson_jacobian, _soa, refine_relative_poses, sampson_error
 
 
 def two_view(num_pairs=6, per_pair=80, seed=0, noise_px=0.0, f=800.0):

@@ -86,6 +86,16 @@ def group_pairs(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def spread_subset(group: Tensor, num_groups: int, max_per_group: int) -> Tensor:
+    """Bool mask keeping at most about `max_per_group` items of each group, evenly strided
+    (so a track keeps its first and far-apart views); `group` (M,) must be sorted."""
+    count = torch.bincount(group, minlength=num_groups)
+    start = torch.cumsum(count, 0) - count
+    rank = torch.arange(group.numel(), device=group.device) - start[group]
+    stride = (count + max_per_group - 1) // max_per_group
+    return rank % stride.clamp_min(1)[group] == 0
+
+
 def rows_of(offsets: Tensor) -> Tensor:
     """For CSR offsets (N+1,), the row index of every item (offsets[-1],)."""
     counts = offsets[1:] - offsets[:-1]

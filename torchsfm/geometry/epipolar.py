@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..data.model import spread_subset
 from . import so3
 
 
@@ -73,16 +74,6 @@ def _update(R: Tensor, t: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     Rn = so3.exp(delta[:, :3]) @ R
     tn = t + (_tangent_basis(t) @ delta[:, 3:, None])[:, :, 0]
     return Rn, tn / tn.norm(dim=1, keepdim=True)
-
-
-def spread_subset(group: Tensor, num_groups: int, max_per_group: int) -> Tensor:
-    """Bool mask keeping at most about `max_per_group` items of each group, evenly strided;
-    `group` (M,) must be sorted."""
-    count = torch.bincount(group, minlength=num_groups)
-    start = torch.cumsum(count, 0) - count
-    rank = torch.arange(group.numel(), device=group.device) - start[group]
-    stride = (count + max_per_group - 1) // max_per_group
-    return rank % stride.clamp_min(1)[group] == 0
 
 
 def refine_relative_poses(x1: Tensor, x2: Tensor, pair: Tensor, R: Tensor, t: Tensor, f1: Tensor, f2: Tensor,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..data.model import Points3D, Reconstruction
+from ..data.model import Points3D, Reconstruction, spread_subset
 from ..solver.options import SolverOptions
 from ..solver.problem import Linearization, Step, compact_param_map
 from .triangulation import bearings
@@ -48,6 +48,8 @@ class GlobalPositioningOptions:
     max_angle_error: float = 1.0  # degrees: observations whose ray disagrees more are dropped after
     uncalibrated_weight: float = 0.5  # residual weight of images whose camera has no focal prior
     init: str = "convex"  # convex (LUD-style least squares, see above) | random (GLOMAP)
+    max_observations_per_track: int | None = 12  # evenly spread subset solved on (None: all)
+    min_observations_per_image: int = 30  # an image with fewer in the subset keeps all of its own
     init_trim_rounds: int = 1  # convex start solved again without rays off by > the limit below
     init_trim_factor: float = 5.0  # limit: this many median ray angles (at least max_angle_error)
     init_max_iterations: int = 50  # the convex start is solved with `solver`'s options, but these
@@ -164,6 +166,17 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     v = (R[obs_image].transpose(1, 2) @ b[:, :, None])[:, :, 0]
     prior = rec.cameras.has_prior_focal_length[rec.images.camera[obs_image]]
     w = torch.where(prior, torch.ones_like(v[:, 0]), torch.full_like(v[:, 0], opt.uncalibrated_weight))
+    # Long tracks add Schur pairs quadratically but constrain positions little beyond a few
+    # well-spread views: the problem sees at most max_observations_per_track of each track (all
+    # of an image's when it would keep too few); every observation is checked afterwards.
+    use = torch.ones_like(point_index, dtype=torch.bool)
+    if opt.max_observations_per_track:
+        use = spread_subset(point_index, trk_ids.numel(), opt.max_observations_per_track)
+        few = torch.bincount(cam_index[use], minlength=img_ids.numel()) < opt.min_observations_per_image
+        use |= few[cam_index]
+    full = (v, cam_index, point_index, w)
+    if not bool(use.all()):
+        v, cam_index, point_index, w = (x[use] for x in full)
     init_iterations = 0
     if opt.init == "convex":
         z = lambda n: torch.zeros(n, 3, dtype=dt, device=dev)  # noqa: E731
@@ -202,7 +215,8 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     images.trans = -(R @ centers[:, :, None])[:, :, 0]
     images.registered = torch.zeros_like(reg)
     images.registered[img_ids] = True
-    # drop observations whose ray disagrees with the solved geometry
+    # drop observations whose ray disagrees with the solved geometry (all, not only those solved on)
+    v, cam_index, point_index, w = full
     d = problem.X[point_index] - problem.c[cam_index]
     cosang = (v * d).sum(1) / d.norm(dim=1).clamp_min(1e-300)
     good = cosang >= torch.cos(torch.deg2rad(torch.tensor(opt.max_angle_error, dtype=dt)))
@@ -215,7 +229,7 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     pts = Points3D(torch.arange(1, n + 1, device=dev), problem.X.clone(), torch.zeros(n, 3, dtype=torch.uint8, device=dev),
                    -torch.ones(n, dtype=dt, device=dev))
     out = Reconstruction(rec.cameras, images, rec.keypoints, pts, tracks, rec.view_graph, dict(rec.meta))
-    counts = {"images": int(img_ids.numel()), "points": n, "observations": int(good.sum()),
+    counts = {"images": int(img_ids.numel()), "points": n, "observations": int(good.sum()), "observations_solved": int(use.sum()),
               "observations_dropped": int((~good).sum()), "initial_cost": summary.initial_cost,
               "final_cost": summary.final_cost, "init_iterations": init_iterations, "iterations": summary.iterations, "termination": summary.termination}
     return out, counts

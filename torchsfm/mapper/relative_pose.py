@@ -1,7 +1,7 @@
 """Relative poses of all valid pairs, from their matches, with the current intrinsics.
 
-Keypoints of every match are unprojected at once (`unproject_cameras`, so distortion is
-removed for every supported model). Two ways to a pose, per pair:
+Keypoints are unprojected once each (`triangulation.normalized_matches`, so distortion is
+removed for every supported model) and gathered per match. Two ways to a pose, per pair:
 
 - `init="database"` (default): the verified two-view geometry already holds a pose (COLMAP
   computes it from E, F or H when it verifies the matches). All those poses are refined at once
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..cameras.models import focal_length, unproject_cameras
+from ..cameras.models import focal_length
 from ..data.model import (
     TWO_VIEW_CALIBRATED,
     TWO_VIEW_PLANAR,
@@ -52,6 +52,7 @@ from .graph import (
     mark_images,
     stage_copy,
 )
+from .triangulation import normalized_matches
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +195,8 @@ def estimate_relative_poses(
     use = valid_in[pm]
     sel = torch.nonzero(use, as_tuple=True)[0]
     m, pms = vg.matches[sel], pm[sel]
-    xn, fm = [], []
-    for side in (0, 1):
-        img = vg.pairs[pms, side]
-        cam = images.camera[img]
-        uv = kp.xy[kp.offsets[img] + m[:, side]]
-        xn.append(unproject_cameras(cams, cam, uv))
-        fm.append(focal_length(cams)[cam])
+    xn = [x[sel] for x in normalized_matches(rec)]
+    fm = [focal_length(cams)[images.camera[vg.pairs[pms, side]]] for side in (0, 1)]
     x1 = (xn[0] * fm[0][:, None]).detach().cpu().numpy().astype(np.float64)
     x2 = (xn[1] * fm[1][:, None]).detach().cpu().numpy().astype(np.float64)
     finite = np.isfinite(x1).all(1) & np.isfinite(x2).all(1)
@@ -222,8 +218,6 @@ def estimate_relative_poses(
     def solve(k: int):
         e = int(pair_ids[k])
         s0, s1 = starts[k], starts[k + 1]
-        if e in refined:
-            return refined[e]
         fin = finite[s0:s1]
         if int(fin.sum()) < max(options.min_num_inliers, 5):
             return PAIR_TOO_FEW_MATCHES, None, None, None
@@ -242,10 +236,12 @@ def estimate_relative_poses(
     threads = options.num_threads or _default_threads()
     disable = None if options.progress is None else not options.progress  # None: only on a terminal
     bar = tqdm(total=len(pair_ids), desc="relative poses", unit="pair", disable=disable)
-    results = []
+    results = [refined.get(int(e)) for e in pair_ids]  # the stored poses kept need no RANSAC
+    bar.update(sum(r is not None for r in results))
+    todo = [k for k, r in enumerate(results) if r is None]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for r in pool.map(solve, range(len(pair_ids))):
-            results.append(r)
+        for k, r in zip(todo, pool.map(solve, todo)):
+            results[k] = r
             bar.update(1)
     bar.close()
 

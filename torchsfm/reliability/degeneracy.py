@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..cameras.models import focal_length, unproject_cameras
+from ..cameras.models import focal_length
 from ..data.model import Reconstruction
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,13 @@ class DegeneracyOptions:
 
 def _bearings_of_matches(rec: Reconstruction) -> tuple[Tensor, Tensor, Tensor]:
     """Unit bearings (M,3) of both ends of every match and its pair index (M,)."""
-    vg, kp, cams, im = rec.view_graph, rec.keypoints, rec.cameras, rec.images
-    pm = vg.pair_of_match()
+    from ..mapper.triangulation import normalized_matches
+
     out = []
-    for side in (0, 1):
-        img = vg.pairs[pm, side]
-        cam = im.camera[img]
-        xy = unproject_cameras(cams, cam, kp.xy[kp.offsets[img] + vg.matches[:, side]])
+    for xy in normalized_matches(rec):
         ray = torch.cat([xy, torch.ones_like(xy[:, :1])], 1)
         out.append(ray / ray.norm(dim=1, keepdim=True))
-    return out[0], out[1], pm
+    return out[0], out[1], rec.view_graph.pair_of_match()
 
 
 def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = None) -> tuple[Tensor, Tensor]:
@@ -78,15 +75,20 @@ def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = N
     bi, bj = torch.nan_to_num(bi), torch.nan_to_num(bj)
     f = focal_length(rec.cameras)[rec.images.camera[vg.pairs[pm, 1]]]
     w = finite.to(dt)
+    # per-match 3x3 algebra on (3, M) rows: batched tiny matrix products are slow on the CPU
+    bi_r, bj_r = bi.T.contiguous(), bj.T.contiguous()
     for _ in range(2):
-        outer = w[:, None, None] * bj[:, :, None] * bi[:, None, :]
-        M = torch.zeros(E, 3, 3, dtype=dt, device=dev).index_add_(0, pm, outer)
+        outer = torch.stack([w * bj_r[a] * bi_r[b] for a in range(3) for b in range(3)])  # (9, M)
+        M = torch.zeros(9, E, dtype=dt, device=dev).index_add_(1, pm, outer).T.reshape(E, 3, 3)
         U, _, Vh = torch.linalg.svd(M)
         d = torch.linalg.det(U @ Vh)
         D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
         Rfit = U @ D @ Vh
-        pred = (Rfit[pm] @ bi[:, :, None])[:, :, 0]
-        err_px = torch.linalg.cross(pred, bj).norm(dim=1).clamp(max=1.0).asin() * f
+        Rm = torch.index_select(Rfit.reshape(E, 9).T.contiguous(), 1, pm)  # (9, M)
+        pred = [Rm[3 * a] * bi_r[0] + Rm[3 * a + 1] * bi_r[1] + Rm[3 * a + 2] * bi_r[2] for a in range(3)]
+        cross = torch.stack([pred[1] * bj_r[2] - pred[2] * bj_r[1], pred[2] * bj_r[0] - pred[0] * bj_r[2],
+                             pred[0] * bj_r[1] - pred[1] * bj_r[0]])
+        err_px = cross.square().sum(0).sqrt().clamp(max=1.0).asin() * f
         w = (finite & (err_px <= 3 * o.rotation_only_max_error)).to(dt)
     good = (finite & (err_px <= o.rotation_only_max_error)).to(dt)
     n = torch.bincount(pm, minlength=E).to(dt).clamp_min(1)
