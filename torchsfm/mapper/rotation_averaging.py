@@ -54,7 +54,7 @@ class RotationAveragingOptions:
     l1_iterations: int = 10  # IRLS steps with L1 weights before Geman-McClure
     irls_iterations: int = 100  # Geman-McClure IRLS steps at most
     gm_sigma_deg: float = 5.0
-    step_tolerance: float = 1e-6  # radians: stop when the mean update is smaller
+    step_tolerance: float = 1e-5  # radians: stop when the mean update is smaller (GLOMAP: 1e-3)
     weight_by_inliers: bool = False  # scale edge weights by sqrt(inlier matches)
     linear_solver: str = "auto"  # "auto" (= cholesky) | "cholesky" (scipy, host) | "cg" (torch, on device)
     cg_max_iterations: int = 1000
