@@ -36,10 +36,11 @@ def _sampson_parts(p: Tensor, e: Tensor, f1: Tensor, f2: Tensor):
     return num, (a0, a1, b0, b1), den.clamp_min(1e-300)
 
 
-def sampson_error(x1: Tensor, x2: Tensor, E: Tensor, f1: Tensor, f2: Tensor) -> Tensor:
-    """Signed Sampson distance (pixels) of matches x1 <-> x2 (M, 2) under per-match essential
-    matrices E (M, 3, 3) (x2^T E x1 = 0) and focal lengths f1, f2 (M,)."""
-    num, _, den = _sampson_parts(torch.cat([x1, x2], 1).T, _soa(E), f1, f2)
+def sampson_error(x1: Tensor, x2: Tensor, E: Tensor, f1: Tensor, f2: Tensor, index: Tensor | None = None) -> Tensor:
+    """Signed Sampson distance (pixels) of matches x1 <-> x2 (M, 2) under essential matrices E
+    (x2^T E x1 = 0): per match (M, 3, 3), or per pair (E, 3, 3) with `index` (M,) the pair of
+    each match; focal lengths f1, f2 (M,)."""
+    num, _, den = _sampson_parts(torch.cat([x1, x2], 1).T, _soa(E, index), f1, f2)
     return num / den.sqrt()
 
 
@@ -93,7 +94,7 @@ def refine_relative_poses(x1: Tensor, x2: Tensor, pair: Tensor, R: Tensor, t: Te
         if not bool(sub.all()):
             R, t, _ = refine_relative_poses(x1[sub], x2[sub], pair[sub], R, t, f1[sub], f2[sub], loss_scale,
                                             iterations, None)
-            return R, t, sampson_error(x1, x2, (so3.skew(t) @ R)[pair], f1, f2)
+            return R, t, sampson_error(x1, x2, so3.skew(t) @ R, f1, f2, pair)
     num_pairs = R.shape[0]
     dt, dev = x1.dtype, x1.device
     c2 = loss_scale ** 2

@@ -141,8 +141,8 @@ def _refine_stored_poses(vg, valid_in: Tensor, pms: Tensor, xn: list[Tensor], fm
     # explain, typically those whose intrinsics view-graph calibration changed.
     sel = posed[pms] & finite
     Em = so3.skew(t) @ R
-    inlier, keep = count_inliers(posed, sampson_error(xn[0][sel], xn[1][sel], Em[local[pms[sel]]], fm[0][sel],
-                                                      fm[1][sel]), sel)
+    inlier, keep = count_inliers(posed, sampson_error(xn[0][sel], xn[1][sel], Em, fm[0][sel], fm[1][sel],
+                                                      local[pms[sel]]), sel)
     redo = posed & ~keep
     if bool(redo.any()) and options.refine_iterations > 0:
         sub = redo[ids]
@@ -195,7 +195,7 @@ def estimate_relative_poses(
     use = valid_in[pm]
     sel = torch.nonzero(use, as_tuple=True)[0]
     m, pms = vg.matches[sel], pm[sel]
-    xn = [x[sel] for x in normalized_matches(rec)]
+    xn = list(normalized_matches(rec, use))
     fm = [focal_length(cams)[images.camera[vg.pairs[pms, side]]] for side in (0, 1)]
     x1 = (xn[0] * fm[0][:, None]).detach().cpu().numpy().astype(np.float64)
     x2 = (xn[1] * fm[1][:, None]).detach().cpu().numpy().astype(np.float64)

@@ -26,15 +26,18 @@ class TriangulationOptions:
     max_pairs_for_angle: int = 2_000_000  # chunk size of the pairwise angle computation
 
 
-def normalized_matches(rec: Reconstruction) -> tuple[Tensor, Tensor]:
-    """Undistorted normalised coordinates (M, 2) of both ends of every view-graph match.
+def normalized_matches(rec: Reconstruction, select: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Undistorted normalised coordinates (M, 2) of both ends of every view-graph match (of the
+    matches in the bool mask `select` only, when given).
 
     Every keypoint is unprojected once and then gathered per match: a keypoint takes part in
     many matches (13 on average on a 1,000-image corridor), and undistortion is iterative."""
     kp, vg = rec.keypoints, rec.view_graph
     xn = unproject_cameras(rec.cameras, rec.images.camera[kp.image_of()], kp.xy)
-    pm = vg.pair_of_match()
-    return tuple(xn[kp.offsets[vg.pairs[pm, side]] + vg.matches[:, side]] for side in (0, 1))
+    pm, m = vg.pair_of_match(), vg.matches
+    if select is not None:
+        pm, m = pm[select], m[select]
+    return tuple(xn[kp.offsets[vg.pairs[pm, side]] + m[:, side]] for side in (0, 1))
 
 
 def bearings(rec: Reconstruction, image: Tensor, keypoint: Tensor) -> Tensor:

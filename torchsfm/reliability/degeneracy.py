@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..cameras.models import focal_length
-from ..data.model import Reconstruction
+from ..data.model import Reconstruction, spread_subset
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,22 @@ class DegeneracyOptions:
     outlier_camera_z: float = 8.0
     outlier_camera_ratio: float = 5.0
     min_camera_observations: int = 10  # registered images keeping fewer observations are dropped
+    # the rotation-only fit uses at most this many matches per pair, evenly spread (None: all)
+    rotation_only_max_matches: int | None = 256
 
 
-def _bearings_of_matches(rec: Reconstruction) -> tuple[Tensor, Tensor, Tensor]:
-    """Unit bearings (M,3) of both ends of every match and its pair index (M,)."""
+def _bearings_of_matches(rec: Reconstruction, max_per_pair: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit bearings (M', 3) of both ends of the matches and their pair index (M',): all matches,
+    or at most about `max_per_pair` of each pair, evenly spread."""
     from ..mapper.triangulation import normalized_matches
 
+    pm = rec.view_graph.pair_of_match()
+    sub = None if not max_per_pair else spread_subset(pm, len(rec.view_graph), max_per_pair)
     out = []
-    for xy in normalized_matches(rec):
+    for xy in normalized_matches(rec, sub):
         ray = torch.cat([xy, torch.ones_like(xy[:, :1])], 1)
         out.append(ray / ray.norm(dim=1, keepdim=True))
-    return out[0], out[1], rec.view_graph.pair_of_match()
+    return out[0], out[1], (pm if sub is None else pm[sub])
 
 
 def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = None) -> tuple[Tensor, Tensor]:
@@ -61,7 +66,9 @@ def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = N
 
     The rotation is the trimmed least-squares (Kabsch) fit of the bearings, batched over pairs
     with segment sums: fit all matches, keep those within 3x the threshold, fit again. Pairs
-    without finite matches get ratio 0.
+    without finite matches get ratio 0. Both use at most `rotation_only_max_matches` per pair,
+    evenly spread: a ratio and a 3-DoF fit need no more, and the pass over all matches was the
+    run's memory peak (1 GB on a 300-image corridor).
     """
     o = options or DegeneracyOptions()
     vg = rec.view_graph
@@ -70,7 +77,7 @@ def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = N
     Rfit = torch.eye(3, dtype=dt, device=dev).repeat(E, 1, 1)
     if E == 0 or vg.matches.shape[0] == 0:
         return ratio, Rfit
-    bi, bj, pm = _bearings_of_matches(rec)
+    bi, bj, pm = _bearings_of_matches(rec, o.rotation_only_max_matches)
     finite = torch.isfinite(bi).all(1) & torch.isfinite(bj).all(1)
     bi, bj = torch.nan_to_num(bi), torch.nan_to_num(bj)
     f = focal_length(rec.cameras)[rec.images.camera[vg.pairs[pm, 1]]]
@@ -91,7 +98,7 @@ def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = N
         err_px = cross.square().sum(0).sqrt().clamp(max=1.0).asin() * f
         w = (finite & (err_px <= 3 * o.rotation_only_max_error)).to(dt)
     good = (finite & (err_px <= o.rotation_only_max_error)).to(dt)
-    n = torch.bincount(pm, minlength=E).to(dt).clamp_min(1)
+    n = torch.bincount(pm, minlength=E).to(dt).clamp_min(1)  # matches used, per pair
     ratio = torch.zeros(E, dtype=dt, device=dev).index_add_(0, pm, good) / n
     return ratio, Rfit
 
