@@ -318,6 +318,7 @@ def _ba_step(k: int, prefix: str):
         with run.report.stage(f"{tag}{prefix}bundle_adjustment_{k + 1}", run.dev) as st:
             if rec.meta.pop(_UNCHANGED, False):  # the last BA converged and its filter removed nothing
                 st.counts["skipped"] = "unchanged since the last converged bundle adjustment"
+                converged["yes"] = True  # still at that converged state
             else:
                 def ba(r, o):
                     with solver_progress(o.bundle_adjustment, st.name) as bao:
@@ -328,11 +329,12 @@ def _ba_step(k: int, prefix: str):
                     return out
 
                 rec = run.solve(st, ba, rec)
+        size = (len(rec.tracks), len(rec.points3D))
         rec = run.check(rec, "bundle adjustment")  # after the stage closes: its warnings go to it
         with run.report.stage(f"{tag}{prefix}filter_{k + 1}", run.dev) as st:
             rec, counts = filter_reconstruction(rec, FilterOptions(thr, opt.min_triangulation_angle, 2))
             st.counts.update(counts)
-        if converged and counts.get("observations_removed", 1) == 0 and counts.get("points_removed", 1) == 0:
+        if converged.get("yes") and (len(rec.tracks), len(rec.points3D)) == size:  # nothing dropped since
             rec.meta[_UNCHANGED] = True
         return rec
 
