@@ -35,3 +35,20 @@ def test_small_changes_are_not_checked():
     out, rep = check_calibration(rec, _with_focal(rec, 1.01 * f_true), CalibrationCheckOptions(min_focal_change=0.05))
     assert not rep["checked"] and rep["accepted"]
     assert torch.allclose(out.cameras.params[:, 0], torch.tensor(1.01 * f_true, dtype=torch.float64))
+
+
+def test_check_does_not_depend_on_the_stored_two_view_poses():
+    """The stored poses were estimated with the initial intrinsics; refining them would favour one
+    focal, so the check runs RANSAC for both and ignores them (same counts with garbage poses)."""
+    from torchsfm.geometry import so3
+
+    rec, f_true = _scene()
+    wrong = _with_focal(rec, 0.5 * f_true)
+    _, ref = check_calibration(rec, wrong)
+    g = torch.Generator().manual_seed(0)
+    garbage_q = so3.matrix_to_quat(so3.random_rotation(len(rec.view_graph), generator=g))
+    garbage = [r.clone() for r in (rec, wrong)]
+    for r in garbage:
+        r.view_graph.rel_quat = garbage_q.clone()
+    _, rep = check_calibration(*garbage)
+    assert (rep["inliers_before"], rep["inliers_after"]) == (ref["inliers_before"], ref["inliers_after"])
