@@ -15,7 +15,7 @@ def scene(seed=0, num_images=20, layout="ring"):
     return sc.gt.images.rotation, sc.mapper_input()
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+@pytest.mark.parametrize("solver", ["dense", "cholesky", "cg"])
 def test_noiseless_relative_rotations_give_exact_rotations(device, solver):
     R_gt, rec = scene()
     out, rep = rotation_averaging(rec.to(device), RotationAveragingOptions(linear_solver=solver))
