@@ -53,6 +53,14 @@ def stage_of(checkpoint) -> str:
     return str(getattr(checkpoint, "name", checkpoint)).split("-", 2)[2][: -len(".pt")]
 
 
+def interrupt_second_ba(monkeypatch, db, out: Path) -> None:
+    """Map with a Ctrl-C at the second bundle-adjustment call, then undo the patch."""
+    real = interrupt_at(monkeypatch, "bundle_adjust", 2)
+    with pytest.raises(KeyboardInterrupt):
+        map_database(db, out, MapperOptions(seed=3))
+    monkeypatch.setattr(pipeline, "bundle_adjust", real)
+
+
 def interrupt_at(monkeypatch, target: str, call: int):
     """Raise KeyboardInterrupt at the `call`-th call of pipeline.<target>."""
     real, n = getattr(pipeline, target), [0]
@@ -97,10 +105,7 @@ def test_interrupted_map_resumes_to_the_same_model(scene_db, tmp_path, monkeypat
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(scene_db, tmp_path, monkeypatch, caplog):
     db, ref, _ = scene_db
     out = tmp_path / "out"
-    real = interrupt_at(monkeypatch, "bundle_adjust", 2)
-    with pytest.raises(KeyboardInterrupt):
-        map_database(db, out, MapperOptions(seed=3))
-    monkeypatch.setattr(pipeline, "bundle_adjust", real)
+    interrupt_second_ba(monkeypatch, db, out)
     files = sorted((out / ".checkpoints").rglob("*.pt"))
     assert len(files) >= 2
     files[-1].write_bytes(files[-1].read_bytes()[:100])  # e.g. a disk that lied about fsync
@@ -113,10 +118,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(scene_db, t
 def test_other_options_do_not_reuse_checkpoints(scene_db, tmp_path, monkeypatch):
     db, _, _ = scene_db
     out = tmp_path / "out"
-    real = interrupt_at(monkeypatch, "bundle_adjust", 2)
-    with pytest.raises(KeyboardInterrupt):
-        map_database(db, out, MapperOptions(seed=3))
-    monkeypatch.setattr(pipeline, "bundle_adjust", real)
+    interrupt_second_ba(monkeypatch, db, out)
     stale = {p.name for p in (out / ".checkpoints").iterdir()}
     models, rep = map_database(db, out, MapperOptions(seed=4), keep_checkpoints=True)
     assert not any(s.name == "resume" for s in rep.stages)
@@ -134,7 +136,7 @@ def test_interrupted_write_keeps_the_previous_model(scene_db, tmp_path, monkeypa
     map_database(db, out, MapperOptions(seed=3))
     before = {p.name: p.read_bytes() for p in (out / "sparse" / "0").iterdir()}
     report_before = (out / "report.json").read_text()
-    real, n = api.write_model, [0]
+    real = api.write_model
 
     def flaky(*a, **k):
         real(*a, **k)

@@ -127,6 +127,15 @@ def _options_dict(o) -> dict:
         return {"summary": str(o)}
 
 
+def _timed_pycolmap(mapping, args, out: Path, image_dir: Path, o):
+    """(models, seconds of the mapping call, options) of a pycolmap mapper on the run's database."""
+    work = out / "pycolmap"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    recs = mapping(str(args.database), str(image_dir), str(work), o)
+    return recs, time.perf_counter() - t0, _options_dict(o)
+
+
 def run_colmap(args, out: Path, image_dir: Path):
     import pycolmap
 
@@ -134,12 +143,7 @@ def run_colmap(args, out: Path, image_dir: Path):
     o.num_threads = args.threads
     o.random_seed = args.seed
     o.extract_colors = args.images is not None
-    work = out / "pycolmap"
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    recs = pycolmap.incremental_mapping(str(args.database), str(image_dir), str(work), o)
-    seconds = time.perf_counter() - t0
-    return recs, seconds, _options_dict(o)
+    return _timed_pycolmap(pycolmap.incremental_mapping, args, out, image_dir, o)
 
 
 def run_glomap(args, out: Path, image_dir: Path):
@@ -150,12 +154,7 @@ def run_glomap(args, out: Path, image_dir: Path):
     o.random_seed = args.seed
     o.mapper.num_threads = args.threads
     o.mapper.random_seed = args.seed
-    work = out / "pycolmap"
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    recs = pycolmap.global_mapping(str(args.database), str(image_dir), str(work), o)
-    seconds = time.perf_counter() - t0
-    return recs, seconds, _options_dict(o)
+    return _timed_pycolmap(pycolmap.global_mapping, args, out, image_dir, o)
 
 
 def source_hash(package_dir: Path) -> str:

@@ -111,19 +111,23 @@ def _default_threads() -> int:
 
 
 def _refine_stored_poses(vg, valid_in: Tensor, pms: Tensor, xn: list[Tensor], fm: list[Tensor], finite: Tensor,
-                         options: RelativePoseOptions) -> dict:
-    """Check, and where needed refine, the stored poses of the valid pairs that have one, all at once; returns
-    {pair: (PAIR_OK, quat, trans, inlier mask over the pair's matches)} for the pairs that keep
-    the refined pose (enough inliers), so that only the others go to RANSAC."""
+                         options: RelativePoseOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Check, and where needed refine, the stored poses of the valid pairs that have one, all at
+    once. Returns (keep (E,) bool: pairs whose pose explains enough matches, so they need no
+    RANSAC; quat (E, 4); unit trans (E, 3); inlier (M',) bool over the matches of valid pairs)."""
+    E = len(vg)
+    keep = torch.zeros(E, dtype=torch.bool, device=pms.device)
+    quat, trans = vg.rel_quat.clone(), vg.rel_trans.clone()
+    inlier = torch.zeros(pms.numel(), dtype=torch.bool, device=pms.device)
     if options.init == "ransac":
-        return {}
+        return keep, quat, trans, inlier
     if options.init != "database":
         raise ValueError(f"relative poses: init must be 'database' or 'ransac', not {options.init!r}")
     tn = vg.rel_trans.norm(dim=1)
     posed = valid_in & torch.isin(vg.config, torch.tensor(_POSED_CONFIGS, device=vg.config.device))
     posed &= (tn > 0) & torch.isfinite(vg.rel_quat).all(1) & torch.isfinite(tn)
     if not bool(posed.any()):
-        return {}
+        return keep, quat, trans, inlier
     ids = torch.nonzero(posed, as_tuple=True)[0]
     local = torch.full((len(vg),), -1, dtype=torch.long, device=ids.device)
     local[ids] = torch.arange(ids.numel(), device=ids.device)
@@ -156,15 +160,8 @@ def _refine_stored_poses(vg, valid_in: Tensor, pms: Tensor, xn: list[Tensor], fm
         inlier2, keep2 = count_inliers(redo, r2, sel2)
         inlier = torch.where(redo[pms], inlier2, inlier)
         keep = keep | keep2
-    q = so3.matrix_to_quat(R).detach().cpu().to(torch.float64).numpy()
-    tt = t.detach().cpu().to(torch.float64).numpy()
-    inl = inlier.cpu().numpy()
-    # matches of valid pairs are contiguous per pair (sorted by pair): slice by pair offsets
-    starts = torch.searchsorted(pms, torch.arange(len(vg), device=pms.device)).cpu().numpy()
-    ends = torch.searchsorted(pms, torch.arange(len(vg), device=pms.device), right=True).cpu().numpy()
-    loc = local.cpu().numpy()
-    return {int(e): (PAIR_OK, q[loc[e]], tt[loc[e]], inl[starts[e]:ends[e]])
-            for e in torch.nonzero(keep, as_tuple=True)[0].tolist()}
+    quat[ids], trans[ids] = so3.matrix_to_quat(R).to(quat.dtype), t.to(trans.dtype)
+    return keep, quat, trans, inlier
 
 
 def estimate_relative_poses(
@@ -180,7 +177,7 @@ def estimate_relative_poses(
 
     options = options or RelativePoseOptions()
     rec = stage_copy(rec, "view_graph")
-    vg, kp, cams, images = rec.view_graph, rec.keypoints, rec.cameras, rec.images
+    vg, cams, images = rec.view_graph, rec.cameras, rec.images
     num_images, E = len(images), len(vg)
     device, dtype = vg.rel_quat.device, vg.rel_quat.dtype
     active = active_images(rec.meta, num_images, device)
@@ -194,7 +191,7 @@ def estimate_relative_poses(
     pm = vg.pair_of_match()
     use = valid_in[pm]
     sel = torch.nonzero(use, as_tuple=True)[0]
-    m, pms = vg.matches[sel], pm[sel]
+    pms = pm[sel]
     xn = list(normalized_matches(rec, use))
     fm = [focal_length(cams)[images.camera[vg.pairs[pms, side]]] for side in (0, 1)]
     x1 = (xn[0] * fm[0][:, None]).detach().cpu().numpy().astype(np.float64)
@@ -205,7 +202,8 @@ def estimate_relative_poses(
     starts = np.concatenate([[0], np.cumsum(counts)])
     pair_ids = torch.nonzero(valid_in, as_tuple=True)[0].cpu().numpy()
     pairs_np = vg.pairs.cpu().numpy()
-    refined = _refine_stored_poses(vg, valid_in, pms, xn, fm, torch.from_numpy(finite).to(device), options)
+    stored_ok, est_q, est_t, est_inlier = _refine_stored_poses(
+        vg, valid_in, pms, xn, fm, torch.from_numpy(finite).to(device), options)
 
     ransac = {
         "max_epipolar_error": float(options.max_epipolar_error),
@@ -236,45 +234,52 @@ def estimate_relative_poses(
     threads = options.num_threads or _default_threads()
     disable = None if options.progress is None else not options.progress  # None: only on a terminal
     bar = tqdm(total=len(pair_ids), desc="relative poses", unit="pair", disable=disable)
-    results = [refined.get(int(e)) for e in pair_ids]  # the stored poses kept need no RANSAC
-    bar.update(sum(r is not None for r in results))
-    todo = [k for k, r in enumerate(results) if r is None]
+    # PoseLib for the pairs without a kept stored pose (one C call per pair; the rest is batched)
+    est_status = torch.where(stored_ok, PAIR_OK, PAIR_NOT_ESTIMATED).cpu()
+    est_q, est_t = est_q.detach().cpu().to(torch.float64), est_t.detach().cpu().to(torch.float64)
+    est_inlier = est_inlier.cpu().numpy()
+    kept = stored_ok.cpu().numpy()[pair_ids]
+    bar.update(int(kept.sum()))
+    todo = np.nonzero(~kept)[0].tolist()
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for k, r in zip(todo, pool.map(solve, todo)):
-            results[k] = r
+        for k, (st, q, t, inl) in zip(todo, pool.map(solve, todo)):
+            e = int(pair_ids[k])
+            est_status[e] = st
+            if inl is not None:
+                est_inlier[starts[k]:starts[k + 1]] = inl
+            if st == PAIR_OK:
+                est_q[e], est_t[e] = torch.tensor(q), torch.tensor(t)
             bar.update(1)
     bar.close()
 
-    new_q = vg.rel_quat.detach().cpu().clone().to(torch.float64)
-    new_t = vg.rel_trans.detach().cpu().clone().to(torch.float64)
-    keep_match = np.ones(int(vg.matches.shape[0]), dtype=bool)
-    sel_np = sel.cpu().numpy()
-    for k, (st, q, t, inl) in enumerate(results):  # assembling results: one row per pair, O(E)
-        e = int(pair_ids[k])
-        status[e] = st
-        if st != PAIR_OK:
-            continue
-        n_in = int(inl.sum())
-        num_inliers[e] = n_in
-        ratio[e] = n_in / max(int(counts[k]), 1)
-        if n_in < options.min_num_inliers:
-            status[e] = PAIR_FEW_INLIERS
-        elif ratio[e] < options.min_inlier_ratio:
-            status[e] = PAIR_LOW_RATIO
-        else:
-            new_q[e] = torch.from_numpy(q.copy())
-            new_t[e] = torch.from_numpy(t / max(float(np.linalg.norm(t)), 1e-300))
-            if options.keep_inlier_matches_only:
-                keep_match[sel_np[starts[k]:starts[k + 1]]] = inl
+    # filters and results, all pairs at once
+    est_inlier = torch.from_numpy(est_inlier)
+    estimated = est_status == PAIR_OK
+    n_in = torch.zeros(E, dtype=torch.long).index_add_(0, pms.cpu(), est_inlier.to(torch.long))
+    n_all = vg.num_matches().cpu()
+    num_inliers = torch.where(estimated, n_in, num_inliers)
+    ratio = torch.where(estimated, n_in.double() / n_all.clamp_min(1), ratio)
+    status = torch.where(valid_in.cpu(), est_status, status)
+    status = torch.where(estimated & (n_in < options.min_num_inliers), PAIR_FEW_INLIERS, status)
+    status = torch.where((status == PAIR_OK) & (ratio < options.min_inlier_ratio), PAIR_LOW_RATIO, status)
+    good = status == PAIR_OK
+    new_q = torch.where(good[:, None], est_q, vg.rel_quat.detach().cpu().to(torch.float64))
+    unit_t = est_t / est_t.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    new_t = torch.where(good[:, None], unit_t, vg.rel_trans.detach().cpu().to(torch.float64))
+    keep_match = torch.ones(int(vg.matches.shape[0]), dtype=torch.bool)
+    if options.keep_inlier_matches_only:
+        sel_cpu = sel.cpu()
+        on_good = good[pms.cpu()]
+        keep_match[sel_cpu[on_good]] = est_inlier[on_good]
 
-    report.num_refined = len(refined)
+    report.num_refined = int(stored_ok.sum())
     ok = (status == PAIR_OK).to(device)
     vg.rel_quat = so3.quat_normalize(new_q.to(device=device, dtype=dtype))
     vg.rel_trans = new_t.to(device=device, dtype=dtype)
     Rm = so3.quat_to_matrix(vg.rel_quat)
     vg.E = torch.where(ok[:, None, None], so3.skew(vg.rel_trans) @ Rm, vg.E)
     if options.keep_inlier_matches_only:
-        km = torch.from_numpy(keep_match).to(device)
+        km = keep_match.to(device)
         per_pair = torch.zeros(E, dtype=torch.long, device=device).index_add_(0, pm, km.to(torch.long))
         vg.matches = vg.matches[km]
         vg.match_offsets = offsets_from_counts(per_pair)
