@@ -68,3 +68,24 @@ def test_same_seed_same_result_and_map_database_writes_loadable_models(tmp_path)
     back = read_model(tmp_path / "a" / "sparse" / "0")
     assert torch.allclose(back.points3D.xyz, m1[0].points3D.xyz.cpu())
     assert (tmp_path / "a" / "report.json").is_file() and (tmp_path / "a" / "config.json").is_file()
+
+
+def test_ba_rounds_skipped_only_when_the_filters_removed_little():
+    # noisy ring with wrong matches: the filters remove a few observations after each round
+    s = synthesize(SyntheticOptions(num_images=12, num_points=500, layout="ring", pixel_noise=0.5,
+                                    outlier_ratio=0.2, seed=4))
+
+    def ba_stages(skip):
+        _, rep = global_mapping(s.mapper_input(), MapperOptions(ba_round_skip_max_removed=skip))
+        return {st.name: st.counts for st in rep.stages if "bundle_adjustment_" in st.name}
+
+    never = ba_stages(-1.0)  # any removal (even none) is more than -100%: every round runs
+    assert not any("skipped" in c for c in never.values())
+    always = ba_stages(1.0)  # every round after a converged BA is skipped
+    ran = [n for n, c in always.items() if "skipped" not in c]
+    assert "bundle_adjustment_1" in ran and "final_bundle_adjustment_1" in ran
+    assert "bundle_adjustment_2" not in ran and "final_bundle_adjustment_3" not in ran
+    default = ba_stages(MapperOptions().ba_round_skip_max_removed)
+    for name, c in default.items():  # a skipped round names the share of observations filtered since
+        if "skipped" in c:
+            assert "% of its observations were filtered since" in c["skipped"]

@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 
@@ -58,6 +59,28 @@ def test_triangulation_angle_known_answer():
     xyz = torch.tensor([[0.0, 0, 1.0]], dtype=torch.float64)
     ang = max_triangulation_angle(centers, xyz, torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]), 1)
     assert ang.item() == pytest.approx(90.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("thr", [0.5, 1.5, 5.0])
+def test_has_triangulation_angle_matches_all_pairs(thr):
+    # tracks of 1-40 rays whose angles straddle the threshold: the [m, 2m] bound plus the exact
+    # pass on the undecided tracks must give exactly the all-pairs answer
+    from torchsfm.mapper.triangulation import has_triangulation_angle
+
+    g = torch.Generator().manual_seed(3)
+    T = 400
+    lengths = torch.randint(0, 41, (T,), generator=g)
+    track = torch.repeat_interleave(torch.arange(T), lengths)
+    centers = torch.randn(int(lengths.sum()), 3, generator=g, dtype=torch.float64)
+    spread = torch.rand(T, generator=g, dtype=torch.float64) * math.radians(thr)  # max angles ~0-4x thr
+    centers *= spread[track, None]
+    xyz = torch.zeros(T, 3, dtype=torch.float64)
+    xyz[:, 2] = 1.0
+    image = torch.arange(track.numel())
+    exact = max_triangulation_angle(centers, xyz, image, track, T) >= thr
+    fast = has_triangulation_angle(centers, xyz, image, track, T, thr)
+    assert torch.equal(fast, exact)
+    assert 40 < int(exact.sum()) < T - 40  # both answers occur
 
 
 def test_filter_drops_bad_observations_and_low_angle_points(device):

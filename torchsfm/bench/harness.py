@@ -43,7 +43,7 @@ ACCURACY_KEYS = ("auc@1", "auc@3", "auc@5", "auc@10", "median_rotation_error_deg
 # Suites: (table datasets, scaling datasets); an entry "name=m1+m2" limits the methods there.
 SUITES = {
     "smoke": (["ring12"], []),
-    "cpu": (["ring50", "turntable200", "templeRing", "dtu_scan24", "kitchen"],
+    "cpu": (["ring50", "turntable200", "colmapsphere50", "templeRing", "dtu_scan24", "kitchen"],
             ["corridor100", "corridor300", "corridor1000"]),
     "gpu": (["ring50", "turntable200", "corridor1000=glomap+torchsfm"],
             ["corridor100", "corridor1000", "corridor3000", "corridor5000"]),

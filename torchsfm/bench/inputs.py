@@ -8,6 +8,10 @@ Datasets by name:
   estimation with the front end's options (`MatchOptions`), as real matches are, so the mappers
   get a real front end's kind of input: inlier sets with a few surviving outliers and estimated
   (not true) relative poses. The ground truth is written next to the database as a COLMAP model.
+- `colmapsphereN`: the layout of `pycolmap.synthesize_dataset` (N cameras on a sphere, all fixating
+  its centre; 2,000 points; no focal prior; pycolmap seed 0), images rendered with
+  `pycolmap.synthesize_images`, then torchsfm's front end as for real images. The GT is pycolmap's
+  synthetic model. GLOMAP's view-graph calibration is expected to be degenerate on this layout.
 - `templeRing`, `dtu_scan24`, `kitchen` (and any folder of images): torchsfm's front end (SIFT,
   exhaustive matching, one shared SIMPLE_RADIAL camera), with the GT model in `gt/` if present.
 - an existing database (`database:PATH`): used as it is.
@@ -48,7 +52,7 @@ _PAIR_ID_BASE = 2147483647  # COLMAP's pair_id = id1 * base + id2
 class InputSpec:
     """What a dataset's database is made from; equal specs give equal databases."""
     name: str
-    kind: str  # synthetic | images | database
+    kind: str  # synthetic | rendered | images | database
     synthetic: dict = field(default_factory=dict)  # SyntheticOptions fields
     image_dir: str | None = None
     gt: str | None = None  # GT COLMAP model folder (images, database kinds)
@@ -90,9 +94,17 @@ def synthetic_spec(name: str, object_points: int = 2000, points_per_image: int =
         sequential_overlap=sequential_overlap, pixel_noise=pixel_noise, outlier_ratio=outlier_ratio, seed=seed))
 
 
+def rendered_spec(name: str, num_points: int = 2000, seed: int = 0) -> InputSpec | None:
+    m = re.fullmatch(r"colmapsphere(\d+)", name)
+    if not m:
+        return None
+    return InputSpec(name, "rendered", synthetic=dict(num_images=int(m.group(1)), num_points=num_points, seed=seed),
+                     frontend={"extract": {"camera_mode": "single"}, "match": {"mode": "exhaustive", "seed": 0}})
+
+
 def resolve_spec(name: str, data_root: Path = DATA_ROOT) -> InputSpec:
     """A dataset name (see the module doc), `database:PATH[@GT]` or `images:PATH[@GT]`."""
-    spec = synthetic_spec(name)
+    spec = synthetic_spec(name) or rendered_spec(name)
     if spec is not None:
         return spec
     if name.startswith(("database:", "images:")):
@@ -113,7 +125,7 @@ def resolve_spec(name: str, data_root: Path = DATA_ROOT) -> InputSpec:
         gt = root / "gt"
         return InputSpec(name, "images", image_dir=str(root / "images"), gt=str(gt) if gt.is_dir() else None,
                          frontend=_frontend_options())
-    raise ValueError(f"unknown dataset {name!r}: use ringN, turntableN, corridorN, sphereN, one of {REAL_DATASETS}, "
+    raise ValueError(f"unknown dataset {name!r}: use ringN, turntableN, corridorN, sphereN, colmapsphereN, one of {REAL_DATASETS}, "
                      "database:PATH[@GT] or images:PATH[@GT]")
 
 
@@ -197,6 +209,31 @@ def _make_synthetic(spec: InputSpec, folder: Path, num_threads: int) -> tuple[Pa
     return db, gt
 
 
+def _make_rendered(spec: InputSpec, folder: Path, num_threads: int) -> tuple[Path, Path, Path]:
+    """pycolmap's synthetic scene (one camera per image, no focal prior) rendered to images."""
+    import pycolmap
+
+    o = pycolmap.SyntheticDatasetOptions()
+    o.num_rigs, o.num_cameras_per_rig, o.num_frames_per_rig = spec.synthetic["num_images"], 1, 1
+    o.num_points3D = spec.synthetic["num_points"]
+    o.camera_has_prior_focal_length = False
+    pycolmap.set_random_seed(spec.synthetic["seed"])
+    scratch = pycolmap.Database.open(str(folder / "synthetic.db"))  # the synthesiser's own matches: unused
+    try:
+        gt = pycolmap.synthesize_dataset(o, scratch)
+    finally:
+        scratch.close()
+    (folder / "synthetic.db").unlink()
+    images = folder / "images"
+    images.mkdir()
+    pycolmap.synthesize_images(pycolmap.SyntheticImageOptions(), gt, str(images))
+    gt_dir = folder / "gt"
+    gt_dir.mkdir()
+    gt.write(str(gt_dir))
+    spec_img = InputSpec(spec.name, "images", image_dir=str(images), frontend=spec.frontend)
+    return _make_from_images(spec_img, folder, num_threads), gt_dir, images
+
+
 def _make_from_images(spec: InputSpec, folder: Path, num_threads: int) -> Path:
     from ..frontend import extract, match
     from ..frontend.options import ExtractOptions, MatchOptions
@@ -233,6 +270,9 @@ def prepare(spec: InputSpec, work_dir: Path, num_threads: int = -1, force: bool 
     if spec.kind == "synthetic":
         log.info("%s: synthesising and verifying %s", spec.name, spec.synthetic)
         db, gt = _make_synthetic(spec, folder, num_threads)
+    elif spec.kind == "rendered":
+        log.info("%s: rendering pycolmap's synthetic scene %s, then the front end", spec.name, spec.synthetic)
+        db, gt, image_dir = _make_rendered(spec, folder, num_threads)
     elif spec.kind == "images":
         log.info("%s: front end on %s", spec.name, spec.image_dir)
         db = _make_from_images(spec, folder, num_threads)

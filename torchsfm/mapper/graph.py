@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix  # imported with the module: its first import takes ~0.3 s
+from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
 from torch import Tensor
 
 from ..data.model import Reconstruction
@@ -168,9 +170,6 @@ def maximum_spanning_tree(
     root defaults to the node with the largest summed edge weight (a central node keeps the tree
     shallow, so errors compound over fewer hops). Parallel edges keep the heaviest one.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
-
     device = edges.device
     idx = torch.arange(edges.shape[0], device=device)
     if mask is not None:

@@ -6,13 +6,14 @@ with `index_add_`, then one batched 3x3 solve gives every point. No loop over tr
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..cameras.models import project_cameras, unproject_cameras
-from ..data.model import Points3D, Reconstruction, Tracks, group_pairs
+from ..data.model import Points3D, Reconstruction, Tracks, group_pairs, offsets_from_counts
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,37 @@ def max_triangulation_angle(centers: Tensor, xyz: Tensor, obs_image: Tensor, obs
     return out
 
 
+def has_triangulation_angle(centers: Tensor, xyz: Tensor, obs_image: Tensor, obs_track: Tensor, num_tracks: int,
+                            min_angle: float) -> Tensor:
+    """max_triangulation_angle(...) >= min_angle per track (T,), without the all-pairs pass for most.
+
+    With m the largest angle of a track's rays to its first ray, the largest pairwise angle lies
+    in [m, 2m] (triangle inequality on the sphere): m >= min_angle keeps a track, 2m < min_angle
+    drops it, and only the tracks in between get the exact O(length^2) pass. Tracks of 50 views
+    cost 1,225 pairs each in that pass, so this is what makes filtering long tracks cheap.
+    obs must be sorted by track.
+    """
+    dev = xyz.device
+    if obs_track.numel() == 0:
+        return torch.zeros(num_tracks, dtype=torch.bool, device=dev)
+    d = centers[obs_image] - xyz[obs_track]
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    counts = torch.bincount(obs_track, minlength=num_tracks)
+    first = offsets_from_counts(counts)[:-1]
+    cos0 = (d * d[first.clamp_max(d.shape[0] - 1)][obs_track]).sum(1).clamp(-1, 1)
+    min_cos = torch.full((num_tracks,), 2.0, dtype=d.dtype, device=dev).scatter_reduce_(0, obs_track, cos0, reduce="amin")
+    thr = math.radians(min_angle)
+    keep = min_cos <= math.cos(thr)
+    unsure = ~keep & (min_cos <= math.cos(thr / 2)) & (counts > 2)
+    if bool(unsure.any()):
+        sel = unsure[obs_track]
+        renum = torch.cumsum(unsure.long(), 0) - 1
+        ids = torch.nonzero(unsure)[:, 0]
+        ang = max_triangulation_angle(centers, xyz, obs_image[sel], renum[obs_track[sel]], int(ids.numel()))
+        keep[ids] = ang >= min_angle
+    return keep
+
+
 def track_observation_pairs(obs_track: Tensor, num_tracks: int) -> tuple[Tensor, Tensor]:
     """All unordered pairs (a < b) of observations of the same track; obs must be sorted by track."""
     return group_pairs(obs_track, num_tracks)
@@ -166,12 +198,13 @@ def triangulate_tracks(rec: Reconstruction, tracks: Tracks, options: Triangulati
     keep = keep & front & (err <= opt.max_reprojection_error)
     lengths = torch.bincount(tracks.point[keep], minlength=num)
     ok = ok & (lengths >= opt.min_track_length)
-    angle = max_triangulation_angle(rec.images.centers, xyz, tracks.image[keep], tracks.point[keep], num)
-    ok = ok & (angle >= opt.min_triangulation_angle)
+    angle_ok = has_triangulation_angle(rec.images.centers, xyz, tracks.image[keep], tracks.point[keep], num,
+                                       opt.min_triangulation_angle)
+    ok = ok & angle_ok
     out = compact_tracks(_without_points(rec), xyz, tracks, keep, ok, opt.min_track_length)
     counts = {
         "tracks_in": num, "points": len(out.points3D), "observations": len(out.tracks),
-        "observations_rejected": int((~keep).sum()), "points_low_angle": int((angle < opt.min_triangulation_angle).sum()),
+        "observations_rejected": int((~keep).sum()), "points_low_angle": int((~angle_ok).sum()),
     }
     return out, counts
 
@@ -194,9 +227,8 @@ def filter_reconstruction(rec: Reconstruction, options: FilterOptions | None = N
     num = len(rec.points3D)
     err, front = reprojection_errors(rec, rec.points3D.xyz, rec.tracks)
     keep = front & (err <= opt.max_reprojection_error)
-    angle = max_triangulation_angle(rec.images.centers, rec.points3D.xyz, rec.tracks.image[keep],
-                                    rec.tracks.point[keep], num)
-    ok = angle >= opt.min_triangulation_angle
+    ok = has_triangulation_angle(rec.images.centers, rec.points3D.xyz, rec.tracks.image[keep], rec.tracks.point[keep],
+                                 num, opt.min_triangulation_angle)
     out = compact_tracks(rec, rec.points3D.xyz, rec.tracks, keep, ok, opt.min_track_length)
     # mean reprojection error per surviving point
     e, _ = reprojection_errors(out, out.points3D.xyz, out.tracks)
