@@ -138,6 +138,59 @@ def test_rig_and_frame_ids_survive(tmp_path):
     assert_same_pycolmap(r, back)
 
 
+def _rig_frame_model() -> pycolmap.Reconstruction:
+    """Two cameras on rigs whose ids differ from theirs, frames whose ids differ from the images'."""
+    r = pycolmap.Reconstruction()
+    for cid, rid in ((3, 10), (5, 2)):
+        r.add_camera(pycolmap.Camera(camera_id=cid, model="SIMPLE_RADIAL" if cid == 3 else "OPENCV", width=64,
+                                     height=48, params=np.arange(4 if cid == 3 else 8) + 20.0))
+        rig = pycolmap.Rig(rig_id=rid)
+        rig.add_ref_sensor(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cid))
+        r.add_rig(rig)
+    for k, iid in enumerate((9, 7, 4)):
+        cid, rid = ((3, 10), (5, 2))[k % 2]
+        fr = pycolmap.Frame(frame_id=iid + 100, rig_id=rid)
+        fr.add_data_id(pycolmap.data_t(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cid), iid))
+        fr.rig_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(np.array([0.0, 0.6, 0.0, -0.8])), np.array([0.0, 1, iid]))
+        r.add_frame(fr)
+        im = pycolmap.Image(name=f"a/{iid}.jpg", keypoints=np.arange(2 * (k + 3), dtype=float).reshape(-1, 2),
+                            camera_id=cid, image_id=iid)
+        im.frame_id = iid + 100
+        r.add_image(im)
+        r.register_frame(iid + 100)
+    for pid, track in ((50, [(9, 0), (7, 1), (4, 3)]), (8, [(4, 0), (9, 2)])):
+        t = pycolmap.Track([pycolmap.TrackElement(i, j) for i, j in track])
+        r.add_point3D_with_id(pid, pycolmap.Point3D(xyz=np.array([0.5, pid, 2.0]), color=np.array([1, 2, pid], np.uint8),
+                                                    error=0.25, track=t))
+    return r
+
+
+@pytest.mark.parametrize("case", ["synthetic", "rigs_and_frames"])
+def test_native_binary_writer_gives_pycolmaps_bytes(tmp_path, case):
+    rec = synthetic_model(num_rigs=3, frames=3) if case == "synthetic" else _rig_frame_model()
+    t = from_pycolmap(rec)
+    write_model(t, tmp_path / "ours")
+    to_pycolmap(t).write_binary(str(tmp_path))
+    for name in ("cameras", "images", "points3D", "rigs", "frames"):
+        assert (tmp_path / "ours" / f"{name}.bin").read_bytes() == (tmp_path / f"{name}.bin").read_bytes(), name
+    assert_same_pycolmap(rec, pycolmap.Reconstruction(str(tmp_path / "ours")), check_prior=False)  # not in files
+
+
+def test_native_binary_writer_with_an_unregistered_image(tmp_path):
+    # COLMAP writes registered frames only; their points keep their other observations
+    rec = synthetic_model()
+    rec.deregister_frame(sorted(rec.frames.keys())[1])
+    t = from_pycolmap(rec)
+    write_model(t, tmp_path / "ours")
+    back = pycolmap.Reconstruction(str(tmp_path / "ours"))
+    assert back.num_reg_images() == rec.num_reg_images() and back.num_images() == rec.num_images() - 1
+    reg = {i for i, im in rec.images.items() if im.has_pose}
+    for pid, p in rec.points3D.items():
+        kept = sorted((e.image_id, e.point2D_idx) for e in p.track.elements if e.image_id in reg)
+        got = sorted((e.image_id, e.point2D_idx) for e in back.points3D[pid].track.elements) if pid in back.points3D else []
+        assert got == kept
+
+
 def test_non_trivial_rig_is_refused():
     rec = synthetic_model(num_rigs=1, cams_per_rig=2)
     with pytest.raises(NotImplementedError, match=r"rig 1 has 2 sensors"):
@@ -170,15 +223,17 @@ def test_interrupted_write_leaves_previous_model(tmp_path, monkeypatch):
     write_model(t, target)
     before = {n: (target / n).read_bytes() for n in os.listdir(target)}
 
-    # Fail after pycolmap wrote some files into the temporary folder.
-    real = pycolmap.Reconstruction.write_binary
+    # Fail after the writer wrote some files into the temporary folder.
+    from torchsfm.io import colmap_model
 
-    def write_then_fail(self, path):
-        real(self, path)
+    real = colmap_model.write_binary_model
+
+    def write_then_fail(rec, path):
+        real(rec, path)
         (tmp_path / "seen").write_text(str(sorted(os.listdir(path))))
         raise OSError("disk full")
 
-    monkeypatch.setattr(pycolmap.Reconstruction, "write_binary", write_then_fail)
+    monkeypatch.setattr(colmap_model, "write_binary_model", write_then_fail)
     t.points3D.xyz += 1.0
     with pytest.raises(OSError, match="disk full"):
         write_model(t, target)

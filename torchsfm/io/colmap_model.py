@@ -1,7 +1,7 @@
 """COLMAP sparse models (cameras/images/points3D[/rigs/frames] .bin or .txt) <-> Reconstruction.
 
-pycolmap does all file parsing and writing; this module only converts between its objects and
-our tensors. Ids, names, every image's points2D (also those without a 3D point), tracks,
+pycolmap parses all files and writes text models; binary models of a Reconstruction are written
+by `colmap_binary` straight from the arrays (same bytes, without a pycolmap object per point). Ids, names, every image's points2D (also those without a 3D point), tracks,
 colours and errors are kept, so a model round-trips unchanged.
 
 Rigs: COLMAP 4 stores poses on frames of rigs. We support trivial rigs only (one camera per
@@ -37,6 +37,7 @@ from ..data.model import (
     offsets_from_counts,
 )
 from .atomic import atomic_dir
+from .colmap_binary import unit_quaternions, write_binary_model
 
 logger = logging.getLogger(__name__)
 
@@ -231,10 +232,7 @@ def to_pycolmap(rec: Reconstruction) -> pycolmap.Reconstruction:
 
     img_ids = _np(ims.image_id).tolist()
     cam_of_img = _np(ims.camera).tolist()
-    # Unit norm with the sign kept; already-unit rows are left bit-identical so that models round-trip.
-    q64 = ims.quat.to(torch.float64)
-    norm = q64.norm(dim=-1, keepdim=True)
-    quat = _np(torch.where((norm - 1).abs() > 1e-12, q64 / norm, q64))
+    quat = unit_quaternions(ims.quat)
     trans = _np(ims.trans, float)
     reg = _np(ims.registered).tolist()
     kp_xy = _np(rec.keypoints.xy, float)
@@ -316,15 +314,19 @@ def write_model(rec: Reconstruction | pycolmap.Reconstruction, path: str | os.Pa
     """
     if format not in ("bin", "txt"):
         raise ValueError(f"format must be 'bin' or 'txt', not {format!r}")
-    prec = rec if isinstance(rec, pycolmap.Reconstruction) else to_pycolmap(rec)
-    dropped = prec.num_images() - prec.num_reg_images()
+    native = isinstance(rec, Reconstruction) and format == "bin"
+    prec = None if native else (rec if isinstance(rec, pycolmap.Reconstruction) else to_pycolmap(rec))
+    dropped = int((~rec.images.registered).sum()) if native else prec.num_images() - prec.num_reg_images()
     if dropped:
         logger.warning(
             "%d unregistered image(s) are not written to %s: COLMAP model files hold registered images only",
             dropped, path,
         )
     with atomic_dir(path) as tmp:
-        (prec.write_binary if format == "bin" else prec.write_text)(str(tmp))
+        if native:  # numpy writer: no pycolmap object per point (colmap_binary.py)
+            write_binary_model(rec, tmp)
+        else:
+            (prec.write_binary if format == "bin" else prec.write_text)(str(tmp))
         missing = [n for n in MODEL_FILES if not (tmp / f"{n}.{format}").is_file()]
         if missing:
-            raise RuntimeError(f"pycolmap did not write {missing} for {path}")
+            raise RuntimeError(f"the model writer did not write {missing} for {path}")
