@@ -108,3 +108,22 @@ def test_nan_ray_flags_only_its_track():
     out, ok = triangulate(R, t, rays, img, trk, 2)
     assert ok.tolist() == [True, False]
     assert torch.allclose(out[0], X[0], atol=1e-10)
+
+
+def test_noise_capped_threshold_estimates_sigma_from_fitted_tracks():
+    # residuals of points fitted to tracks of L views: Gaussian of sigma 0.3 px, shrunk by the
+    # 3 of 2L coordinates the point absorbs; the threshold is 4 sigma, floored and capped
+    from torchsfm.mapper.triangulation import reprojection_threshold
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.tensor([2] * 3000 + [3] * 2000 + [10] * 500)  # mostly short tracks, as on real images
+    point = torch.repeat_interleave(torch.arange(L.numel()), L)
+    shrink = ((2 * L[point] - 3) / (2 * L[point])).sqrt().to(torch.float64)
+    err = (torch.randn(point.numel(), 2, generator=g, dtype=torch.float64) * 0.3).norm(dim=1) * shrink
+    err[::97] = float("inf")  # behind the camera: ignored
+    opt = FilterOptions(max_reprojection_error=2.0, noise_sigmas=4.0, min_reprojection_error=0.5)
+    assert reprojection_threshold(err, point, L.numel(), opt) == pytest.approx(1.2, rel=0.04)
+    assert reprojection_threshold(err * 3, point, L.numel(), opt) == 2.0  # capped at the fixed threshold
+    assert reprojection_threshold(err * 1e-6, point, L.numel(), opt) == 0.5  # noiseless: the floor
+    fixed = FilterOptions(max_reprojection_error=2.0)  # noise_sigmas 0: the fixed threshold
+    assert reprojection_threshold(err, point, L.numel(), fixed) == 2.0

@@ -90,6 +90,9 @@ class SyntheticOptions:
     focal: float | None = None  # default 1.2 * max(width, height)
     focal_jitter: float = 0.0  # per-camera focal = focal * (1 + U(-jitter, jitter))
     distortion: tuple[float, ...] | None = None  # default DEFAULT_DISTORTION[camera_model]
+    # true principal point = image centre + this (pixels); mapper_input() starts from the centre,
+    # as a database without calibration does
+    principal_point_offset: tuple[float, float] = (0.0, 0.0)
     pixel_noise: float = 0.0  # std of the Gaussian added to each keypoint coordinate (pixels)
     outlier_ratio: float = 0.0  # wrong matches / all matches of every pair
     match_graph: str = "exhaustive"  # exhaustive | sequential | sparse
@@ -138,7 +141,10 @@ class SyntheticScene:
         z = gt.points3D.xyz
         points = Points3D(gt.points3D.point3D_id[:0], z[:0], gt.points3D.rgb[:0], gt.points3D.error[:0])
         tracks = Tracks(gt.tracks.point[:0], gt.tracks.image[:0], gt.tracks.keypoint[:0])
-        return Reconstruction(gt.cameras.clone(), images, gt.keypoints.clone(), points, tracks,
+        cameras = gt.cameras.clone()
+        cameras.params[:, list(model_info(int(gt.cameras.model_id[0])).principal)] -= torch.tensor(
+            self.options.principal_point_offset, dtype=cameras.params.dtype, device=cameras.params.device)
+        return Reconstruction(cameras, images, gt.keypoints.clone(), points, tracks,
                               self.view_graph.clone(), {"synthetic": dict(gt.meta.get("synthetic", {}))})
 
 
@@ -323,6 +329,7 @@ def _cameras(o: SyntheticOptions, g: torch.Generator) -> Cameras:
     dist = DEFAULT_DISTORTION[info.name] if o.distortion is None else tuple(o.distortion)
     if info.extra:
         params[:, list(info.extra)] = torch.tensor(dist, dtype=torch.float64)
+    params[:, list(info.principal)] += torch.tensor(o.principal_point_offset, dtype=torch.float64)
     return Cameras(
         camera_id=torch.arange(1, C + 1),
         model_id=torch.full((C,), info.model_id),
