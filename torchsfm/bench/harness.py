@@ -116,6 +116,9 @@ _GLOMAP_GROUP = {"Rotation averaging": "rotation_averaging", "Track establishmen
                  "Iterative retriangulation and refinement": "retriangulation"}
 
 
+_AFTER_RETRIANGULATION = ("retriangulation", "final_", "principal_point", "noise_filter")
+
+
 def stage_groups(method: str, stages: dict[str, float], total: float) -> dict[str, float]:
     """Per-stage seconds in common groups; 'other' is the rest of the total (loading, writing,
     calibration, component handling). COLMAP incremental interleaves its stages: total only."""
@@ -127,7 +130,7 @@ def stage_groups(method: str, stages: dict[str, float], total: float) -> dict[st
             key = _GLOMAP_GROUP.get(name)
         else:
             base = name.split("/")[-1]
-            if base.startswith("final_") or base == "retriangulation":
+            if base.startswith(_AFTER_RETRIANGULATION):  # the steps from retriangulation on
                 key = "retriangulation"
             elif "bundle_adjustment" in base or "filter" in base:  # BA rounds and their filtering
                 key = "bundle_adjustment"
