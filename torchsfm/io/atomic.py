@@ -110,8 +110,11 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (temporary file + fsync + os.replace)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` atomically (temporary file + fsync + os.replace).
+
+    durable=False skips the fsyncs: still atomic for readers and across a killed process, but an
+    OS crash may leave an empty or stale file; for files whose readers check them (checkpoints)."""
     final = Path(path).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(final, "tmp")
@@ -121,9 +124,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, final)
-        fsync_dir(final.parent)
+        if durable:
+            fsync_dir(final.parent)
     except BaseException:
         _remove(tmp)
         raise

@@ -34,10 +34,11 @@ class CalibrationCheckOptions:
     max_iterations: int = 1000  # RANSAC iterations per pair during the check
 
 
-def check_calibration(before: Reconstruction, after: Reconstruction, options: CalibrationCheckOptions | None = None
-                      ) -> tuple[Reconstruction, dict]:
+def check_calibration(before: Reconstruction, after: Reconstruction, options: CalibrationCheckOptions | None = None,
+                      num_threads: int | None = None) -> tuple[Reconstruction, dict]:
     """`after` when its intrinsics explain the matches at least as well as `before`'s, else
-    `before` (with a warning). Both must share images, keypoints and view graph pairs."""
+    `before` (with a warning). Both must share images, keypoints and view graph pairs.
+    num_threads: PoseLib's thread pool (default: the cores this process may use)."""
     opt = options or CalibrationCheckOptions()
     f0, f1 = focal_length(before.cameras), focal_length(after.cameras)
     change = float(((f1 / f0) - 1).abs().max()) if len(f0) else 0.0
@@ -56,7 +57,8 @@ def check_calibration(before: Reconstruction, after: Reconstruction, options: Ca
     # RANSAC for both: the stored poses were estimated with the initial intrinsics, so refining
     # them would favour whichever focal is closer to those
     rp = RelativePoseOptions(init="ransac", max_iterations=opt.max_iterations, min_num_inliers=0, min_inlier_ratio=0.0,
-                             keep_inlier_matches_only=False, keep_largest_component=False, progress=False)
+                             keep_inlier_matches_only=False, keep_largest_component=False, progress=False,
+                             num_threads=num_threads)
     inliers = []
     for rec in (before, after):
         probe = stage_copy(rec, "view_graph")

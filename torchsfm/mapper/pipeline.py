@@ -228,7 +228,7 @@ def _calibration_step(rec: Reconstruction, run: _Run) -> Reconstruction:
         calibrated, r = calibrate_view_graph(rec, run.opt.view_graph_calibration)
         st.counts.update(_counts(r))
     with run.report.stage("calibration_check", run.dev) as st:
-        rec, counts = check_calibration(rec, calibrated, run.opt.calibration_check)
+        rec, counts = check_calibration(rec, calibrated, run.opt.calibration_check, run.opt.relative_pose.num_threads)
         st.counts.update(counts)
     return run.check(rec, "view-graph calibration")
 
@@ -431,6 +431,8 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
             b = copy.deepcopy(o.bundle_adjustment)
             b.refine_principal_point = True
             b.solver.max_iterations = min(b.solver.max_iterations, o.principal_point_test_iterations)
+            # from a converged model the damping mostly slows the shallow principal-point valley
+            b.solver.initial_trust_region_radius = max(b.solver.initial_trust_region_radius, 1e8)
             res["pp"], res["summary"] = bundle_adjust(r, b)
             return res["pp"]
 
