@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 class CalibrationCheckOptions:
     enabled: bool = True
     min_focal_change: float = 0.05  # relative; smaller changes are accepted without a check
-    num_pairs: int = 100  # best-matched valid pairs used for the check
+    # best-matched valid pairs used for the check; 50 and 100 gave the same decisions and margins on
+    # kitchen (+1%), DTU (-17%) and the rendered sphere (-35%) at half the time
+    num_pairs: int = 50
     max_inlier_loss: float = 0.0  # reject when the calibrated focal explains more than this fraction fewer matches
     max_iterations: int = 1000  # RANSAC iterations per pair during the check
 

@@ -432,7 +432,7 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
             b.refine_principal_point = True
             b.solver.max_iterations = min(b.solver.max_iterations, o.principal_point_test_iterations)
             # from a converged model the damping mostly slows the shallow principal-point valley
-            b.solver.initial_trust_region_radius = max(b.solver.initial_trust_region_radius, 1e8)
+            b.solver.initial_trust_region_radius = max(b.solver.initial_trust_region_radius, 1e6)
             res["pp"], res["summary"] = bundle_adjust(r, b)
             return res["pp"]
 
