@@ -127,3 +127,27 @@ def test_noise_capped_threshold_estimates_sigma_from_fitted_tracks():
     assert reprojection_threshold(err * 1e-6, point, L.numel(), opt) == 0.5  # noiseless: the floor
     fixed = FilterOptions(max_reprojection_error=2.0)  # noise_sigmas 0: the fixed threshold
     assert reprojection_threshold(err, point, L.numel(), fixed) == 2.0
+
+
+@pytest.mark.parametrize("split_rounds", [0, 2])
+def test_track_joining_two_points_is_split(device, split_rounds):
+    # a wrong match joins the tracks of two points seen by disjoint images (no image holds two of
+    # its keypoints, so building tracks cannot see it): split, both points come back; without
+    # the split the whole merged track is lost
+    gt = _scene(noise=0.3, device=device)
+    P = len(gt.points3D)
+    imgs = [set(gt.tracks.image[gt.tracks.point == p].tolist()) for p in range(P)]
+    pa, pb = next((a, b) for a in range(P) for b in range(a + 1, P)
+                  if len(imgs[a]) >= 4 and len(imgs[b]) >= 4 and not imgs[a] & imgs[b])
+    point = gt.tracks.point.clone()
+    point[point == pb] = pa  # one track id for both
+    merged = Tracks(point, gt.tracks.image, gt.tracks.keypoint)
+    rec, counts = triangulate_tracks(gt, merged, TriangulationOptions(split_rounds=split_rounds))
+    # new point ids are track id + 1; a split-off track gets a new id beyond the input's
+    dist = torch.cdist(gt.points3D.xyz[[pa, pb]], rec.points3D.xyz).min(1).values
+    if split_rounds:
+        assert counts["tracks_split"] == 1
+        assert float(dist.max()) < 0.01  # both points, each from its own observations
+        assert len(rec.points3D) == P - 1 + 1
+    else:
+        assert float(dist.min()) > 0.01  # the merged track fits neither point: lost
