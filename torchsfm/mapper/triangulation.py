@@ -39,14 +39,20 @@ def normalized_matches(rec: Reconstruction, select: Tensor | None = None) -> tup
     """Undistorted normalised coordinates (M, 2) of both ends of every view-graph match (of the
     matches in the bool mask `select` only, when given).
 
-    Every keypoint is unprojected once and then gathered per match: a keypoint takes part in
-    many matches (13 on average on a 1,000-image corridor), and undistortion is iterative."""
+    Every keypoint in a match is unprojected once and then gathered per match: a keypoint takes
+    part in many matches (13 on average on a 1,000-image corridor), and undistortion is
+    iterative; keypoints in no match (most of SIFT's on real images) are not unprojected."""
     kp, vg = rec.keypoints, rec.view_graph
-    xn = unproject_cameras(rec.cameras, rec.images.camera[kp.image_of()], kp.xy)
     pm, m = vg.pair_of_match(), vg.matches
     if select is not None:
         pm, m = pm[select], m[select]
-    return tuple(xn[kp.offsets[vg.pairs[pm, side]] + m[:, side]] for side in (0, 1))
+    flat = torch.cat([kp.offsets[vg.pairs[pm, side]] + m[:, side] for side in (0, 1)])
+    used = torch.zeros(len(kp), dtype=torch.bool, device=flat.device)
+    used[flat] = True
+    rows = torch.nonzero(used)[:, 0]
+    slot = torch.cumsum(used, 0) - 1  # keypoint -> row of the unprojected subset
+    xn = unproject_cameras(rec.cameras, rec.images.camera[kp.image_of()[rows]], kp.xy[rows])[slot[flat]]
+    return xn[: pm.numel()], xn[pm.numel():]
 
 
 def bearings(rec: Reconstruction, image: Tensor, keypoint: Tensor) -> Tensor:
