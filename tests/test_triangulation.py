@@ -142,7 +142,7 @@ def test_track_joining_two_points_is_split(device, split_rounds):
     point = gt.tracks.point.clone()
     point[point == pb] = pa  # one track id for both
     merged = Tracks(point, gt.tracks.image, gt.tracks.keypoint)
-    rec, counts = triangulate_tracks(gt, merged, TriangulationOptions(split_rounds=split_rounds))
+    rec, counts = triangulate_tracks(gt, merged, TriangulationOptions(split_rounds=split_rounds))  # 2: default
     # new point ids are track id + 1; a split-off track gets a new id beyond the input's
     dist = torch.cdist(gt.points3D.xyz[[pa, pb]], rec.points3D.xyz).min(1).values
     if split_rounds:
