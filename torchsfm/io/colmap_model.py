@@ -1,8 +1,9 @@
 """COLMAP sparse models (cameras/images/points3D[/rigs/frames] .bin or .txt) <-> Reconstruction.
 
 pycolmap parses all files and writes text models; binary models of a Reconstruction are written
-by `colmap_binary` straight from the arrays (same bytes, without a pycolmap object per point). Ids, names, every image's points2D (also those without a 3D point), tracks,
-colours and errors are kept, so a model round-trips unchanged.
+by `colmap_binary` straight from the arrays (same bytes, without a pycolmap object per point).
+Ids, names, every image's points2D (also those without a 3D point), tracks, colours and errors
+are kept, so a model round-trips unchanged.
 
 Rigs: COLMAP 4 stores poses on frames of rigs. We support trivial rigs only (one camera per
 rig, one image per frame), which is what legacy models and single-camera captures give; a

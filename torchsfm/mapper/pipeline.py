@@ -323,12 +323,12 @@ _CONVERGED_AT = "observations_at_converged_ba"  # meta: observation count when t
 _CONVERGED = ("function_tolerance", "gradient_tolerance", "parameter_tolerance")
 
 
-def _ba_step(k: int, prefix: str, filtered: bool = True, name: str | None = None):
+def _ba_step(k: int, prefix: str, filtered: bool = True):
     """BA round k (skipped when it would not move the model), then its filter (unless not `filtered`)."""
     def step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
         opt = run.opt
         converged = {}
-        with run.report.stage(f"{tag}{name or prefix + f'bundle_adjustment_{k + 1}'}", run.dev) as st:
+        with run.report.stage(f"{tag}{prefix}bundle_adjustment_{k + 1}", run.dev) as st:
             at = rec.meta.get(_CONVERGED_AT)
             removed = None if at is None else (at - len(rec.tracks)) / max(at, 1)
             if removed is not None and removed <= opt.ba_round_skip_max_removed:
@@ -401,9 +401,10 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
     reaches 4-60 at cost changes of 0.01-0.09%, while the real offsets of templeRing, DTU and
     kitchen give 0.7-0.9% (ratios 390-950; measured before the noise-capped filter). On a ring
     fixating one point a principal-point shift is nearly a rotation of every camera, so an
-    untested refinement trades pose accuracy for noise. Both costs must be converged: the principal point moves along a shallow valley (on
-    DTU one LM step shows 0.05% of a 0.7% gain), and a reference that is not converged credits
-    the gain of merely re-fitting after a filter to the principal point (13% on the sphere).
+    untested refinement trades pose accuracy for noise. Both costs must be converged: the
+    principal point moves along a shallow valley (on DTU one LM step shows 0.05% of a 0.7% gain),
+    and a reference that is not converged credits the gain of merely re-fitting after a filter to
+    the principal point (13% on the sphere).
 
     The test runs last, after the noise-capped filter and its BA; templeRing, DTU and kitchen
     still gain 1.0-2.1% there. The reference is converged with the same solver settings as the
@@ -419,6 +420,7 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
     if mode == "never" or opt.bundle_adjustment.refine_principal_point or (
             mode == "auto" and not bool((per_cam[used] >= opt.min_images_for_principal_point).all())):
         return out
+    res = {}
 
     def test_ba(free: bool):
         def ba(r, o):
@@ -431,7 +433,6 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
             return res[free][0]
         return ba
 
-    res = {}
     # the reference: the model with fixed principal points, converged the same way
     with report.stage(f"{tag}principal_point_reference_bundle_adjustment", dev) as st:
         out = run.check(run.solve(st, test_ba(False), out), "principal point reference bundle adjustment")
@@ -439,8 +440,7 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
         st.counts.update({"initial_cost": ref.initial_cost, "final_cost": ref.final_cost,
                           "iterations": ref.iterations, "termination": ref.termination})
     with report.stage(f"{tag}principal_point_bundle_adjustment", dev) as st:
-        ba = test_ba(True)
-        pp = run.solve(st, ba, out)
+        pp = run.solve(st, test_ba(True), out)
         summary = res[True][1]
         c0 = summary.initial_cost
         sigma2 = max(c0 / max(1, len(out.tracks)), 1e-12)  # per coordinate
@@ -456,15 +456,12 @@ def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstru
     report.summary["principal_point_refined"] = accept
     if not accept:
         return out
-    pp = run.check(pp, "principal point bundle adjustment")
-    pp.meta.pop(_CONVERGED_AT, None)
-    if summary.termination in _CONVERGED:
-        pp.meta[_CONVERGED_AT] = len(pp.tracks)
-    return pp
+    return run.check(pp, "principal point bundle adjustment")
 
 
 def _finish_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
     """Drop images left with too few observations, then normalise the scene."""
+    rec.meta.pop(_CONVERGED_AT, None)  # the BA-round bookkeeping does not belong in the model
     reg = rec.images.registered
     n_obs = torch.bincount(rec.tracks.image, minlength=len(rec.images))
     few = reg & (n_obs < run.opt.degeneracy.min_camera_observations)
