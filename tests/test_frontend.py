@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sqlite3
 import subprocess
@@ -21,6 +22,7 @@ from torchsfm.frontend.features import make_extractor, sift_features
 from torchsfm.frontend.ingest import load_uint8
 from torchsfm.frontend.pairs import exhaustive_pairs, sequential_pairs, top_k_pairs
 from torchsfm.frontend.retrieval import kmeans, vlad
+from torchsfm.report import RunReport
 
 FAST = dict(num_workers=1, progress=False)
 TABLES = ["cameras", "images", "rigs", "rig_sensors", "frames", "frame_data", "keypoints", "descriptors",
@@ -101,7 +103,9 @@ def test_bad_inputs_are_skipped_and_reported(messy, tmp_path):
     assert cam.model_name == "SIMPLE_RADIAL" and not cam.has_prior_focal_length
     np.testing.assert_allclose(cam.params, [1.2 * 96, 48, 36, 0])
     assert len(frames) == len(kept)  # COLMAP 4 layout: a frame per image, a rig per camera
-    report_json = rep.write_json(tmp_path / "r.json").read_text(encoding="utf-8")
+    run = RunReport(command="extract")
+    run.skip_files(rep.skipped)
+    report_json = run.write_json(tmp_path / "r.json").read_text(encoding="utf-8")
     assert "truncated.jpg" in report_json and "decode_error" in report_json
 
 
@@ -313,12 +317,16 @@ def test_cli_extract_and_match(shifted, tmp_path, capsys):
     from torchsfm.cli import main
 
     db = tmp_path / "w" / "database.db"
-    assert main(["-q", "extract", str(shifted), "--database", str(db), "--workers", "1", "--camera-mode", "single"]) == 0
+    assert main(["-q", "extract", str(shifted), "--database", str(db), "--threads", "1", "--camera-mode", "single"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("extract: 4 images in 1 camera(s)") and (tmp_path / "w" / "database.extract.json").exists()
+    assert out.startswith("torchsfm extract: done in") and "extract: 4 images in 1 camera(s)" in out
+    rep = json.loads((tmp_path / "w" / "database.extract.json").read_text())
+    assert [s["name"] for s in rep["stages"]] == ["extract"] and rep["stages"][0]["counts"]["num_images"] == 4
     assert main(["-q", "match", "--database", str(db), "--mode", "sequential", "--overlap", "1",
                  "--no-quadratic-overlap", "--num-threads", "1"]) == 0
-    assert capsys.readouterr().out.startswith("match (sequential): 3 candidate pairs over 4 images")
+    assert "match (sequential): 3 candidate pairs over 4 images" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "w" / "database.match.json").read_text())
+    assert rep["stages"][0]["counts"]["mode"] == "sequential" and rep["stages"][0]["counts"]["num_verified"] >= 1
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["-q", "extract", str(empty), "--database", str(tmp_path / "x.db")]) == 2

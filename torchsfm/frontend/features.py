@@ -86,13 +86,39 @@ def _init_worker(options: ExtractOptions, device: str) -> None:
     _WORKER["max_image_size"] = options.max_image_size
 
 
-def _extract_file(path: str):
-    """(keypoints, descriptors, None) or (None, None, error text); never raises."""
+def mask_keypoints(kp: np.ndarray, de: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """COLMAP's masking: a keypoint is kept where the grey mask's pixel (int(x), int(y)) exists and
+    is not zero."""
+    x, y = kp[:, 0].astype(np.int64), kp[:, 1].astype(np.int64)
+    h, w = mask.shape
+    keep = (x >= 0) & (y >= 0) & (x < w) & (y < h)
+    keep[keep] = mask[y[keep], x[keep]] != 0
+    return kp[keep], de[keep]
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask image as grey (H, W) uint8, read as COLMAP reads it (colour converted to grey)."""
+    from PIL import Image
+
+    m = load_uint8(path)
+    return np.asarray(Image.fromarray(m).convert("L")) if m.ndim == 3 else m
+
+
+def _extract_file(job: tuple[str, str | None]):
+    """(keypoints, descriptors, None, None) or (None, None, error text, skip reason) for (image
+    path, mask path or None); never raises."""
+    path, mask_path = job
     try:
         kp, de = sift_features(_WORKER["extractor"], load_uint8(path), _WORKER["max_image_size"])
-        return kp, de, None
     except Exception as e:  # noqa: BLE001 - a file that changed since the scan must not stop the run
-        return None, None, f"{type(e).__name__}: {e}"
+        return None, None, f"{type(e).__name__}: {e}", "decode_error"
+    if mask_path is None:
+        return kp, de, None, None
+    try:
+        kp, de = mask_keypoints(kp, de, load_mask(mask_path))
+    except Exception as e:  # noqa: BLE001 - an unreadable mask skips its image, not the run
+        return None, None, f"mask {mask_path}: {type(e).__name__}: {e}", "mask_error"
+    return kp, de, None, None
 
 
 def default_num_workers() -> int:
@@ -100,8 +126,8 @@ def default_num_workers() -> int:
     return max(1, min(cores, 8))
 
 
-def _iter_features(paths: list[str], options: ExtractOptions, device: str):
-    """Results in input order. One in-process extractor for CUDA or one worker; a spawn pool
+def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions, device: str):
+    """Results for (image path, mask path or None) jobs, in input order. One in-process extractor for CUDA or one worker; a spawn pool
     (safe with threads in the parent) otherwise."""
     # Spawning a worker costs seconds (imports), so small jobs run in-process.
     auto = min(default_num_workers(), max(1, len(paths) // 8))
@@ -121,6 +147,22 @@ def _iter_features(paths: list[str], options: ExtractOptions, device: str):
 
 
 # ---- the front end's first stage ----
+def _mask_of(name: str, options: ExtractOptions) -> str | None:
+    """COLMAP's mask of an image: MASK_PATH/<image name>.png (None without --mask-path)."""
+    return str(Path(options.mask_path) / f"{name}.png") if options.mask_path else None
+
+
+def _keep_masked(records: list[ImageRecord], options: ExtractOptions, report: ExtractReport) -> list[ImageRecord]:
+    """With a mask folder, an image without its mask is skipped, as COLMAP's image reader does."""
+    if not options.mask_path:
+        return records
+    have = [r for r in records if Path(_mask_of(r.name, options)).is_file()]
+    missing = [r.name for r in records if not Path(_mask_of(r.name, options)).is_file()]
+    report.skipped += [SkippedFile(n, "mask_missing", f"no {n}.png in {options.mask_path}") for n in missing]
+    log_aggregated(logger, f"no mask in {options.mask_path} for {len(missing)} images (skipped):", missing)
+    return have
+
+
 def _camera_params(model: str, focal: float, width: int, height: int) -> np.ndarray:
     import pycolmap
 
@@ -164,6 +206,7 @@ def _register(db: FrontendDatabase, records: list[ImageRecord], options: Extract
             usable.append(r)
     groups = group_cameras(usable, options)
     mid = model_info(options.camera_model).model_id
+    known = options.parsed_camera_params()  # COLMAP's camera_params: every new camera, focal known
     group_camera: dict[int, int] = {}
     for g, group in enumerate(groups):
         for i in group.members:
@@ -178,8 +221,10 @@ def _register(db: FrontendDatabase, records: list[ImageRecord], options: Extract
             for name, g in new:
                 if g not in group_camera:
                     grp = groups[g]
-                    params = _camera_params(options.camera_model, grp.focal, grp.width, grp.height)
-                    group_camera[g] = db.add_camera(mid, grp.width, grp.height, params, grp.has_prior_focal_length)
+                    params = (np.asarray(known, dtype=np.float64) if known is not None
+                              else _camera_params(options.camera_model, grp.focal, grp.width, grp.height))
+                    group_camera[g] = db.add_camera(mid, grp.width, grp.height, params,
+                                                    known is not None or grp.has_prior_focal_length)
                 ids[name] = db.add_image(name, group_camera[g])
     report.num_registered = len(new)
     report.num_cameras = len({existing[r.name][1] for r in usable if r.name in existing} | set(group_camera.values()))
@@ -197,6 +242,8 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     t0 = time.perf_counter()
     options = options or ExtractOptions()
     image_dir, database = Path(image_dir), Path(database)
+    if options.mask_path and not Path(options.mask_path).is_dir():
+        raise IngestError(f"mask folder {options.mask_path} does not exist or is not a folder")
     device = resolve_sift_device(options.device)
     report = ExtractReport(image_dir=str(image_dir), database=str(database), device=device)
 
@@ -207,7 +254,7 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
             trusted = {n for n, (iid, _) in db.images().items() if iid in complete}
     scan = scan_images(image_dir, options, trusted)
     report.num_files, report.skipped = scan.num_files, list(scan.skipped)
-    records = scan.images
+    records = _keep_masked(scan.images, options, report)
     _report_scan(report, records)
     if len(records) < options.min_images:
         err = IngestError(
@@ -229,12 +276,14 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
             failed = []
             bar = progress(total=len(todo), enabled=options.progress, desc="extract", unit="img")
             try:
-                for r, (kp, de, err) in zip(todo, _iter_features([str(r.path) for r in todo], options, device)):
+                jobs = [(str(r.path), _mask_of(r.name, options)) for r in todo]
+                report.num_masked = len(todo) if options.mask_path else 0
+                for r, (kp, de, err, why) in zip(todo, _iter_features(jobs, options, device)):
                     iid = ids[r.name]
                     if err is not None:
                         with db.transaction():
                             db.remove_image(iid)
-                        failed.append(SkippedFile(r.name, "decode_error", err))
+                        failed.append(SkippedFile(r.name, why, err))
                     else:
                         db.write_features(iid, kp, de)  # replaces a partial set left by another tool
                         report.num_extracted += 1

@@ -44,6 +44,13 @@ class ExtractOptions:
     device: str = "auto"  # SIFT device: auto uses CUDA only when the installed pycolmap has it
     num_workers: int = 0  # extraction processes; 0 = one per available core (at most 8)
     progress: bool = True
+    # COLMAP's ImageReaderOptions: only these images (names relative to the image folder; empty:
+    # all); known intrinsics of every new camera ("f,cx,cy,k" in the model's parameter order,
+    # focal marked as a prior); masks MASK_PATH/<image name>.png, no features on zero pixels
+    # (an image without its mask file is skipped).
+    image_names: tuple[str, ...] = ()
+    camera_params: str = ""
+    mask_path: str | None = None
 
     def __post_init__(self) -> None:
         self.camera_mode = normalize_choice(self.camera_mode, CAMERA_MODES, "camera mode")
@@ -56,6 +63,25 @@ class ExtractOptions:
             raise ValueError("max_image_size and max_num_features must be positive")
         if self.default_focal_length_factor <= 0:
             raise ValueError("default_focal_length_factor must be positive")
+        self.image_names = tuple(self.image_names)
+        self.camera_params = str(self.camera_params or "").strip()
+        self.parsed_camera_params()  # a malformed or wrong-sized list is an error before any work
+
+    def parsed_camera_params(self) -> list[float] | None:
+        """`camera_params` as numbers, checked against the camera model; None when not given."""
+        if not self.camera_params:
+            return None
+        from ..data.camera_models import model_info
+
+        try:
+            values = [float(v) for v in self.camera_params.replace(" ", ",").split(",") if v]
+        except ValueError:
+            raise ValueError(f"camera_params {self.camera_params!r}: not a comma-separated list of numbers") from None
+        info = model_info(self.camera_model)
+        if len(values) != info.num_params:
+            raise ValueError(f"camera_params gives {len(values)} values; {info.name} has {info.num_params}: "
+                             f"{','.join(info.params)}")
+        return values
 
 
 @dataclass
