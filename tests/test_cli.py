@@ -507,3 +507,31 @@ def test_run_accepts_the_image_reader_options():
 
     ex, _ = frontend_options(args, extract=ExtractOptions())
     assert ex.camera_params == "1,2,3,4" and ex.mask_path == "m" and len(ex.image_names) > 10
+
+
+def test_config_file_then_the_flags_given(tmp_path):
+    """--config is the base; only flags that were typed override it (a default never does)."""
+    from torchsfm.commands.map import mapper_options
+    from torchsfm.config import dumps
+    from torchsfm.mapper.pipeline import MapperOptions
+
+    cfg = tmp_path / "config.json"
+    base = MapperOptions(seed=5, device="cpu", refine_principal_point="never")
+    base.bundle_adjustment.solver.max_iterations = 9
+    cfg.write_text(dumps(base))
+    opt = mapper_options(parse(["map", "d", "o", "--config", str(cfg)])[2])
+    assert (opt.seed, opt.device, opt.refine_principal_point, opt.bundle_adjustment.solver.max_iterations) == \
+        (5, "cpu", "never", 9)
+    opt = mapper_options(parse(["map", "d", "o", "--config", str(cfg), "--seed", "7", "--ba-max-iterations", "3"])[2])
+    assert (opt.seed, opt.device, opt.bundle_adjustment.solver.max_iterations) == (7, "cpu", 3)
+
+
+def test_ba_never_replaces_a_file_with_its_model(tmp_path, capsys):
+    from test_export import synthetic
+
+    write_model(synthetic(rigs=1), tmp_path / "m")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    code, _, err = cli(capsys, "ba", tmp_path / "m", afile, "--device", "cpu")
+    assert code == 2 and f"output model {afile} exists and is not a folder" in one_line(err)
+    assert afile.read_text() == "keep me"

@@ -73,6 +73,7 @@ def run(args) -> int:
     from ..io.colmap_model import read_model, write_model
     from ..runtime import resolve_device
     from . import CLIError
+    from .arguments import writable_folder
     from .options import options_from_args
 
     try:
@@ -80,6 +81,9 @@ def run(args) -> int:
     except RuntimeError as e:
         raise CLIError(str(e)) from e
     options = options_from_args(args, "ba", ba_defaults())
+    if args.output.exists() and not args.output.is_dir():  # the model folder would replace the file
+        raise CLIError(f"output model {args.output} exists and is not a folder")
+    writable_folder(args.output.parent, "folder of the output model")
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     try:

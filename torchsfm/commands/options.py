@@ -76,9 +76,13 @@ def choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[str], str
 def _leaf(cls: type, path: str) -> tuple[type, Any]:
     """The type hint and dataclass field of a dotted field path of dataclass `cls`."""
     *heads, last = path.split(".")
-    for h in heads:
-        cls = typing.get_type_hints(cls)[h]
-    return typing.get_type_hints(cls)[last], {f.name: f for f in dataclasses.fields(cls)}[last]
+    top = cls
+    try:
+        for h in heads:
+            cls = typing.get_type_hints(cls)[h]
+        return typing.get_type_hints(cls)[last], {f.name: f for f in dataclasses.fields(cls)}[last]
+    except KeyError:
+        raise KeyError(f"{top.__name__} has no field {path!r}: a stale Flag in a verb's table") from None
 
 
 def _get(obj: Any, path: str) -> Any:
