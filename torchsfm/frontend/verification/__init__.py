@@ -9,6 +9,6 @@ the round-based LO-RANSAC and decision.py for COLMAP's configuration rules.
 """
 from .batch import PairBatch, TwoViewGeometries, make_pair_batches
 from .options import VerificationOptions
-from .verify import verify_pairs
+from .verify import verify_all, verify_pairs
 
-__all__ = ["PairBatch", "TwoViewGeometries", "VerificationOptions", "make_pair_batches", "verify_pairs"]
+__all__ = ["PairBatch", "TwoViewGeometries", "VerificationOptions", "make_pair_batches", "verify_all", "verify_pairs"]

@@ -15,24 +15,30 @@ from ...geometry.epipolar import _tangent_basis
 
 
 def _rows_cross(S: Tensor) -> Tensor:
-    """(…, 3, 3) adjugate of a symmetric 3x3 matrix (its rows are cross products of rows)."""
+    """(…, 3, 3) cross products of the row pairs (1, 2), (2, 0), (0, 1): the adjugate of a
+    symmetric 3x3 matrix."""
     r0, r1, r2 = S[..., 0, :], S[..., 1, :], S[..., 2, :]
     return torch.stack([torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)], -2)
 
 
-def smallest_eigvec_sym3(S: Tensor, steps: int = 2) -> Tensor:
-    """Unit eigenvector of the smallest eigenvalue of symmetric PSD 3x3 matrices S (…, 3, 3).
+def smallest_eigvec_sym3(S: Tensor) -> Tensor:
+    """Unit eigenvector of the smallest eigenvalue of symmetric 3x3 matrices S (…, 3, 3).
 
-    adj(S) = sum_i (prod_{j != i} lambda_j) v_i v_i^T is dominated by v_min v_min^T when the
-    smallest eigenvalue is small (the case for F^T F of a near rank-2 F); its largest column
-    plus two power steps give v_min. Zero where S is (numerically) of rank <= 1.
+    The smallest eigenvalue in closed form (trigonometric solution of the characteristic cubic),
+    then the eigenvector as the largest cross product of two rows of S - lambda I (the adjugate
+    of a rank-2 matrix). Zero where S - lambda I has rank <= 1 (a repeated smallest eigenvalue).
     """
-    A = _rows_cross(S)
-    col = torch.linalg.vector_norm(A, dim=-2).argmax(-1)
-    v = torch.take_along_dim(A, col[..., None, None].expand(*A.shape[:-2], 3, 1), -1)[..., 0]
-    for _ in range(steps):
-        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        v = (A @ v[..., None])[..., 0]
+    q = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / 3
+    p1 = S[..., 0, 1] ** 2 + S[..., 0, 2] ** 2 + S[..., 1, 2] ** 2
+    d = torch.diagonal(S, dim1=-2, dim2=-1) - q[..., None]
+    p = torch.sqrt(((d * d).sum(-1) + 2 * p1) / 6)
+    eye = torch.eye(3, dtype=S.dtype, device=S.device)
+    B = (S - q[..., None, None] * eye) / torch.where(p > 0, p, 1.0)[..., None, None]
+    r = (det3(B) / 2).clamp(-1.0, 1.0)
+    lam = q + 2 * p * torch.cos(torch.acos(r) / 3 + 2 * math.pi / 3)
+    A = _rows_cross(S - lam[..., None, None] * eye)
+    col = torch.linalg.vector_norm(A, dim=-1).argmax(-1)
+    v = torch.take_along_dim(A, col[..., None, None].expand(*A.shape[:-2], 1, 3), -2)[..., 0, :]
     n = v.norm(dim=-1, keepdim=True)
     return torch.where(n > 0, v / n.clamp_min(1e-300), torch.zeros_like(v))
 

@@ -208,33 +208,39 @@ def run_ransac(frames: Frames, kind: ModelKind, options: VerificationOptions, pa
     sub_keys = stream_keys(options.seed, kind.stream + 16, pair_seed)
     frames.feats()
     run = active & (frames.num >= s) & (max_trials > 0)
-    idx = torch.nonzero(run).flatten()
+    idx = torch.nonzero(run).flatten().cpu()  # kept on the host: the rounds' only sync reads it
+    k_cap = int(max_trials[run].max()) if idx.numel() else 0
     rnd = 0
     while idx.numel():
-        K = min(options.trials_per_round << min(rnd, 30), options.max_trials_per_round)
-        sub = frames.index(idx)
-        t0 = trials[idx]
+        # a round's size doubles up to max_trials_per_round, but never exceeds what any pair may still use
+        K = max(1, min(options.trials_per_round << min(rnd, 30), options.max_trials_per_round, k_cap))
+        ix = idx.to(dev)
+        sub = frames.index(ix)
+        t0 = trials[ix]
         trial = t0[:, None] + torch.arange(K, device=dev)
         pool = growth_pool(sub.num, trial, s, options.growth_trials, options.growth_start)
-        samp = sample_distinct(keys[idx], t0, K, s, pool)  # (Pa, K, s)
+        samp = sample_distinct(keys[ix], t0, K, s, pool)  # (Pa, K, s)
         g = samp.flatten(1)[..., None].expand(-1, -1, 2)
         models, valid = kind.solve(torch.gather(sub.n1, 1, g).view(-1, s, 2), torch.gather(sub.n2, 1, g).view(-1, s, 2))
-        Pa, r = idx.numel(), models.shape[1]
+        Pa, r = ix.numel(), models.shape[1]
         models = models.view(Pa, K * r, 3, 3)
-        valid = valid.view(Pa, K * r) & (trial < max_trials[idx][:, None]).repeat_interleave(r, 1)
-        cand, _ = _round_best(sub, kind, models, valid, thr2, options, (sub_keys[idx] + t0) & 0xFFFFFFFF)
+        valid = valid.view(Pa, K * r) & (trial < max_trials[ix][:, None]).repeat_interleave(r, 1)
+        cand, _ = _round_best(sub, kind, models, valid, thr2, options, (sub_keys[ix] + t0) & 0xFFFFFFFF)
         cand, c_count, c_key = _local_optimize(sub, kind, cand, thr2, options.lo_iterations)
-        better = c_key > best_key[idx]
-        best[idx] = torch.where(better[:, None, None], cand, best[idx])
-        best_count[idx] = torch.where(better, c_count, best_count[idx])
-        best_key[idx] = torch.where(better, c_key, best_key[idx])
-        done_trials = torch.minimum(t0 + K, max_trials[idx])
-        trials[idx] = done_trials
-        k_eff = best_count[idx] if decision_floor is None else torch.minimum(
-            torch.maximum(best_count[idx], decision_floor[idx]), sub.num)
+        better = c_key > best_key[ix]
+        best[ix] = torch.where(better[:, None, None], cand, best[ix])
+        best_count[ix] = torch.where(better, c_count, best_count[ix])
+        best_key[ix] = torch.where(better, c_key, best_key[ix])
+        done_trials = torch.minimum(t0 + K, max_trials[ix])
+        trials[ix] = done_trials
+        k_eff = best_count[ix] if decision_floor is None else torch.minimum(
+            torch.maximum(best_count[ix], decision_floor[ix]), sub.num)
         bound = num_trials_bound(k_eff, sub.num, s, options.confidence, options.dyn_num_trials_multiplier)
-        done = (done_trials >= max_trials[idx]) | ((done_trials >= bound) & (done_trials >= options.min_num_trials))
-        idx = idx[~done]  # the round's one host sync
+        done = (done_trials >= max_trials[ix]) | ((done_trials >= bound) & (done_trials >= options.min_num_trials))
+        left = torch.where(done, 0, max_trials[ix] - done_trials)
+        status = torch.cat([done.long(), left.max().view(1)]).cpu()  # the round's one host sync
+        idx = idx[status[:-1] == 0]
+        k_cap = int(status[-1])
         rnd += 1
     err2, _ = kind.residuals(frames, best)
     inliers = (err2 < thr2) & frames.valid & (best_count > 0)[:, None]

@@ -115,7 +115,7 @@ def epipolar_support(feats: Tensor, s1: Tensor, s2: Tensor, G: Tensor, thr2: flo
     if not with_rsum:
         return count, None
     r = num2.mul_(thr2).div_(den)  # num^2 / den
-    return count, torch.where(inl, r, 0.0).sum(-1, dtype=torch.float64)
+    return count, torch.where(inl, r, 0.0).sum(-1).to(torch.float64)
 
 
 def homography_support(feats: Tensor, s1: Tensor, s2: Tensor, Hm: Tensor, thr2: float, with_rsum: bool = True):
@@ -129,7 +129,7 @@ def homography_support(feats: Tensor, s1: Tensor, s2: Tensor, Hm: Tensor, thr2: 
     count = _count(inl)
     if not with_rsum:
         return count, None
-    return count, torch.where(inl, err, 0.0).sum(-1, dtype=torch.float64)
+    return count, torch.where(inl, err, 0.0).sum(-1).to(torch.float64)
 
 
 def support_key(count: Tensor, rsum: Tensor, num: Tensor, thr2: float) -> Tensor:

@@ -254,3 +254,37 @@ def _relative_pose(batch, config, inliers, E_model, F_px, H_px, c1, c2, rel_quat
         rel_trans[i] = torch.where(ok[:, None], t, rel_trans[i])
         pose_valid[i] = ok
     return config, rel_quat, rel_trans, pose_valid
+
+
+def verify_all(xy: Tensor, offsets: Tensor, pairs: Tensor, matches: Tensor, match_offsets: Tensor, cameras,
+               image_camera: Tensor, options: VerificationOptions | None = None, *, pair_seed: Tensor | None = None,
+               device: torch.device | str | None = None, max_elements: int = 2**21) -> TwoViewGeometries:
+    """Verify all pairs given as flat data (see `make_pair_batches`), chunk by chunk.
+
+    Returns one TwoViewGeometries row per pair in the order of `pairs`, on `device`, except that
+    `inliers` is flat: (Q,) bool aligned with `matches`.
+    """
+    from .batch import make_pair_batches
+
+    dev = torch.device(device) if device is not None else xy.device
+    P = pairs.shape[0]
+    f64 = torch.float64
+    out = TwoViewGeometries(
+        config=torch.zeros(P, dtype=torch.long, device=dev), F=torch.zeros(P, 3, 3, dtype=f64, device=dev),
+        E=torch.zeros(P, 3, 3, dtype=f64, device=dev), H=torch.zeros(P, 3, 3, dtype=f64, device=dev),
+        inliers=torch.zeros(matches.shape[0], dtype=torch.bool, device=dev),
+        num_inliers=torch.zeros(P, dtype=torch.long, device=dev),
+        rel_quat=torch.zeros(P, 4, dtype=f64, device=dev), rel_trans=torch.zeros(P, 3, dtype=f64, device=dev),
+        pose_valid=torch.zeros(P, dtype=torch.bool, device=dev), num_trials=torch.zeros(P, dtype=torch.long, device=dev),
+        num_trials_H=torch.zeros(P, dtype=torch.long, device=dev))
+    mo = match_offsets.to(dev)
+    for rows, batch in make_pair_batches(xy, offsets, pairs, matches, match_offsets, cameras, image_camera,
+                                         pair_seed=pair_seed, max_elements=max_elements, device=dev):
+        g = verify_pairs(batch, options)
+        for name in ("config", "F", "E", "H", "num_inliers", "rel_quat", "rel_trans", "pose_valid", "num_trials",
+                     "num_trials_H"):
+            getattr(out, name)[rows] = getattr(g, name)
+        ar = torch.arange(g.inliers.shape[1], device=dev)
+        sel = ar[None] < batch.num_matches[:, None]
+        out.inliers[(mo[rows][:, None] + ar[None])[sel]] = g.inliers[sel]
+    return out
