@@ -174,3 +174,25 @@ def test_non_finite_matches_are_skipped(device):
     assert g.config.tolist() == ref.config.tolist()
     assert not bool(g.inliers[0, 5:8].any())
     assert g.inliers[0].sum() == pytest.approx(ref.inliers[0].sum().item(), abs=3)
+
+
+def test_shared_camera_focal_recovered(device):
+    """One camera without focal prior (COLMAP's shared-focal path): the focal is estimated, so F
+    and the pose are right although the camera's focal is 30 % off."""
+    pairs = [make_pair("general", 150, 0.3, 0.5, seed=30 + s) for s in range(4)]
+    b = batch_of(pairs, same_camera=True, device=device)
+    b.params1[:, 0] *= 0.7
+    b.params2[:, 0] *= 0.7
+    g = verify_pairs(b)
+    assert g.config.tolist() == [TWO_VIEW_UNCALIBRATED] * 4
+    for i, p in enumerate(pairs):
+        assert _sign_free(g.F[i].cpu(), p.F) < 3e-2
+        assert _median_sampson(g.F[i].cpu(), p) <= 1.15 * _median_sampson(p.F, p) + 0.05
+        R = so3.quat_to_matrix(g.rel_quat[i].cpu())
+        assert so3.angle_between(R[None], p.R[None]).item() * 180 / torch.pi < 1.5
+    rec, prec = _recall_precision(g, pairs)
+    assert rec > 0.98 and prec > 0.95
+    # without the shared-focal path the same pairs are verified by F alone, with the same inliers
+    f = verify_pairs(b, VerificationOptions(shared_focal=False))
+    assert f.config.tolist() == [TWO_VIEW_UNCALIBRATED] * 4
+    assert (f.inliers != g.inliers).sum() <= 0.02 * g.inliers.sum()

@@ -157,8 +157,10 @@ def test_verify_all_is_chunking_invariant():
     a = verify_all(xy, off, pairs, matches, mo, cams, icam, max_elements=2**21)
     b = verify_all(xy, off, pairs, matches, mo, cams, icam, max_elements=200)
     assert a.inliers.shape == (matches.shape[0],)
-    for f in ("config", "num_inliers", "inliers", "F", "num_trials"):
+    for f in ("config", "num_inliers", "inliers", "num_trials"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
+    # other padding changes the summation order of the refits' reductions: equal up to rounding
+    assert torch.allclose(a.F, b.F, atol=1e-9) and torch.allclose(a.H, b.H, atol=1e-9)
 
 
 def test_options_are_checked():

@@ -66,6 +66,23 @@ def decide_calibrated(E: Estimate, F: Estimate, H: Estimate, num_matches: Tensor
     return _degenerate(config, num, mask, degenerate)
 
 
+def decide_shared_focal(SF: Estimate, H: Estimate, num_matches: Tensor, opt: VerificationOptions
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(config, num_inliers, inlier mask) of EstimateSharedFocalTwoViewGeometry: the shared-focal
+    model when it has min_num_inliers and H does not explain more than max_H_inlier_ratio of
+    its inliers, else H alone (PLANAR_OR_PANORAMIC, whatever the two counts), else degenerate."""
+    m = opt.min_num_inliers
+    degenerate = (~SF.success & ~H.success) | ((SF.num < m) & (H.num < m))
+    use_sf = SF.success & (SF.num >= m) & (_ratio(H.num, SF.num) <= opt.max_H_inlier_ratio)
+    use_h = ~use_sf & H.success & (H.num >= m)
+    degenerate = degenerate | (~use_sf & ~use_h)
+    config = torch.where(use_sf, TWO_VIEW_UNCALIBRATED, TWO_VIEW_PLANAR_OR_PANORAMIC)
+    num, mask = _pick(use_h, H, SF.num, SF.inliers)
+    if opt.two_view_min_inlier_ratio > 0:
+        degenerate = degenerate | (_ratio(num, num_matches) < opt.two_view_min_inlier_ratio)
+    return _degenerate(config, num, mask, degenerate)
+
+
 def _degenerate(config: Tensor, num: Tensor, mask: Tensor, degenerate: Tensor):
     config = torch.where(degenerate, TWO_VIEW_DEGENERATE, config).long()
     num = torch.where(degenerate, torch.zeros_like(num), num)

@@ -35,6 +35,7 @@ class VerificationOptions:
     max_trials_per_round: int = 800
     growth_trials: int = 100  # PROSAC-like: the first trials sample from the best-ranked matches only
     growth_start: float = 0.25  # fraction of the matches the first trial samples from
+    shared_focal: bool = True  # COLMAP's shared-focal path for pairs sharing a camera without focal prior
     stop_at_decision_floor: bool = True  # stop a pair once no model that could change its config is left to find
     lo_iterations: int = 4  # IRLS refits of the round's best model on its inliers
     preemptive_points: int = 32  # count all models on this many matches first (0: off) ...

@@ -6,14 +6,16 @@ Per pair the estimator follows COLMAP 4.2's choice from the cameras
 | cameras of the pair | COLMAP | here |
 |---|---|---|
 | both have a focal prior | E, F and H compared (calibrated) | the same |
-| one shared camera, no focal prior | shared-focal 6-point relative pose + H | F and H (uncalibrated) |
+| one shared camera, no focal prior | shared-focal 6-point relative pose + H | shared focal from 7-point F samples + H |
 | exactly one focal prior | one-sided-focal relative pose + H | F and H (uncalibrated) |
 | a fisheye camera without focal prior | degenerate | the same |
 | otherwise | F and H (uncalibrated) | the same |
 
-The shared- and one-sided-focal solvers label their pairs UNCALIBRATED and store F as well; the
-focal they estimate is left to the mapper's view-graph calibration here (measured in
-benchmarks/bench_verification.py). Homographies are estimated on pixels for every camera model.
+Shared-focal hypotheses come from 7-point F samples (shared_focal.py), decided by COLMAP's
+shared-focal rules (UNCALIBRATED, F = K^-T E K^-1 of the estimated focal). The one-sided-focal
+solver's pairs are verified with F and H here; both label their pairs UNCALIBRATED, and the focal
+is left to the mapper's view-graph calibration. Homographies are estimated on pixels for every
+camera model.
 """
 from __future__ import annotations
 
@@ -24,13 +26,15 @@ from ...cameras.models import unproject
 from ...data.model import (TWO_VIEW_CALIBRATED, TWO_VIEW_DEGENERATE, TWO_VIEW_PANORAMIC, TWO_VIEW_PLANAR,
                            TWO_VIEW_PLANAR_OR_PANORAMIC, TWO_VIEW_UNCALIBRATED)
 from ...geometry import so3
-from ...geometry.epipolar import refine_relative_poses
 from .batch import PairBatch, TwoViewGeometries
-from .decision import Estimate, apply_watermark, decide_calibrated, decide_uncalibrated, watermark
+from .decision import (Estimate, apply_watermark, decide_calibrated, decide_shared_focal, decide_uncalibrated,
+                       watermark)
 from .options import VerificationOptions
 from .pose import pose_from_essential, pose_from_homography
-from .ransac import E_KIND, F_KIND, H_KIND, RansacResult, max_trials_for_ratio, msac_cost, polish, run_ransac
-from .scoring import Frames, epipolar_residuals
+from .ransac import E_KIND, F_KIND, H_KIND, max_trials_for_ratio, run_ransac
+from .refine import polish, polish_essential
+from .scoring import Frames
+from .shared_focal import SF_KIND, finish_shared_focal, shared_focal_frames
 
 _FISHEYE_MODELS = (5,)  # OPENCV_FISHEYE: not a perspective pinhole (COLMAP's IsPerspectivePinhole)
 # (model id) -> indices of fx, fy, cx, cy in the parameter vector
@@ -83,8 +87,16 @@ def _unit(G: Tensor) -> Tensor:
     return torch.where((n > 0)[:, None, None], G / n.clamp_min(1e-300)[:, None, None], G)
 
 
-def _route(batch: PairBatch) -> tuple[Tensor, Tensor]:
-    """(calibrated (P,), runnable (P,)) following COLMAP's estimator choice."""
+def _with_focal(model_id: Tensor, params: Tensor, f: Tensor) -> Tensor:
+    """params (P, 12) with the focal length(s) replaced by f (P,)."""
+    table = torch.tensor([_PINHOLE_LAYOUT.get(m, (0, 0, 1, 2))[:2] for m in range(max(_PINHOLE_LAYOUT) + 1)],
+                         device=params.device)
+    cols = table[model_id.clamp(0, table.shape[0] - 1)]
+    return params.scatter(1, cols, f[:, None].to(params.dtype).expand(-1, 2))
+
+
+def _route(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """(calibrated, shared, runnable) (P,) following COLMAP's estimator choice."""
     pin1 = ~torch.isin(batch.camera_model_id1, torch.tensor(_FISHEYE_MODELS, device=batch.camera_model_id1.device))
     pin2 = ~torch.isin(batch.camera_model_id2, torch.tensor(_FISHEYE_MODELS, device=batch.camera_model_id2.device))
     p1, p2 = batch.has_prior_focal1, batch.has_prior_focal2
@@ -92,7 +104,7 @@ def _route(batch: PairBatch) -> tuple[Tensor, Tensor]:
     shared = ~one_sided & batch.same_camera & ~p1 & pin1
     calibrated = ~one_sided & ~shared & p1 & p2
     runnable = one_sided | shared | calibrated | (pin1 & pin2)
-    return calibrated, runnable
+    return calibrated, shared, runnable
 
 
 def verify_pairs(batch: PairBatch, options: VerificationOptions | None = None) -> TwoViewGeometries:
@@ -116,9 +128,10 @@ def verify_pairs(batch: PairBatch, options: VerificationOptions | None = None) -
     num = valid_in.sum(1)
     valid = torch.arange(M, device=dev)[None, :] < num[:, None]
 
-    calibrated, runnable = _route(batch)
+    calibrated, shared, runnable = _route(batch)
     runnable = runnable & (batch.num_matches >= opt.min_num_inliers)
     calibrated = calibrated & runnable
+    shared = shared & runnable & opt.shared_focal
     base_ratio = opt.two_view_min_inlier_ratio if opt.two_view_min_inlier_ratio > 0 else opt.min_inlier_ratio
     ratio = torch.where(calibrated, base_ratio, opt.min_inlier_ratio).to(f64)
 
@@ -128,15 +141,29 @@ def verify_pairs(batch: PairBatch, options: VerificationOptions | None = None) -
     pix = Frames(n1, n2, s1, s2, valid, num)
     m = opt.min_num_inliers
     floor = torch.full_like(num, m) if opt.stop_at_decision_floor else None
-    Fr = run_ransac(pix, F_KIND, opt, pair_seed, max_trials_for_ratio(ratio, F_KIND.sample_size, opt), runnable, floor)
+    Fr = run_ransac(pix, F_KIND, opt, pair_seed, max_trials_for_ratio(ratio, F_KIND.sample_size, opt),
+                    runnable & ~shared, floor)
     Fr = polish(pix, F_KIND, Fr, opt)
     F_est = Estimate(Fr.success, Fr.num_inliers, Fr.inliers)
     ref = Fr.num_inliers
+    F_px = _unit(T2.transpose(1, 2) @ Fr.model @ T1) * (Fr.num_inliers > 0)[:, None, None]
+    num_trials = Fr.num_trials
+
+    # the shared-focal model of pairs that share one camera without a focal prior (no F, as COLMAP)
+    SF = None
+    params1 = batch.params1.to(f64)
+    if bool(shared.any()):
+        f0, c0 = _intrinsics(batch.camera_model_id1, params1)
+        sff = shared_focal_frames(xy1, xy2, valid, num, f0.mean(1), c0)
+        SF = run_ransac(sff, SF_KIND, opt, pair_seed, max_trials_for_ratio(ratio, SF_KIND.sample_size, opt), shared,
+                        floor)
+        SF, sf_focal, sf_F, _ = finish_shared_focal(sff, SF, f0.mean(1), c0, opt)
+        ref = torch.where(shared, SF.num_inliers, ref)
+        num_trials = torch.where(shared, SF.num_trials, Fr.num_trials)
 
     # E on calibrated coordinates (pairs whose two cameras have a focal prior)
     E_est = Estimate(torch.zeros_like(runnable), torch.zeros_like(num), torch.zeros_like(valid))
     E_model = torch.zeros(P, 3, 3, dtype=f64, device=dev)
-    num_trials = Fr.num_trials
     c1 = c2 = None
     any_calibrated = bool(calibrated.any())
     if any_calibrated or opt.compute_relative_pose:
@@ -150,7 +177,7 @@ def verify_pairs(batch: PairBatch, options: VerificationOptions | None = None) -
                      1.0 / f1, 1.0 / f2, cal_ok, num)
         Er = run_ransac(cal, E_KIND, opt, pair_seed, max_trials_for_ratio(ratio, E_KIND.sample_size, opt), calibrated,
                         floor)
-        Er = _polish_essential(cal, Er, f1.mean(1), f2.mean(1), opt)
+        Er = polish_essential(cal, Er, f1.mean(1), f2.mean(1), opt)
         E_est = Estimate(Er.success, Er.num_inliers, Er.inliers)
         E_model = torch.where(Er.success[:, None, None], _unit(Er.model), E_model)
         num_trials = num_trials + Er.num_trials
@@ -165,17 +192,26 @@ def verify_pairs(batch: PairBatch, options: VerificationOptions | None = None) -
                     h_floor)
     H_est = Estimate(Hr.success, Hr.num_inliers, Hr.inliers)
 
-    cfg_u, n_u, m_u = decide_uncalibrated(F_est, H_est, opt)
+    config, num_inliers, inliers = decide_uncalibrated(F_est, H_est, opt)
     cfg_c, n_c, m_c = decide_calibrated(E_est, F_est, H_est, num, opt)
-    config = torch.where(calibrated, cfg_c, cfg_u)
+    config = torch.where(calibrated, cfg_c, config)
+    num_inliers = torch.where(calibrated, n_c, num_inliers)
+    inliers = torch.where(calibrated[:, None], m_c, inliers)
+    if SF is not None:
+        cfg_s, n_s, m_s = decide_shared_focal(Estimate(SF.success, SF.num_inliers, SF.inliers), H_est, num, opt)
+        config = torch.where(shared, cfg_s, config)
+        num_inliers = torch.where(shared, n_s, num_inliers)
+        inliers = torch.where(shared[:, None], m_s, inliers)
+        sf_used = shared & (cfg_s == TWO_VIEW_UNCALIBRATED)
+        F_px = torch.where(sf_used[:, None, None], _unit(sf_F), F_px)
+        E_model = torch.where(sf_used[:, None, None], _unit(SF.model), E_model)
     config = torch.where(runnable, config, TWO_VIEW_DEGENERATE)
-    num_inliers = torch.where(calibrated, n_c, n_u) * runnable
-    inliers = torch.where(calibrated[:, None], m_c, m_u) & runnable[:, None]
+    num_inliers = num_inliers * runnable
+    inliers = inliers & runnable[:, None]
     if opt.detect_watermark:
         wm = watermark(xy1, xy2, inliers, num_inliers, batch.width1, batch.height1, batch.width2, batch.height2, opt)
         config = apply_watermark(config, wm)
 
-    F_px = _unit(T2.transpose(1, 2) @ Fr.model @ T1) * (Fr.num_inliers > 0)[:, None, None]
     H_px = _unit(torch.linalg.solve(T2, Hr.model) @ T1) * (Hr.num_inliers > 0)[:, None, None]
 
     rel_quat = torch.zeros(P, 4, dtype=f64, device=dev)
@@ -183,8 +219,17 @@ def verify_pairs(batch: PairBatch, options: VerificationOptions | None = None) -
     rel_trans = torch.zeros(P, 3, dtype=f64, device=dev)
     pose_valid = torch.zeros(P, dtype=torch.bool, device=dev)
     if opt.compute_relative_pose:
-        config, rel_quat, rel_trans, pose_valid = _relative_pose(batch, config, inliers, E_model, F_px, H_px, c1, c2,
-                                                                 rel_quat, rel_trans, pose_valid)
+        use_E = config == TWO_VIEW_CALIBRATED
+        if SF is not None and bool(sf_used.any()):
+            # as COLMAP: rays through the camera with the estimated focal, pose from the estimated E
+            use_E = use_E | sf_used
+            i = torch.nonzero(sf_used).flatten()
+            p_sf = _with_focal(batch.camera_model_id1[i], params1[i], sf_focal[i])
+            c1, c2 = c1.clone(), c2.clone()
+            c1[i] = torch.where(valid[i, :, None], _unproject(batch.camera_model_id1[i], p_sf, xy1[i]), zero)
+            c2[i] = torch.where(valid[i, :, None], _unproject(batch.camera_model_id1[i], p_sf, xy2[i]), zero)
+        config, rel_quat, rel_trans, pose_valid = _relative_pose(batch, config, inliers, use_E, E_model, F_px, H_px,
+                                                                 c1, c2, rel_quat, rel_trans, pose_valid)
 
     # back to the caller's match order
     inliers_out = torch.zeros_like(inliers).scatter(1, perm, inliers)
@@ -193,35 +238,7 @@ def verify_pairs(batch: PairBatch, options: VerificationOptions | None = None) -
                              num_trials_H=Hr.num_trials)
 
 
-def _polish_essential(cal: Frames, Er, f1: Tensor, f2: Tensor, opt: VerificationOptions):
-    """Refine each E on the essential manifold (rotation + translation direction, Cauchy loss on the
-    pixel Sampson error, `geometry.epipolar.refine_relative_poses`) from its inliers. The linear refits of local optimisation project onto the manifold after
-    the fit, which leaves E noticeably less accurate than COLMAP's (measured: 0.005-0.06 vs 0.003-
-    0.007 Frobenius error on the synthetic pairs of the tests). Kept where the MSAC cost drops
-    (see `ransac.polish`)."""
-    ok = Er.success & (Er.num_inliers >= 6)
-    if not bool(ok.any()):
-        return Er
-    i = torch.nonzero(ok).flatten()
-    sub = cal.index(i)
-    mask = Er.inliers[i]
-    R, t, valid = pose_from_essential(Er.model[i], sub.n1, sub.n2, mask)
-    pair, col = torch.nonzero(mask, as_tuple=True)
-    R2, t2, _ = refine_relative_poses(sub.n1[pair, col], sub.n2[pair, col], pair, R, t, f1[i][pair], f2[i][pair],
-                                      loss_scale=opt.max_error / 2, iterations=10, max_matches=256)
-    E_new = _unit(so3.skew(t2) @ R2)
-    thr2 = float(opt.max_error) ** 2
-    e_old, _ = epipolar_residuals(sub, Er.model[i])
-    e_new, _ = epipolar_residuals(sub, E_new)
-    inl_new = (e_new < thr2) & sub.valid
-    better = valid & (msac_cost(e_new, sub.valid, thr2) < msac_cost(e_old, sub.valid, thr2))
-    model, inliers = Er.model.clone(), Er.inliers.clone()
-    model[i] = torch.where(better[:, None, None], E_new, Er.model[i])
-    inliers[i] = torch.where(better[:, None], inl_new, Er.inliers[i])
-    return RansacResult(model, inliers.sum(1), inliers, Er.num_trials, Er.success)
-
-
-def _relative_pose(batch, config, inliers, E_model, F_px, H_px, c1, c2, rel_quat, rel_trans, pose_valid):
+def _relative_pose(batch, config, inliers, use_E, E_model, F_px, H_px, c1, c2, rel_quat, rel_trans, pose_valid):
     f64 = torch.float64
     K1 = calibration_matrices(batch.camera_model_id1, batch.params1.to(f64))
     K2 = calibration_matrices(batch.camera_model_id2, batch.params2.to(f64))
@@ -234,8 +251,7 @@ def _relative_pose(batch, config, inliers, E_model, F_px, H_px, c1, c2, rel_quat
     epi = ((config == TWO_VIEW_CALIBRATED) | (config == TWO_VIEW_UNCALIBRATED)) & has
     if bool(epi.any()):
         i = torch.nonzero(epi).flatten()
-        E = torch.where((config[i] == TWO_VIEW_CALIBRATED)[:, None, None], E_model[i],
-                        K2[i].transpose(1, 2) @ F_px[i] @ K1[i])
+        E = torch.where(use_E[i][:, None, None], E_model[i], K2[i].transpose(1, 2) @ F_px[i] @ K1[i])
         R, t, ok = pose_from_essential(E, c1[i], c2[i], mask[i])
         rel_quat[i] = torch.where(ok[:, None], so3.matrix_to_quat(R), rel_quat[i])
         rel_trans[i] = torch.where(ok[:, None], t, rel_trans[i])
