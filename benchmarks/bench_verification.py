@@ -82,7 +82,7 @@ def gt_consistent(d: dict, inliers: torch.Tensor, gt_dir: Path, max_px: float = 
         K2 = rec.cameras[ib.camera_id].calibration_matrix()
         Fs[p] = torch.from_numpy(np.linalg.inv(K2).T @ E @ np.linalg.inv(K1))
         have[p] = True
-    from torchsfm.data.model import rows_of
+    from torchsfm.segments import rows_of
 
     pair = rows_of(d["match_offsets"])
     m, off, xy = d["matches"], d["offsets"], d["xy"]

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...data.model import Cameras, rows_of
+from ...data.model import Cameras
+from ...segments import rows_of
 from ...io.database import UNVERIFIED_CONFIGS
 from .options import VerificationOptions
 
@@ -40,7 +41,7 @@ def pycolmap_cameras(cameras: Cameras) -> list:
     """One pycolmap.Camera per row (camera_id, model, size, parameters, focal prior kept)."""
     import pycolmap
 
-    from ...cameras.registry import model_info
+    from ...data.camera_models import model_info
 
     out = []
     for i in range(len(cameras)):
