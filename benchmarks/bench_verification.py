@@ -177,25 +177,30 @@ def main(argv=None) -> int:
             ref_path = args.work / scene / f"pycolmap_{layout}_{key}.npz"
             if ref_path.exists():
                 z = np.load(ref_path)
-                ref_cfg, ref_inl, ref_s = torch.from_numpy(z["config"]), torch.from_numpy(z["inliers"]), float(z["seconds"])
+                ref_cfg, ref_inl = torch.from_numpy(z["config"]), torch.from_numpy(z["inliers"])
+                ref_s, ref_cpu = float(z["seconds"]), float(z["cpu_seconds"]) if "cpu_seconds" in z else None
             else:
-                ref_cfg, ref_inl, ref_s = pycolmap_verify(d["xy"], d["offsets"], d["pairs"], d["matches"],
-                                                          d["match_offsets"], d["cameras"], d["image_camera"], opt)
-                np.savez(ref_path, config=ref_cfg.numpy(), inliers=ref_inl.numpy(), seconds=ref_s)
+                ref_cfg, ref_inl, ref_s, ref_cpu = pycolmap_verify(d["xy"], d["offsets"], d["pairs"], d["matches"],
+                                                                   d["match_offsets"], d["cameras"], d["image_camera"],
+                                                                   opt)
+                np.savez(ref_path, config=ref_cfg.numpy(), inliers=ref_inl.numpy(), seconds=ref_s, cpu_seconds=ref_cpu)
             geoms, (wall, cpu) = run_ours(d, opt, args.device, args.repeat)
             cfg, inl = geoms.config.cpu(), geoms.inliers.cpu()
             cmp = compare(ref_cfg, ref_inl, cfg, inl, d["match_offsets"])
             row = {"scene": scene, "layout": layout, "pairs": int(cfg.numel()), "raw_matches": int(d["matches"].shape[0]),
-                   "pycolmap_seconds": ref_s, "torch_seconds": wall, "torch_cpu_seconds": cpu,
-                   "ratio": wall / ref_s if ref_s else None, "threads": args.threads, "device": args.device,
+                   "pycolmap_seconds": ref_s, "pycolmap_cpu_seconds": ref_cpu, "torch_seconds": wall,
+                   "torch_cpu_seconds": cpu, "ratio": wall / ref_s if ref_s else None,
+                   "cpu_ratio": cpu / ref_cpu if ref_cpu else None, "threads": args.threads, "device": args.device,
                    "trials_mean": float(geoms.num_trials.float().mean()),
                    "inliers_per_pair_pycolmap": cmp["inliers_a"] / cfg.numel(),
                    "inliers_per_pair_torch": cmp["inliers_b"] / cfg.numel(),
                    "gt_consistent_pycolmap": gt_consistent(d, ref_inl, gt_dir),
                    "gt_consistent_torch": gt_consistent(d, inl, gt_dir), **cmp}
             results.append(row)
-            print(f"{scene} {layout}: pycolmap {ref_s:.1f} s, torch {wall:.2f} s (cpu {cpu:.2f} s, {args.threads} thr) "
-                  f"= {row['ratio']:.3f}x | accepted {cmp['accepted_a']} / {cmp['accepted_b']} | agreement "
+            ref_cpu_txt = f"cpu {ref_cpu:.1f} s" if ref_cpu else "cpu n/a"
+            print(f"{scene} {layout}: pycolmap {ref_s:.1f} s ({ref_cpu_txt}), torch {wall:.2f} s (cpu {cpu:.2f} s, "
+                  f"{args.threads} thr) = {row['ratio']:.3f}x wall | accepted {cmp['accepted_a']} / "
+                  f"{cmp['accepted_b']} | agreement "
                   f"{100 * cmp['agreement']:.2f} % | Jaccard median {cmp['jaccard_median']:.3f} mean "
                   f"{cmp['jaccard_mean']:.3f}", flush=True)
             print(f"  confusion (pycolmap->torch): {cmp['confusion']}", flush=True)

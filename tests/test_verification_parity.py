@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 from conftest import shared_data
 
 from torchsfm.frontend import ExtractOptions, extract
@@ -29,7 +28,7 @@ def _raw_database(tmp_path, scene: str, count: int, step: int):
 def _parity(db, per_image: bool, device="cpu"):
     d = flat_inputs(db, per_image_cameras=per_image)
     opt = VerificationOptions(seed=1)
-    ref_cfg, ref_inl, _ = pycolmap_verify(d["xy"], d["offsets"], d["pairs"], d["matches"], d["match_offsets"],
+    ref_cfg, ref_inl, _, _ = pycolmap_verify(d["xy"], d["offsets"], d["pairs"], d["matches"], d["match_offsets"],
                                           d["cameras"], d["image_camera"], opt)
     g = verify_all(d["xy"], d["offsets"], d["pairs"], d["matches"], d["match_offsets"], d["cameras"],
                    d["image_camera"], opt, device=device)

@@ -100,7 +100,8 @@ def test_minimal_solvers_exact(device):
     E = E / E.flatten(1).norm(dim=1)[:, None, None]
     err = torch.minimum((F - E[:, None]).flatten(2).norm(dim=2), (F + E[:, None]).flatten(2).norm(dim=2))
     assert bool((torch.where(valid, err, 9.0).min(1).values < 1e-6).all())
-    H = torch.eye(3, dtype=torch.float64, device=device) + 0.1 * torch.randn(B, 3, 3, generator=g, dtype=torch.float64).to(device)
+    noise = torch.randn(B, 3, 3, generator=g, dtype=torch.float64).to(device)
+    H = torch.eye(3, dtype=torch.float64, device=device) + 0.1 * noise
     p1 = torch.randn(B, 4, 2, generator=g, dtype=torch.float64).to(device)
     q = (H[:, None] @ torch.cat([p1, torch.ones_like(p1[..., :1])], -1)[..., None])[..., 0]
     Hs, ok = four_point_homography(p1, q[..., :2] / q[..., 2:])
@@ -146,7 +147,8 @@ def test_make_pair_batches_gathers_every_pair_once():
             m = matches[mo[p]:mo[p + 1]]
             assert torch.equal(b.xy1[k, :n], xy[off[a] + m[:, 0]]) and torch.equal(b.xy2[k, :n], xy[off[c] + m[:, 1]])
             assert not bool(b.xy1[k, n:].any())
-            assert b.camera_model_id1[k] == cams.model_id[icam[a]] and b.has_prior_focal2[k] == cams.has_prior_focal_length[icam[c]]
+            assert b.camera_model_id1[k] == cams.model_id[icam[a]]
+            assert b.has_prior_focal2[k] == cams.has_prior_focal_length[icam[c]]
             assert b.same_camera[k] == (icam[a] == icam[c])
         seen += rows.tolist()
     assert sorted(seen) == list(range(pairs.shape[0]))

@@ -56,9 +56,9 @@ def pycolmap_cameras(cameras: Cameras) -> list:
 
 def pycolmap_verify(xy: Tensor, offsets: Tensor, pairs: Tensor, matches: Tensor, match_offsets: Tensor,
                     cameras: Cameras, image_camera: Tensor, options: VerificationOptions | None = None
-                    ) -> tuple[Tensor, Tensor, float]:
+                    ) -> tuple[Tensor, Tensor, float, float]:
     """pycolmap.estimate_two_view_geometry on every pair (one thread): config (P,), flat inlier
-    mask (Q,) aligned with `matches`, and the seconds spent in the estimator."""
+    mask (Q,) aligned with `matches`, and the wall and CPU seconds spent in the estimator."""
     import pycolmap
 
     opt = pycolmap_options(options or VerificationOptions())
@@ -68,19 +68,20 @@ def pycolmap_verify(xy: Tensor, offsets: Tensor, pairs: Tensor, matches: Tensor,
     cam_of = image_camera.cpu().numpy()
     config = np.zeros(pairs.shape[0], np.int64)
     inliers = np.zeros(m_np.shape[0], bool)
-    seconds = 0.0
+    seconds = cpu = 0.0
     for p, (a, b) in enumerate(pairs.cpu().numpy()):
         m = m_np[mo[p]:mo[p + 1]]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         g = pycolmap.estimate_two_view_geometry(cams[cam_of[a]], xy_np[off[a]:off[a + 1]], cams[cam_of[b]],
                                                 xy_np[off[b]:off[b + 1]], m.astype(np.uint32), opt)
         seconds += time.perf_counter() - t
+        cpu += time.process_time() - c
         config[p] = int(g.config)
         im = np.asarray(g.inlier_matches, np.int64).reshape(-1, 2)
         if len(im) and len(m):
             key = m[:, 0] * (int(m[:, 1].max()) + 1) + m[:, 1]
             inliers[mo[p]:mo[p + 1]] = np.isin(key, im[:, 0] * (int(m[:, 1].max()) + 1) + im[:, 1])
-    return torch.from_numpy(config), torch.from_numpy(inliers), seconds
+    return torch.from_numpy(config), torch.from_numpy(inliers), seconds, cpu
 
 
 def accepted(config: Tensor) -> Tensor:

@@ -60,9 +60,9 @@ def polish_essential(cal: Frames, Er: RansacResult, f1: Tensor, f2: Tensor, opt:
                      ) -> RansacResult:
     """Refine each E on the essential manifold (rotation + translation direction, Cauchy loss on the
     pixel Sampson error, `geometry.epipolar.refine_relative_poses`) from its inliers. The linear
-    refits of local optimisation project onto the manifold after the fit, which leaves E noticeably less accurate than COLMAP's (measured: 0.005-0.06 vs 0.003-
-    0.007 Frobenius error on the synthetic pairs of the tests). Kept where the MSAC cost drops
-    (see `ransac.polish`)."""
+    refits of local optimisation project onto the manifold after the fit, which leaves E less
+    accurate than COLMAP's (measured: 0.005-0.06 vs 0.003-0.007 Frobenius error on the synthetic
+    pairs of the tests). Kept where the MSAC cost drops."""
     ok = Er.success & (Er.num_inliers >= 6)
     if not bool(ok.any()):
         return Er

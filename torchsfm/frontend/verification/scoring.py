@@ -16,6 +16,7 @@ more inliers, then a smaller sum of squared inlier errors, folded into one float
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -64,11 +65,16 @@ for _r, _row in enumerate(_EPI):
             _EPI_SELECT[_r, _g, _r * 9 + _c] = 1.0
 
 
+@lru_cache(maxsize=None)
+def _epi_select(device: torch.device) -> Tensor:
+    return _EPI_SELECT.to(device)  # one copy per device, not one per call (a host-to-device sync on CUDA)
+
+
 def _epipolar_rows(G: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
     """(P, H, 3, 3) models -> (P, H * 5, 9) float32 scoring rows, the pixel scales folded in
     (one small matmul with a per-pair selection-and-scale matrix; fancy indexing is ~10x slower)."""
     scale = torch.cat([s2, s1, torch.ones_like(s1[:, :1])], 1).to(torch.float32)  # (P, 5)
-    sel = (_EPI_SELECT.to(G.device)[None] * scale[:, :, None, None]).sum(1)  # (P, 9, 45)
+    sel = (_epi_select(G.device)[None] * scale[:, :, None, None]).sum(1)  # (P, 9, 45)
     P, Hn = G.shape[:2]
     return torch.bmm(G.reshape(P, Hn, 9).to(torch.float32), sel).view(P, Hn * 5, 9)
 
