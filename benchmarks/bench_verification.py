@@ -52,7 +52,7 @@ def prepare(scene: str, data: Path, work: Path) -> Path:
     if not db.exists():
         extract(data / scene / "images", db, ExtractOptions())
     tmp = d / "raw_matches.tmp.db"
-    shutil.copy(db, tmp)
+    copy_database(db, tmp)
     t = time.perf_counter()
     match_without_verification(tmp)
     print(f"{scene}: raw matches in {time.perf_counter() - t:.1f} s", flush=True)
@@ -112,11 +112,18 @@ def run_ours(d: dict, opt: VerificationOptions, device: str, repeat: int):
     return geoms, best
 
 
+def copy_database(src: Path, dst: Path) -> None:
+    """Copy a database file, removing the destination's stale SQLite journal files first."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(str(dst) + suffix).unlink(missing_ok=True)
+    shutil.copy(src, dst)
+
+
 def write_database(src_db: Path, dst_db: Path, d: dict, config, inliers, F, E, H) -> None:
     """A copy of the raw-match database with these two-view geometries."""
     import pycolmap
 
-    shutil.copy(src_db, dst_db)
+    copy_database(src_db, dst_db)
     db = pycolmap.Database.open(str(dst_db))
     db.clear_two_view_geometries()
     mo = d["match_offsets"]
@@ -211,7 +218,7 @@ def main(argv=None) -> int:
                 mine = args.work / scene / "verified_torch.db"
                 write_database(src, mine, d, cfg, inl, geoms.F.cpu(), geoms.E.cpu(), geoms.H.cpu())
                 theirs = args.work / scene / "verified_pycolmap.db"
-                shutil.copy(src, theirs)
+                copy_database(src, theirs)
                 pairs_txt = args.work / scene / "pairs.txt"
                 pairs_txt.write_text("".join(f"{d['names'][a]} {d['names'][b]}\n" for a, b in d["pairs"].tolist()))
                 h = pycolmap.Database.open(str(theirs))
