@@ -25,7 +25,7 @@ from test_frontend import blobs, name_features
 from torchsfm.cli import main, parse
 from torchsfm.data.model import ViewGraph, offsets_from_counts
 from torchsfm.frontend.colmap_db import FrontendDatabase
-from torchsfm.frontend.features import make_extractor, sift_features
+from torchsfm.frontend.features import make_extractor
 from torchsfm.frontend.ingest import load_uint8
 from torchsfm.frontend.options import ExtractOptions, MatchOptions
 from torchsfm.io.colmap_model import write_model
@@ -208,8 +208,8 @@ def test_colmap_option_names_and_value_spellings_reach_the_stage_options():
 
 
 def test_a_new_stage_option_appears_on_the_command_line_without_cli_code():
-    """A field the front end adds later (e.g. a verifier choice) becomes a flag, with its help and
-    choices from the field's metadata, and reaches the options."""
+    """A field the front end adds later becomes a flag, with its help and choices from the field's
+    metadata, and reaches the options."""
     import argparse
 
     from torchsfm.commands.frontend_stages import MATCH_FLAGS
@@ -217,18 +217,18 @@ def test_a_new_stage_option_appears_on_the_command_line_without_cli_code():
 
     @dataclasses.dataclass
     class NewMatchOptions(MatchOptions):
-        verifier: str = dataclasses.field(default="torch", metadata={"choices": ("torch", "colmap"),
-                                                                     "help": "two-view verification"})
+        refiner: str = dataclasses.field(default="none", metadata={"choices": ("none", "lm"),
+                                                                   "help": "two-view refinement"})
         max_keypoints: int = 1000
 
     p = argparse.ArgumentParser()
     add_options(p, "match", NewMatchOptions(), MATCH_FLAGS)
-    assert "two-view verification (default: torch)" in p.format_help()
-    args = p.parse_args(["--verifier", "colmap", "--max-keypoints", "5", "--mode", "sequential"])
+    assert "two-view refinement (default: none)" in p.format_help()
+    args = p.parse_args(["--refiner", "lm", "--max-keypoints", "5", "--mode", "sequential", "--verifier", "colmap"])
     o = options_from_args(args, "match", NewMatchOptions())
-    assert (o.verifier, o.max_keypoints, o.mode) == ("colmap", 5, "sequential")
+    assert (o.refiner, o.max_keypoints, o.mode, o.verifier) == ("lm", 5, "sequential", "colmap")
     with pytest.raises(SystemExit):
-        p.parse_args(["--verifier", "magic"])
+        p.parse_args(["--refiner", "magic"])
 
 
 def test_every_option_of_every_verb_states_its_default_or_is_a_switch():
@@ -491,7 +491,7 @@ def test_masks_as_colmaps_image_reader(blob_folder, tmp_path, capsys):
         np.testing.assert_array_equal(ours[name][1], theirs[name][1])
     k0 = ours["im0.png"][0]
     assert len(k0) > 5 and k0[:, 0].min() >= 48
-    full, _ = sift_features(make_extractor(ExtractOptions()), load_uint8(blob_folder / "im0.png"), 3200)
+    full, _ = make_extractor(ExtractOptions()).extract(load_uint8(blob_folder / "im0.png"))
     assert (full[:, 0] < 48).sum() > 5  # the mask removed something
     rep = json.loads((tmp_path / "db.extract.json").read_text())
     assert rep["stages"][0]["counts"]["num_masked"] == 2

@@ -1,8 +1,8 @@
 """The embedded default: a seeded synthetic scene (noisy keypoints, wrong raw matches, ground
-truth) written as a COLMAP database whose matches are verified as `torchsfm match` verifies real
-ones (pycolmap's two-view geometry estimation), mapped by torchsfm and, for comparison, by
-pycolmap's global mapper (GLOMAP) on the identical database; accuracy of both against the ground
-truth."""
+truth) written as a COLMAP database whose matches are verified as `torchsfm match --verifier
+colmap` verifies real ones (pycolmap's two-view geometry estimation), mapped by torchsfm and,
+for comparison, by pycolmap's global mapper (GLOMAP) on the identical database; accuracy of
+both against the ground truth."""
 from __future__ import annotations
 
 import logging

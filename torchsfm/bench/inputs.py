@@ -130,9 +130,11 @@ def resolve_spec(name: str, data_root: Path = DATA_ROOT) -> InputSpec:
 
 
 def _frontend_options() -> dict:
-    """The reference setting of ../shared/data/README.md: SIFT, exhaustive, one SIMPLE_RADIAL camera."""
+    """The reference setting of ../shared/data/README.md: SIFT, exhaustive, one SIMPLE_RADIAL camera,
+    matched and verified by COLMAP (the mapper benchmark compares mappers on COLMAP's own database;
+    the front-end benchmark compares the front ends)."""
     return {"extract": {"camera_mode": "single", "camera_model": "SIMPLE_RADIAL"},
-            "match": {"mode": "exhaustive", "seed": 0}}
+            "match": {"mode": "exhaustive", "seed": 0, "verifier": "colmap"}}
 
 
 # ---------------------------------------------------------------------------------------------

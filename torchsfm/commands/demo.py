@@ -15,7 +15,7 @@ def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="reconstruct a built-in synthetic scene (no download) and print accuracy vs ground truth",
         description="Generates a seeded synthetic scene (noisy keypoints, 20% wrong matches), verifies its matches "
-        "as `torchsfm match` verifies real ones, writes the COLMAP database, maps it with torchsfm and with "
+        "as `torchsfm match --verifier colmap` verifies real ones, writes the COLMAP database, maps it with torchsfm and with "
         "pycolmap's global mapper (GLOMAP), and prints pose AUC against the ground truth for both.",
         epilog="examples:\n  torchsfm demo\n  torchsfm demo out/demo100 --num-images 100 --device cuda --no-compare",
     )

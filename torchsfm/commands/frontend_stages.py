@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.camera_models import MODELS
-from ..frontend.options import CAMERA_MODES, DEVICES, MATCH_MODES, ExtractOptions, MatchOptions
+from ..frontend.extractors import feature_types
+from ..frontend.options import CAMERA_MODES, DEVICES, MATCH_MODES, NN_ENGINES, VERIFIERS, ExtractOptions, MatchOptions
 from ..report import RunReport
 from . import CLIError
 from .options import Flag
@@ -41,6 +42,8 @@ EXTRACT_FLAGS = [
     Flag("default_focal_length_factor", "--focal-factor",
          ("--ImageReader.default_focal_length_factor", "--default-focal-length-factor"),
          "focal length without EXIF = factor * max(width, height)"),
+    Flag("features", "--features", help="feature extractor (registered: " + ", ".join(sorted(feature_types()))
+         + "; learned ones come with an extra)", metavar="NAME"),
     Flag("max_image_size", "--max-image-size", ("--SiftExtraction.max_image_size",),
          "SIFT runs on a copy downscaled to this size; keypoints are scaled back"),
     Flag("max_num_features", "--max-features", ("--SiftExtraction.max_num_features", "--max-num-features"),
@@ -70,6 +73,10 @@ MATCH_FLAGS = [
     Flag("num_neighbors", "--neighbors", ("--VocabTreeMatching.num_nearest_neighbors", "--num-neighbors"),
          "retrieval and loop detection: neighbours per image"),
     Flag("num_words", "--num-words", help="retrieval: size of the VLAD codebook"),
+    Flag("verifier", "--verifier", help="who matches and verifies: torch (batched nearest neighbours and RANSAC "
+         "on the device) or colmap (pycolmap's matcher and verifier, the reference)", choices=VERIFIERS),
+    Flag("nn_engine", "--nn-engine", help="torch verifier's nearest-neighbour search: exact (batched products), "
+         "ivf (an inverted file over all images), auto (exact on CUDA, ivf on the CPU)", choices=NN_ENGINES),
     Flag("max_ratio", "--max-ratio", ("--SiftMatching.max_ratio",), "SIFT ratio test"),
     Flag("max_distance", "--max-distance", ("--SiftMatching.max_distance",), "largest descriptor distance of a match"),
     Flag("cross_check", "--cross-check", ("--SiftMatching.cross_check",), "keep mutual best matches only"),

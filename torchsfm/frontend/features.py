@@ -1,10 +1,11 @@
-"""SIFT features with pycolmap, and `extract()`: image folder -> COLMAP database.db.
+"""`extract()`: image folder -> COLMAP database.db with cameras, images and features.
 
-Images are decoded and normalised by our ingest code (`ingest.to_uint8`) and handed to
-pycolmap's FeatureExtractor as bitmaps; RGB becomes grey with COLMAP's own conversion, so an
-8-bit RGB or grey image gives exactly the features `pycolmap.extract_features` gives. pycolmap's
-extractor holds the GIL, so CPU extraction runs in worker processes; the parent process is the
-only database writer and commits each image's features in one transaction.
+Images are decoded and normalised by our ingest code (`ingest.to_uint8`) and handed to the
+extractor of `options.features` (`extractors`: SIFT through pycolmap by default; RGB becomes
+grey with COLMAP's own conversion, so an 8-bit image gives exactly the features
+`pycolmap.extract_features` gives). pycolmap's extractor holds the GIL, so CPU extraction runs
+in worker processes; the parent process is the only database writer and commits each image's
+features in one transaction.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..data.camera_models import model_info
 from .colmap_db import FrontendDatabase
+from .extractors import Extractor, create_extractor, feature_types
 from .ingest import IngestError, ImageRecord, SkippedFile, group_cameras, load_uint8, scan_images
 from .options import ExtractOptions
 from .report import ExtractReport, log_aggregated, progress
@@ -36,41 +38,9 @@ def resolve_sift_device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and pycolmap.has_cuda) else "cpu"
 
 
-def make_extractor(options: ExtractOptions, device: str = "cpu"):
-    import pycolmap
-
-    fo = pycolmap.FeatureExtractionOptions()
-    fo.num_threads = 1
-    fo.max_image_size = int(options.max_image_size)
-    fo.sift.max_num_features = int(options.max_num_features)
-    if options.sift:
-        fo.sift.mergedict(dict(options.sift))
-    return pycolmap.FeatureExtractor.create(fo, getattr(pycolmap.Device, device))
-
-
-def sift_features(extractor, image: np.ndarray, max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """SIFT of an 8-bit (H, W) or (H, W, 3) image -> keypoints (N, 6) float32 in COLMAP's layout
-    [x, y, a11, a12, a21, a22] in full-resolution pixels, descriptors (N, 128) uint8.
-
-    Large images are downscaled first (as COLMAP does); keypoints are scaled back by the size
-    ratio, which is exact in COLMAP's corner-origin pixel convention."""
-    import pycolmap
-
-    h, w = image.shape[:2]
-    bitmap = pycolmap.Bitmap.from_array(np.ascontiguousarray(image))
-    if not bitmap.is_grey:
-        bitmap = bitmap.clone_as_grey()
-    sx = sy = 1.0
-    if max(w, h) > max_image_size:
-        scale = max_image_size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        bitmap.rescale(nw, nh)
-        sx, sy = w / nw, h / nh
-    keypoints, descriptors = extractor.extract(bitmap)
-    k = pycolmap.keypoints_to_matrix(keypoints).astype(np.float64)  # x, y, scale, orientation
-    c, s = k[:, 2] * np.cos(k[:, 3]), k[:, 2] * np.sin(k[:, 3])
-    kp = np.stack([k[:, 0] * sx, k[:, 1] * sy, c * sx, -s * sx, s * sy, c * sy], axis=1).astype(np.float32)
-    return kp, np.ascontiguousarray(descriptors.data, dtype=np.uint8)
+def make_extractor(options: ExtractOptions, device: str = "cpu") -> Extractor:
+    """The extractor of `options.features` (SIFT unless a learned extractor is registered)."""
+    return create_extractor(options, device)
 
 
 # ---- worker processes (one extractor each) ----
@@ -83,7 +53,6 @@ def _init_worker(options: ExtractOptions, device: str) -> None:
 
     pycolmap.logging.minloglevel = 1
     _WORKER["extractor"] = make_extractor(options, device)
-    _WORKER["max_image_size"] = options.max_image_size
 
 
 def mask_keypoints(kp: np.ndarray, de: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +78,7 @@ def _extract_file(job: tuple[str, str | None]):
     path, mask path or None); never raises."""
     path, mask_path = job
     try:
-        kp, de = sift_features(_WORKER["extractor"], load_uint8(path), _WORKER["max_image_size"])
+        kp, de = _WORKER["extractor"].extract(load_uint8(path))
     except Exception as e:  # noqa: BLE001 - a file that changed since the scan must not stop the run
         return None, None, f"{type(e).__name__}: {e}", "decode_error"
     if mask_path is None:
@@ -127,7 +96,8 @@ def default_num_workers() -> int:
 
 
 def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions, device: str):
-    """Results for (image path, mask path or None) jobs, in input order. One in-process extractor for CUDA or one worker; a spawn pool
+    """Results for (image path, mask path or None) jobs, in input order. One in-process extractor
+    for CUDA or one worker; a spawn pool
     (safe with threads in the parent) otherwise."""
     # Spawning a worker costs seconds (imports), so small jobs run in-process.
     auto = min(default_num_workers(), max(1, len(paths) // 8))
@@ -245,6 +215,9 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     if options.mask_path and not Path(options.mask_path).is_dir():
         raise IngestError(f"mask folder {options.mask_path} does not exist or is not a folder")
     device = resolve_sift_device(options.device)
+    feature_type = feature_types()[options.features] if options.features in feature_types() else None
+    if feature_type is None:
+        raise IngestError(f"unknown --features {options.features!r}; available: {', '.join(sorted(feature_types()))}")
     report = ExtractReport(image_dir=str(image_dir), database=str(database), device=device)
 
     trusted: set[str] = set()
@@ -285,7 +258,7 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
                             db.remove_image(iid)
                         failed.append(SkippedFile(r.name, why, err))
                     else:
-                        db.write_features(iid, kp, de)  # replaces a partial set left by another tool
+                        db.write_features(iid, kp, de, feature_type.colmap_type)  # replaces a partial set
                         report.num_extracted += 1
                         if len(kp) == 0:
                             report.no_features.append(r.name)

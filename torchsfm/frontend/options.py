@@ -16,6 +16,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 CAMERA_MODES = ("auto", "single", "per_folder", "per_image")
 MATCH_MODES = ("exhaustive", "sequential", "retrieval")
+VERIFIERS = ("torch", "colmap")
+NN_ENGINES = ("auto", "exact", "ivf")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -36,6 +38,7 @@ class ExtractOptions:
     # EXIF focal lengths giving a field of view outside this range are ignored with a warning.
     min_fov_deg: float = 5.0
     max_fov_deg: float = 170.0
+    features: str = "sift"  # the extractor (torchsfm.frontend.extractors); learned ones come with an extra
     max_image_size: int = 3200  # SIFT runs on a downscaled copy; keypoints are scaled back
     max_num_features: int = 8192
     sift: dict = field(default_factory=dict)  # extra pycolmap.SiftExtractionOptions fields
@@ -107,13 +110,19 @@ class MatchOptions:
     cross_check: bool = True
     max_num_matches: int = 32768
     guided_matching: bool = False
+    # who matches and verifies: "torch" (ours: batched nearest neighbours and RANSAC on --device)
+    # or "colmap" (pycolmap's matcher and verifier; the reference)
+    verifier: str = "torch"
+    # torch verifier's nearest-neighbour engine: exact (batched products; the default on CUDA),
+    # ivf (an inverted file over all images; the default on the CPU), auto
+    nn_engine: str = "auto"
     # geometric verification (COLMAP TwoViewGeometryOptions)
     min_num_inliers: int = 15
     max_error: float = 4.0
     confidence: float = 0.999
     max_num_trials: int = 10000
     compute_relative_pose: bool = True  # fills qvec/tvec of two_view_geometries
-    verification: dict = field(default_factory=dict)  # extra pycolmap.TwoViewGeometryOptions fields
+    verification: dict = field(default_factory=dict)  # extra TwoViewGeometryOptions / VerificationOptions fields
     seed: int = 0  # RANSAC seed (per pair), for repeatable databases
     num_threads: int = -1  # pycolmap matcher threads; -1 = all cores
     device: str = "auto"  # pycolmap matcher device and torch device for retrieval
@@ -122,6 +131,8 @@ class MatchOptions:
 
     def __post_init__(self) -> None:
         self.mode = normalize_choice(self.mode, MATCH_MODES, "match mode")
+        self.verifier = normalize_choice(self.verifier, VERIFIERS, "verifier")
+        self.nn_engine = normalize_choice(self.nn_engine, NN_ENGINES, "nearest-neighbour engine")
         self.device = normalize_choice(self.device, DEVICES, "device")
         if self.overlap < 1 or self.num_neighbors < 1 or self.num_words < 2 or self.chunk_size < 1:
             raise ValueError("overlap, num_neighbors and chunk_size must be >= 1 and num_words >= 2")

@@ -1,6 +1,7 @@
 """Verify raw matches that are already in a database (a synthetic scene's, another tool's), as
-`match` verifies the ones it makes: the two-view geometries are replaced by pycolmap's estimation
-(F/E/H with RANSAC) on the stored matches, with the MatchOptions' verification settings."""
+`match --verifier colmap` verifies the ones it makes: the two-view geometries are replaced by
+pycolmap's estimation (F/E/H with RANSAC) on the stored matches, with the MatchOptions'
+verification settings."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ def verify_raw_matches(database: str | os.PathLike, pairs: list[tuple[str, str]]
     (image names). Pairs not listed get no geometry."""
     import pycolmap
 
-    from .matching import _pycolmap_options
+    from .colmap_matcher import _pycolmap_options
 
     _, vo = _pycolmap_options(options or MatchOptions(progress=False))
     database = Path(database)

@@ -67,11 +67,14 @@ class MatchReport:
     num_inlier_matches: int = 0  # in the whole database
     configs: dict = field(default_factory=dict)  # configuration type name -> pair count
     device: str = "cpu"
+    verifier: str = "torch"
+    num_raw_matches: int = 0  # raw matches found by this run (torch verifier)
+    stage_times: dict = field(default_factory=dict)  # seconds: read / match / verify / write (torch verifier)
     elapsed_s: float = 0.0
 
     def summary(self) -> str:
         return (
             f"match ({self.mode}): {self.num_candidate_pairs} candidate pairs over {self.num_images} images "
             f"({self.num_matched} matched, {self.num_resumed} already done); {self.num_verified} verified pairs, "
-            f"{self.num_inlier_matches} inlier matches in {self.database} [{self.elapsed_s:.1f} s, {self.device}]"
+            f"{self.num_inlier_matches} inlier matches in {self.database} [{self.elapsed_s:.1f} s, {self.verifier} on {self.device}]"
         )

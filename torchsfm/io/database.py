@@ -234,6 +234,15 @@ def _read_images(db, cameras: Cameras, device, dtype) -> Images:
     )
 
 
+def read_cameras_images(path: str | os.PathLike, device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float64) -> tuple[Cameras, Images]:
+    """Cameras and images (sorted by image_id) of a COLMAP database, validated as in
+    `read_view_graph`, without keypoints or pairs."""
+    with pycolmap.Database.open(str(path)) as db:
+        cameras = _read_cameras(db, device, dtype)
+        return cameras, _read_images(db, cameras, device, dtype)
+
+
 def _read_keypoints(db, images: Images, device, dtype) -> Keypoints:
     xy = []
     for iid in images.image_id.tolist():
