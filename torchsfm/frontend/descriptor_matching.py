@@ -41,6 +41,9 @@ class DescriptorMatchOptions:
     ivf_probes: int = 8  # lists each descriptor is compared with (COLMAP: nprobe 8)
     ivf_candidates: int = 16  # nearest kept per (descriptor, list)
     ivf_kmeans_iterations: int = 5
+    # re-check every inverted-file match against all descriptors of the other image (exact
+    # nearest and second-nearest): what it outputs, exact brute force outputs too
+    ivf_exact_check: bool = True
     ivf_min_pairs: int = 64  # a block pair with fewer candidate pairs goes to `exact`
     ivf_min_density: float = 0.25  # ... or with a smaller share of its image pairs as candidates
     block_images: int = 128  # images per block of the inverted file
@@ -235,17 +238,18 @@ def _ivf_candidates(x: Tensor, img: Tensor, allowed: Tensor, options: Descriptor
         qvalid = cq[None] < qsize[lists][:, None]
         mem = member_order[torch.where(mvalid, moff[lists][:, None] + cm[None], 0)]  # (L, bm)
         qry = query_of[torch.where(qvalid, qoff[lists][:, None] + cq[None], 0)]  # (L, bq)
-        d2 = sq[qry][:, :, None] + sq[mem][:, None, :] - 2 * torch.bmm(x[qry], x[mem].transpose(1, 2))
-        ok = qvalid[:, :, None] & mvalid[:, None, :]
+        # padded members get an infinite norm, so their distances are infinite without a mask
+        sq_mem = torch.where(mvalid, sq[mem], float("inf"))
+        d2 = torch.baddbmm(sq[qry][:, :, None] + sq_mem[:, None, :], x[qry], x[mem].transpose(1, 2), alpha=-2)
         if dense:
-            ok &= img[qry][:, :, None] != img[mem][:, None, :]
+            bad = img[qry][:, :, None] == img[mem][:, None, :]
         else:
-            ok &= allowed.view(-1)[(img[qry] * len(allowed))[:, :, None] + img[mem][:, None, :]]
-        d2 = d2.clamp_min_(0).masked_fill_(~ok, float("inf"))
+            bad = ~allowed.view(-1)[(img[qry] * len(allowed))[:, :, None] + img[mem][:, None, :]]
+        d2 = d2.clamp_min_(0).masked_fill_(bad, float("inf"))
         kk = min(options.ivf_candidates, bm)
         v, j = torch.topk(d2, kk, dim=2, largest=False)
         q = qry[:, :, None].expand(-1, -1, kk)
-        keep = torch.isfinite(v)
+        keep = torch.isfinite(v) & qvalid[:, :, None]
         out_q.append(q[keep])
         out_c.append(mem.gather(1, j.reshape(len(lists), -1)).reshape(j.shape)[keep])
         out_d.append(v[keep])
@@ -306,6 +310,8 @@ def match_ivf_block(desc: Tensor, offsets: Tensor, images: Tensor, pairs: Tensor
         first_side = img[q] < img[c]  # each mutual match once, from the lower local image
         # keep the larger ratio of the two directions (COLMAP's match passes both tests)
         q, c, ratio = q[first_side], c[first_side], ratio[first_side]
+    if options.ivf_exact_check:
+        q, c, ratio = _exact_recheck(x, img, start, q, c, options)
     # pair index of (image q, image c), oriented as given
     pid = torch.full((nb, nb), -1, dtype=torch.long, device=device)
     pid[li, lj] = pair_index
@@ -318,6 +324,55 @@ def match_ivf_block(desc: Tensor, offsets: Tensor, images: Tensor, pairs: Tensor
     i2 = torch.where(forward, kc, kq)
     good = p >= 0
     return RawMatches(p[good], i1[good], i2[good], ratio[good])
+
+
+def _exact_recheck(x: Tensor, img: Tensor, start: Tensor, q: Tensor, c: Tensor,
+                   options: DescriptorMatchOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the proposed matches q -> c that exact search confirms: c is q's nearest descriptor in
+    c's image and passes the ratio test against the exact second nearest there, and (with
+    cross_check) the same from c back to q. Descriptors of one image are the rows
+    start[i]:start[i+1] of x. All queries of one target image form one product; target images
+    are batched in chunks within the memory budget."""
+    n = len(q)
+    device = x.device
+    if n == 0:
+        return q, c, torch.zeros(0, device=device)
+    query = torch.cat([q, c]) if options.cross_check else q
+    expect = torch.cat([c, q]) if options.cross_check else c
+    target = img[expect]
+    sq = (x * x).sum(1)
+    order = torch.argsort(target, stable=True)
+    tgt, cnt = torch.unique_consecutive(target[order], return_counts=True)
+    qoff = torch.cat([cnt.new_zeros(1), cnt.cumsum(0)])
+    nt = start[tgt + 1] - start[tgt]
+    ok = torch.zeros(len(query), dtype=torch.bool, device=device)
+    ratio = torch.ones(len(query), device=device)
+    budget = max(1, options.memory_budget_mb * 2**20 // 16)
+    by_size = torch.argsort(cnt * nt, descending=True)
+    cs, ns = cnt[by_size].tolist(), nt[by_size].tolist()
+    s = 0
+    while s < len(by_size):  # one iteration per chunk of target images, padded to the chunk's largest
+        wq, wn, e = cs[s], ns[s], s + 1
+        while e < len(by_size) and (e - s + 1) * max(wq, cs[e]) * max(wn, ns[e]) <= budget:
+            wq, wn, e = max(wq, cs[e]), max(wn, ns[e]), e + 1
+        t = by_size[s:e]
+        s = e
+        aq, an = torch.arange(wq, device=device), torch.arange(wn, device=device)
+        qvalid = aq[None] < cnt[t][:, None]
+        nvalid = an[None] < nt[t][:, None]
+        qrow = order[torch.where(qvalid, qoff[t][:, None] + aq[None], 0)]  # (T, wq) rows into query
+        trow = torch.where(nvalid, start[tgt[t]][:, None] + an[None], 0)  # (T, wn) rows into x
+        sq_t = torch.where(nvalid, sq[trow], float("inf"))
+        d2 = torch.baddbmm(sq[query[qrow]][:, :, None] + sq_t[:, None, :], x[query[qrow]], x[trow].transpose(1, 2), alpha=-2)
+        k = min(2, wn)
+        v, j = torch.topk(d2.clamp_min_(0), k, dim=2, largest=False)
+        second = v[..., 1] if k > 1 else torch.full_like(v[..., 0], float("inf"))
+        best_row = trow.gather(1, j[..., 0])
+        good = (best_row == expect[qrow]) & _passes(v[..., 0], second, options)
+        ok[qrow[qvalid]] = good[qvalid]
+        ratio[qrow[qvalid]] = (v[..., 0] / second).sqrt()[qvalid]
+    keep = ok[:n] & ok[n:] if options.cross_check else ok
+    return q[keep], c[keep], ratio[:n][keep]
 
 
 def _block_plan(pairs: Tensor, num_images: int, options: DescriptorMatchOptions) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
