@@ -80,7 +80,7 @@ class RelativePoseOptions:
     max_iterations: int = 10000
     success_prob: float = 0.9999
     refine: bool = True  # PoseLib's non-linear refinement on the inliers
-    min_num_inliers: int = 30
+    min_num_inliers: int = 15  # COLMAP 4.2 global mapper: min_num_matches 15 (GLOMAP: 30)
     min_inlier_ratio: float = 0.25
     keep_inlier_matches_only: bool = True  # replace each estimated pair's matches by its inliers
     keep_largest_component: bool = True
