@@ -144,3 +144,32 @@ def test_a_weak_image_is_kept_or_dropped_with_its_counts():
             assert d["reason"] == REASON_FEW_OBSERVATIONS
             assert d["detail"]["observations"] == c["observations_after"] < need
             assert d["detail"]["matches_to_registered"] == c["matches_to_registered"]
+
+
+def test_split_tracks_that_one_point_explains_are_merged():
+    """A track cut in two (as an eager cut of a weak match leaves it) is merged back; points
+    joined only by wrong matches (20 % of the matches) are not."""
+    from torchsfm.mapper.track_merging import _candidates, merge_tracks
+
+    s = synthesize(SyntheticOptions(num_images=8, num_points=300, pixel_noise=0.3, outlier_ratio=0.2, seed=6))
+    rec = s.gt.clone()
+    rec.view_graph = s.view_graph.clone()
+    t = rec.tracks
+    length = torch.bincount(t.point)
+    p = int(torch.argmax(length))  # the longest track: its first two observations become a new point
+    obs = torch.nonzero(t.point == p)[:, 0]
+    point = t.point.clone()
+    point[obs[:2]] = len(rec.points3D)
+    order = torch.argsort(point, stable=True)
+    rec.tracks = Tracks(point[order], t.image[order], t.keypoint[order])
+    pts = rec.points3D
+    rec.points3D = type(pts)(torch.cat([pts.point3D_id, pts.point3D_id[-1:] + 1]), torch.cat([pts.xyz, pts.xyz[p:p + 1]]),
+                             torch.cat([pts.rgb, pts.rgb[p:p + 1]]), torch.cat([pts.error, pts.error[p:p + 1]]))
+    assert _candidates(rec).shape[0] > 10  # the split pair and pairs joined by wrong matches
+    out, counts = merge_tracks(rec)
+    assert counts["points_merged"] == 1 and len(out.points3D) == len(s.gt.points3D)
+    assert torch.equal(torch.sort(torch.bincount(out.tracks.point)).values, torch.sort(length).values)
+    err, _ = reprojection_errors(out, out.points3D.xyz, out.tracks)
+    assert float(err.max()) < 4.0
+    again, c2 = merge_tracks(out)
+    assert c2["points_merged"] == 0 and len(again.points3D) == len(out.points3D)

@@ -42,13 +42,14 @@ ACCURACY_KEYS = ("auc@1", "auc@3", "auc@5", "auc@10", "median_rotation_error_deg
 
 # Suites: (table datasets, scaling datasets); an entry "name=m1+m2" limits the methods there.
 SUITES = {
-    "smoke": (["ring12"], []),
+    "smoke": (["ring12", "dtu_scan24-sub0-n8"], []),  # the subset: the robustness benchmark in small
     "cpu": (["ring50", "turntable200", "colmapsphere50", "templeRing", "dtu_scan24", "kitchen"],
             ["corridor100", "corridor300", "corridor1000"]),
     "gpu": (["ring50", "turntable200", "corridor1000=glomap+torchsfm"],
             ["corridor100", "corridor1000", "corridor3000", "corridor5000"]),
-    # 10 seeded subsets of 12-20 images of each real scene (bench/subsets.py, bench/robustness.py)
-    "robustness": ([f"{name}-sub{k}" for name in REAL_DATASETS for k in range(10)], []),
+    # 10 seeded subsets of 12-20 images of each real scene (bench/subsets.py, bench/robustness.py),
+    # and the full scenes (no loss there)
+    "robustness": ([f"{name}-sub{k}" for name in REAL_DATASETS for k in range(10)] + list(REAL_DATASETS), []),
 }
 
 

@@ -53,6 +53,7 @@ from .triangulation import (
 from .calibration_check import CalibrationCheckOptions, check_calibration
 from .image_keeping import ImageKeepingOptions, complete_weak_images, keep_far_cameras
 from .intrinsics_selection import IntrinsicsSelectionOptions, describe, select_intrinsics
+from .track_merging import TrackMergingOptions, merge_tracks
 from .view_graph_calibration import ViewGraphCalibrationOptions, calibrate_view_graph
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class MapperOptions:
     bundle_adjustment: BundleAdjustmentOptions = field(default_factory=BundleAdjustmentOptions)
     retriangulation_tracks: TrackOptions = field(default_factory=_retriangulation_tracks)
     triangulation: TriangulationOptions = field(default_factory=TriangulationOptions)
+    # retriangulated points that a match joins and one point explains are merged (track_merging)
+    track_merging: TrackMergingOptions = field(default_factory=TrackMergingOptions)
     # weak or far images repaired before any is dropped (image_keeping)
     image_keeping: ImageKeepingOptions = field(default_factory=ImageKeepingOptions)
     # each camera's principal point / distortion model, chosen after the last BA (intrinsics_selection)
@@ -380,6 +383,8 @@ def _retriangulation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstru
         # all tracks again (length >= 2 now), triangulated from the adjusted poses
         tracked, _ = establish_tracks(rec, run.opt.retriangulation_tracks)
         rec, counts = triangulate_tracks(tracked, tracked.tracks, run.opt.triangulation)
+        st.counts.update(counts)
+        rec, counts = merge_tracks(rec, run.opt.track_merging)  # split tracks that one point explains
         st.counts.update(counts)
     return run.check(rec, "retriangulation")
 
