@@ -10,11 +10,11 @@ from torchsfm.mapper.image_keeping import (
     complete_weak_images,
     keep_far_cameras,
     resect_translations,
-    segment_median,
 )
+from torchsfm.segments import first_per_key, segment_median
 from torchsfm.mapper.pipeline import REASON_FEW_OBSERVATIONS, MapperOptions, global_mapping
 from torchsfm.mapper.triangulation import reprojection_errors
-from torchsfm.reliability.degeneracy import outlier_cameras
+from torchsfm.mapper.degeneracy import outlier_cameras
 from torchsfm.synthetic import SyntheticOptions, synthesize
 
 
@@ -31,6 +31,8 @@ def test_segment_median():
     v = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 4.0])
     g = torch.tensor([0, 0, 0, 2, 2, 2])
     assert segment_median(v, g, 4).tolist() == [3.0, float("inf"), 4.0, float("inf")]
+    assert first_per_key(torch.tensor([2, 1, 2, 1]), torch.tensor([0.5, 0.3, 0.1, 0.3])).tolist() == [
+        False, True, True, False]
 
 
 def test_resection_recovers_a_translation_from_the_points():

@@ -14,7 +14,7 @@ from torchsfm.mapper.intrinsics_selection import (
     describe,
     select_intrinsics,
 )
-from torchsfm.mapper.intrinsics_uncertainty import intrinsics_std, noise_sigma
+from torchsfm.mapper.intrinsics_uncertainty import intrinsics_std, model_noise_sigma
 from torchsfm.mapper.pipeline import MapperOptions, global_mapping
 from torchsfm.synthetic import SyntheticOptions, synthesize
 
@@ -43,7 +43,7 @@ def test_marginal_std_equals_the_dense_jacobian_inverse():
                                     principal_point_offset=(10, -5)))
     rec = s.gt
     ba = BundleAdjustmentOptions(refine_principal_point=True)
-    sigma = noise_sigma(rec)
+    sigma = model_noise_sigma(rec)
     std = intrinsics_std(rec, ba, sigma)
     # the full Jacobian over [reduced camera unknowns | points], its information, marginalised
     pr = ReprojectionProblem(rec, ba)

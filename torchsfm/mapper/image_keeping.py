@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..cameras.models import unproject_cameras
 from ..data.model import Points3D, Reconstruction, Tracks
+from ..segments import first_per_key, segment_median
 from .triangulation import bearings, max_triangulation_angle, reprojection_errors, triangulate
 
 log = logging.getLogger(__name__)
@@ -56,20 +57,6 @@ def _normal_equations_solve(A: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     ok = torch.isfinite(A).all(2).all(1) & (ev[:, 0] > 1e-12 * ev[:, 2].abs().clamp_min(1e-300))
     x = torch.linalg.solve(torch.where(ok[:, None, None], A, eye.expand_as(A)), torch.where(ok[:, None], b, 0 * b))
     return x, ok
-
-
-def segment_median(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
-    """(num_groups,) lower median of `values` per group (inf for empty groups)."""
-    out = torch.full((num_groups,), math.inf, dtype=values.dtype, device=values.device)
-    if values.numel() == 0:
-        return out
-    o = torch.argsort(values, stable=True)
-    o = o[torch.argsort(group[o], stable=True)]
-    count = torch.bincount(group, minlength=num_groups)
-    start = torch.cumsum(count, 0) - count
-    has = count > 0
-    out[has] = values[o][(start + (count - 1) // 2)[has]]
-    return out
 
 
 def resect_translations(rec: Reconstruction, images: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor]:
@@ -140,19 +127,6 @@ def _point_of_keypoint(rec: Reconstruction) -> Tensor:
     return out
 
 
-def _first_per_key(key: Tensor, score: Tensor) -> Tensor:
-    """Bool mask keeping, for every distinct key, the item with the smallest score."""
-    if key.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=key.device)
-    o = torch.argsort(score, stable=True)
-    o = o[torch.argsort(key[o], stable=True)]
-    first = torch.ones_like(key, dtype=torch.bool)
-    first[1:] = key[o][1:] != key[o][:-1]
-    keep = torch.zeros_like(first)
-    keep[o[first]] = True
-    return keep
-
-
 def complete_weak_images(rec: Reconstruction, weak: Tensor, opt: ImageKeepingOptions) -> tuple[Reconstruction, dict]:
     """Observations for the weak images (bool (I,)) from the view graph's matches with other
     registered images (see the module doc). Returns the model with them and per-image counts."""
@@ -185,7 +159,7 @@ def complete_weak_images(rec: Reconstruction, weak: Tensor, opt: ImageKeepingOpt
     pair_key = X * len(rec.images) + cand.image
     ok &= ~torch.isin(pair_key, seen)
     e = torch.where(ok, err, torch.full_like(err, math.inf))
-    keep = ok & _first_per_key(kp.flat_index(cand.image, cand.keypoint), e) & _first_per_key(pair_key, e)
+    keep = ok & first_per_key(kp.flat_index(cand.image, cand.keypoint), e) & first_per_key(pair_key, e)
     added = Tracks(cand.point[keep], cand.image[keep], cand.keypoint[keep])
 
     # 2. new two-view points from matched keypoints in no point
@@ -208,7 +182,7 @@ def complete_weak_images(rec: Reconstruction, weak: Tensor, opt: ImageKeepingOpt
         ang = max_triangulation_angle(rec.images.centers, Xn, img2, pt2, N)
         good &= ang >= opt.min_triangulation_angle
         score = torch.where(good, err2.view(N, 2).max(1).values, torch.full((N,), math.inf, dtype=rec.dtype, device=dev))
-        good &= _first_per_key(kp.flat_index(wi, wk), score) & _first_per_key(kp.flat_index(oi, ok_), score)
+        good &= first_per_key(kp.flat_index(wi, wk), score) & first_per_key(kp.flat_index(oi, ok_), score)
         sel = torch.nonzero(good)[:, 0]
         new_pts = Xn[sel]
         base = len(rec.points3D)

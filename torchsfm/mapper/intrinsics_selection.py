@@ -45,7 +45,7 @@ from torch import Tensor
 from ..ba.bundle_adjustment import BundleAdjustmentOptions, bundle_adjust
 from ..cameras.models import extra_mask, focal_xy, param_mask, principal_point, principal_point_mask
 from ..data.model import Reconstruction, Tracks
-from .intrinsics_uncertainty import intrinsics_std, noise_sigma
+from .intrinsics_uncertainty import intrinsics_std, model_noise_sigma
 from .triangulation import reprojection_errors
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def select_intrinsics(rec: Reconstruction, ba: BundleAdjustmentOptions, opt: Int
         else:
             test.append(c)
     if test:
-        sigma = noise_sigma(rec)
+        sigma = model_noise_sigma(rec)
         report["noise_sigma_px"] = sigma
         sel = torch.zeros(C, dtype=torch.bool, device=dev)
         sel[test] = True

@@ -33,20 +33,13 @@ from torch import Tensor
 
 from ..ba.bundle_adjustment import BundleAdjustmentOptions, ReprojectionProblem
 from ..data.model import Reconstruction, Tracks
-from .triangulation import reprojection_errors
+from .triangulation import noise_sigma, reprojection_errors
 
 
-def noise_sigma(rec: Reconstruction) -> float:
-    """Per-coordinate keypoint noise of a converged model from its median reprojection error:
-    each error scaled by sqrt(2L / (2L - 3)) for the 3 of 2L coordinates a track of L views
-    absorbs, the median of a 2D Gaussian error norm being 1.1774 sigma."""
+def model_noise_sigma(rec: Reconstruction) -> float:
+    """Per-coordinate keypoint noise of a converged model (`triangulation.noise_sigma`)."""
     err, _ = reprojection_errors(rec, rec.points3D.xyz, rec.tracks)
-    L = torch.bincount(rec.tracks.point, minlength=len(rec.points3D))[rec.tracks.point].to(err.dtype)
-    ok = torch.isfinite(err) & (L >= 2)
-    if not bool(ok.any()):
-        return math.nan
-    scaled = err[ok] * (2 * L[ok] / (2 * L[ok] - 3)).sqrt()
-    return float(scaled.median()) / 1.1774
+    return noise_sigma(err, rec.tracks.point, len(rec.points3D))
 
 
 def reduced_information(problem: ReprojectionProblem, chunk_entries: int = 1 << 24) -> Tensor:
@@ -106,9 +99,9 @@ def intrinsics_std(rec: Reconstruction, options: BundleAdjustmentOptions, sigma:
                    max_images: int = 150) -> Tensor:
     """(C, MAX_CAMERA_PARAMS) marginal standard deviations (pixels for focal length and principal
     point) of the intrinsics `options` refines, NaN where not refined, at the model `rec`
-    (assumed converged). sigma: the keypoint noise (default `noise_sigma(rec)`). The poses must be
+    (assumed converged). sigma: the keypoint noise (default `model_noise_sigma(rec)`). The poses must be
     free (no gauge fixing): the intrinsics are invariant under the similarity gauge."""
-    sigma = noise_sigma(rec) if sigma is None else sigma
+    sigma = model_noise_sigma(rec) if sigma is None else sigma
     if int(rec.images.registered.sum()) > max_images:
         rec = _best_observed(rec, max_images)
     problem = ReprojectionProblem(rec, options)
