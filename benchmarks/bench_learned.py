@@ -38,10 +38,13 @@ def scene_paths(name: str, out: Path) -> tuple[Path, Path]:
     return DATA / name / "images", DATA / name / "gt"
 
 
-def torchsfm(args: list[str], threads: int) -> float:
+def torchsfm(args: list[str], threads: int, check: bool = True) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "torchsfm.cli", "--threads", str(threads), "-q", *args], check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run([sys.executable, "-m", "torchsfm.cli", "--threads", str(threads), "-q", *args],
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(r.stderr)
+    if r.returncode and check:
+        raise RuntimeError(f"torchsfm {args[0]} failed: {r.stderr.strip()[-300:]}")
     return time.perf_counter() - t
 
 
@@ -56,7 +59,7 @@ def run_one(scene: str, feature: str, matcher: str, out: Path, threads: int) -> 
                                  "--camera-mode", "single", "--camera-model", "SIMPLE_RADIAL"], threads)
     row["match_s"] = torchsfm(["match", "--database", str(db), "--mode", "exhaustive", "--matcher", matcher,
                                "--seed", "0"], threads)
-    row["map_s"] = torchsfm(["map", str(db), str(work / "map")], threads)
+    row["map_s"] = torchsfm(["map", str(db), str(work / "map")], threads, check=False)  # may find no model
     ex = json.loads((work / "database.extract.json").read_text())["stages"][0]
     ma = json.loads((work / "database.match.json").read_text())["stages"][0]
     n_img, n_pairs = ex["counts"]["num_images"], ma["counts"]["num_candidate_pairs"]

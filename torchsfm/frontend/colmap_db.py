@@ -164,7 +164,7 @@ class FrontendDatabase:
         FeatureExtractorType): float32 rows as their bytes, so cols = 4 x dimension, exactly what
         pycolmap's `FeatureDescriptors.from_float` writes."""
         de = np.ascontiguousarray(descriptors, dtype=np.uint8 if descriptors.dtype == np.uint8 else np.float32)
-        raw = de.view(np.uint8).reshape(de.shape[0], -1)
+        raw = de.view(np.uint8).reshape(de.shape[0], de.shape[1] * de.itemsize)
         self.conn.execute(
             "INSERT INTO descriptors(image_id, type, rows, cols, data) VALUES (?, ?, ?, ?, ?)",
             (image_id, int(descriptor_type), raw.shape[0], raw.shape[1], raw.tobytes()),
