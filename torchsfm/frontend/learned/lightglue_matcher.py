@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..descriptor_matching import RawMatches, concat_matches
+from ..descriptor_matching import _pad_rows as pad_rows
 from ..extractors import feature_type_of_colmap_type
 from .weights import LearnedExtraMissing, load_state, package_file, require_kornia
 
@@ -123,10 +124,8 @@ def match_batch(model: torch.nn.Module, kpts0: Tensor, kpts1: Tensor, desc0: Ten
 
 
 def _padded(values: Tensor, offsets: Tensor, images: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    n = offsets[images + 1] - offsets[images]
-    col = torch.arange(width, device=values.device)
-    valid = col[None] < n[:, None]
-    rows = torch.where(valid, offsets[images][:, None] + col[None], torch.zeros_like(col)[None])
+    """(P, width, ...) rows of each image's values, padded, and the validity mask."""
+    rows, valid = pad_rows(offsets, images, width)
     return values[rows], valid
 
 
