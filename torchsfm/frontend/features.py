@@ -38,6 +38,19 @@ def resolve_sift_device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and pycolmap.has_cuda) else "cpu"
 
 
+def resolve_extract_device(options: ExtractOptions) -> str:
+    """SIFT runs where pycolmap can run it; learned extractors on torch's device (auto: CUDA when
+    torch has it)."""
+    if options.features == "sift":
+        return resolve_sift_device(options.device)
+    from ..runtime import resolve_device
+
+    try:
+        return resolve_device(options.device).type
+    except RuntimeError as e:
+        raise IngestError(str(e)) from None
+
+
 def make_extractor(options: ExtractOptions, device: str = "cpu") -> Extractor:
     """The extractor of `options.features` (SIFT unless a learned extractor is registered)."""
     return create_extractor(options, device)
@@ -95,10 +108,15 @@ def default_num_workers() -> int:
     return max(1, min(cores, 8))
 
 
-def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions, device: str):
+def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions, device: str,
+                   sizes: list[tuple[int, int]] | None = None, extractor: Extractor | None = None):
     """Results for (image path, mask path or None) jobs, in input order. One in-process extractor
     for CUDA or one worker; a spawn pool
-    (safe with threads in the parent) otherwise."""
+    (safe with threads in the parent) otherwise. With `sizes` (a batched, learned extractor):
+    one in-process model (`extractor`), consecutive images of one size in one batch."""
+    if sizes is not None:
+        yield from _iter_batched(paths, sizes, extractor or make_extractor(options, device))
+        return
     # Spawning a worker costs seconds (imports), so small jobs run in-process.
     auto = min(default_num_workers(), max(1, len(paths) // 8))
     n = 1 if device == "cuda" else min(options.num_workers or auto, len(paths))
@@ -114,6 +132,45 @@ def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions,
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def _decode(path: str):
+    try:
+        return load_uint8(path), None
+    except Exception as e:  # noqa: BLE001 - a file that changed since the scan must not stop the run
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _iter_batched(jobs: list[tuple[str, str | None]], sizes: list[tuple[int, int]], extractor):
+    """`_iter_features` for an extractor with `extract_batch`: runs of up to its batch size of
+    consecutive same-size jobs; the next run is decoded on threads while the network runs."""
+    runs, s = [], 0
+    while s < len(jobs):
+        e = s + 1
+        while e < len(jobs) and e - s < extractor.batch_size and sizes[e] == sizes[s]:
+            e += 1
+        runs.append(range(s, e))
+        s = e
+    with cf.ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(_decode, jobs[k][0]) for k in runs[0]] if runs else []
+        for r, run in enumerate(runs):
+            decoded = [f.result() for f in pending]
+            pending = [pool.submit(_decode, jobs[k][0]) for k in runs[r + 1]] if r + 1 < len(runs) else []
+            ok = [i for i, (im, _) in enumerate(decoded) if im is not None]
+            feats = dict(zip(ok, extractor.extract_batch([decoded[i][0] for i in ok]))) if ok else {}
+            for i, k in enumerate(run):
+                if i not in feats:
+                    yield None, None, decoded[i][1], "decode_error"
+                    continue
+                kp, de = feats[i]
+                mask_path = jobs[k][1]
+                if mask_path is not None:
+                    try:
+                        kp, de = mask_keypoints(kp, de, load_mask(mask_path))
+                    except Exception as e:  # noqa: BLE001 - an unreadable mask skips its image, not the run
+                        yield None, None, f"mask {mask_path}: {type(e).__name__}: {e}", "mask_error"
+                        continue
+                yield kp, de, None, None
 
 
 # ---- the front end's first stage ----
@@ -214,10 +271,13 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     image_dir, database = Path(image_dir), Path(database)
     if options.mask_path and not Path(options.mask_path).is_dir():
         raise IngestError(f"mask folder {options.mask_path} does not exist or is not a folder")
-    device = resolve_sift_device(options.device)
     feature_type = feature_types()[options.features] if options.features in feature_types() else None
     if feature_type is None:
         raise IngestError(f"unknown --features {options.features!r}; available: {', '.join(sorted(feature_types()))}")
+    device = resolve_extract_device(options)
+    batched = options.features != "sift"
+    # a learned model is built once, before any work (a missing extra is an error here)
+    model = make_extractor(options, device) if batched else None
     report = ExtractReport(image_dir=str(image_dir), database=str(database), device=device)
 
     trusted: set[str] = set()
@@ -249,9 +309,12 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
             failed = []
             bar = progress(total=len(todo), enabled=options.progress, desc="extract", unit="img")
             try:
+                if batched:  # images of one size in a row: they share the network's batches
+                    todo.sort(key=lambda r: (r.width, r.height))
                 jobs = [(str(r.path), _mask_of(r.name, options)) for r in todo]
                 report.num_masked = len(todo) if options.mask_path else 0
-                for r, (kp, de, err, why) in zip(todo, _iter_features(jobs, options, device)):
+                sizes = [(r.width, r.height) for r in todo] if batched else None
+                for r, (kp, de, err, why) in zip(todo, _iter_features(jobs, options, device, sizes, model)):
                     iid = ids[r.name]
                     if err is not None:
                         with db.transaction():
@@ -268,7 +331,7 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
             report.skipped += failed
             log_aggregated(logger, f"{len(failed)} images failed during feature extraction and were removed:",
                            [f"{s.name}: {s.detail}" for s in failed])
-            log_aggregated(logger, f"SIFT found no features in {len(report.no_features)} images:", report.no_features)
+            log_aggregated(logger, f"{options.features} found no features in {len(report.no_features)} images:", report.no_features)
             report.num_images = len(ids) - len(failed)
             report.num_keypoints = db.num_keypoints()
     finally:

@@ -140,7 +140,13 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
                         np.zeros((n, 4)), np.zeros((n, 3)), np.zeros(n, bool)))
 
     with contextlib.closing(sqlite3.connect(str(database), isolation_level=None, timeout=60.0)) as conn:
-        units = iter_matches(desc_t, off_t, pairs_t, descriptor_match_options(options, _descriptor_norm(types, desc)))
+        if options.matcher == "lightglue":  # learned matcher (frontend.learned), same unit contract
+            from .learned.lightglue_matcher import lightglue_units
+
+            units = lightglue_units(desc_t, off_t, pairs_t, xy_t, cameras.width[image_camera],
+                                    cameras.height[image_camera], types, options)
+        else:
+            units = iter_matches(desc_t, off_t, pairs_t, descriptor_match_options(options, _descriptor_norm(types, desc)))
         while True:
             tm = time.perf_counter()
             unit = next(units, None)
