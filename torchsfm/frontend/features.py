@@ -20,6 +20,7 @@ import numpy as np
 
 from ..data.camera_models import model_info
 from .colmap_db import FrontendDatabase
+from .executors import Task
 from .extractors import Extractor, create_extractor, feature_types
 from .ingest import IngestError, ImageRecord, SkippedFile, group_cameras, load_uint8, scan_images
 from .options import ExtractOptions
@@ -53,6 +54,7 @@ def _init_worker(options: ExtractOptions, device: str) -> None:
 
     pycolmap.logging.minloglevel = 1
     _WORKER["extractor"] = make_extractor(options, device)
+    _WORKER["key"] = (options, device)
 
 
 def mask_keypoints(kp: np.ndarray, de: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +92,24 @@ def _extract_file(job: tuple[str, str | None]):
     return kp, de, None, None
 
 
+def extract_task(jobs: list[tuple[str, str | None]], options: ExtractOptions, device: str) -> list[tuple]:
+    """The extraction unit (a Ray task): `_extract_file`'s result for each (image path, mask path
+    or None), with one extractor per worker process. An image that this node cannot see is
+    reported as such ("missing_on_node", with the node's name), for the driver to tell a folder
+    that is not shared from a file deleted since the scan."""
+    import socket
+
+    if _WORKER.get("key") != (options, device):
+        _init_worker(options, device)
+    out = []
+    for path, mask in jobs:
+        if not os.path.exists(path):
+            out.append((None, None, f"{path} does not exist on node {socket.gethostname()}", "missing_on_node"))
+        else:
+            out.append(_extract_file((path, mask)))
+    return out
+
+
 def default_num_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, 8))
@@ -114,6 +134,21 @@ def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions,
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def _extract_with(executor, todo: list[ImageRecord], jobs: list[tuple], options: ExtractOptions, write):
+    """Extraction tasks of `images_per_task` images on `executor`; `write(record, result)` for
+    each image as its task's results arrive."""
+    per = options.executor.images_per_task or max(1, min(16, len(jobs) // (4 * getattr(executor, "slots", 1))))
+    tasks = (Task(extract_task, (jobs[a:a + per], options, executor.device), key=range(a, min(a + per, len(jobs))),
+                  name=f"extract-{a // per}") for a in range(0, len(jobs), per))
+
+    def on_result(task: Task, results: list) -> tuple:
+        for i, result in zip(task.key, results):
+            write(todo[i], result)
+        return ()
+
+    return executor.run(tasks, on_result)
 
 
 # ---- the front end's first stage ----
@@ -214,7 +249,7 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     image_dir, database = Path(image_dir), Path(database)
     if options.mask_path and not Path(options.mask_path).is_dir():
         raise IngestError(f"mask folder {options.mask_path} does not exist or is not a folder")
-    device = resolve_sift_device(options.device)
+    device = "cpu" if options.executor.kind == "ray" else resolve_sift_device(options.device)
     feature_type = feature_types()[options.features] if options.features in feature_types() else None
     if feature_type is None:
         raise IngestError(f"unknown --features {options.features!r}; available: {', '.join(sorted(feature_types()))}")
@@ -237,6 +272,13 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
         err.report = report
         raise err
     group_cameras(records, options)  # a grouping error (mixed sizes in one camera) before any write
+    executor = None
+    if options.executor.kind == "ray":  # workers pick the device; their pycolmap is assumed to be this one
+        from .ray_executor import RayExecutor
+
+        executor = RayExecutor(options.executor, options.num_workers or None,
+                               "cpu" if options.device == "auto" and not pycolmap.has_cuda else options.device)
+        report.device = device = executor.device
 
     old_level = pycolmap.logging.minloglevel
     pycolmap.logging.minloglevel = max(old_level, 1)
@@ -248,21 +290,32 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
             report.num_resumed = sum(1 for r in records if r.name in ids and ids[r.name] in complete)
             failed = []
             bar = progress(total=len(todo), enabled=options.progress, desc="extract", unit="img")
+
+            def write(r: ImageRecord, result: tuple) -> None:
+                kp, de, err, why = result
+                iid = ids[r.name]
+                if why == "missing_on_node" and r.path.exists():
+                    raise IngestError(f"a Ray worker cannot read {r.path}, which this machine can ({err}): the image "
+                                      "folder must be on a path every node sees (see docs/distributed.md)")
+                if err is not None:
+                    with db.transaction():
+                        db.remove_image(iid)
+                    failed.append(SkippedFile(r.name, "decode_error" if why == "missing_on_node" else why, err))
+                else:
+                    db.write_features(iid, kp, de, feature_type.colmap_type)  # replaces a partial set
+                    report.num_extracted += 1
+                    if len(kp) == 0:
+                        report.no_features.append(r.name)
+                bar.update(1)
+
             try:
                 jobs = [(str(r.path), _mask_of(r.name, options)) for r in todo]
                 report.num_masked = len(todo) if options.mask_path else 0
-                for r, (kp, de, err, why) in zip(todo, _iter_features(jobs, options, device)):
-                    iid = ids[r.name]
-                    if err is not None:
-                        with db.transaction():
-                            db.remove_image(iid)
-                        failed.append(SkippedFile(r.name, why, err))
-                    else:
-                        db.write_features(iid, kp, de, feature_type.colmap_type)  # replaces a partial set
-                        report.num_extracted += 1
-                        if len(kp) == 0:
-                            report.no_features.append(r.name)
-                    bar.update(1)
+                if executor is not None:
+                    report.set_executor(_extract_with(executor, todo, jobs, options, write))
+                else:
+                    for r, result in zip(todo, _iter_features(jobs, options, device)):
+                        write(r, result)
             finally:
                 bar.close()
             report.skipped += failed
