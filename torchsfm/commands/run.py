@@ -72,6 +72,11 @@ def run(args) -> int:
         except CLIError as e:
             write_failure_report(args.output, report, opt, e)
             raise
+        finally:
+            if ex_opt.executor.kind == "ray":  # the mapper runs here: Ray's idle workers would hold memory
+                from ..frontend.ray_executor import disconnect
+
+                disconnect()
         try:
             _, report = map_database(db, args.output, opt, args.images, args.output_format, report)
         except (ValueError, RuntimeError) as e:

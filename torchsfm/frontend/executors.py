@@ -16,6 +16,7 @@ written is the same.
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -42,6 +43,9 @@ class ExecutorStats:
     num_tasks: int = 0
     num_retries: int = 0  # tasks resubmitted after their worker or node died
     workers: set = field(default_factory=set)  # (node, pid) of the processes that ran tasks
+    task_seconds: float = 0.0  # summed inside the tasks (worker time)
+    driver_seconds: float = 0.0  # this process's own work: planning, packing, submitting, writing
+    shipped_bytes: int = 0  # inputs put in the object store (the tasks' shared arrays)
 
     @property
     def num_workers(self) -> int:
@@ -67,10 +71,17 @@ class LocalExecutor:
         todo = iter(tasks)
         follow: collections.deque[Task] = collections.deque()
         self.stats.workers.add(("local", os.getpid()))
-        while True:
-            task = follow.popleft() if follow else next(todo, None)
-            if task is None:
-                return self.stats
-            result = task.fn(*task.args)
-            self.stats.num_tasks += 1
-            follow.extendleft(reversed(list(on_result(task, result) or ())))
+        t_start, t_tasks = time.perf_counter(), 0.0
+        try:
+            while True:
+                task = follow.popleft() if follow else next(todo, None)
+                if task is None:
+                    return self.stats
+                t0 = time.perf_counter()
+                result = task.fn(*task.args)
+                t_tasks += time.perf_counter() - t0
+                self.stats.num_tasks += 1
+                follow.extendleft(reversed(list(on_result(task, result) or ())))
+        finally:
+            self.stats.task_seconds += t_tasks
+            self.stats.driver_seconds += time.perf_counter() - t_start - t_tasks

@@ -17,6 +17,7 @@ import collections
 import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Iterable
 
 from .._version import __version__
@@ -37,6 +38,19 @@ def import_ray():
     return ray
 
 
+_STARTED: list[bool] = []  # this module started or joined the process's Ray runtime
+
+
+def disconnect() -> None:
+    """Shut down the Ray runtime `connect` started or joined (its idle workers hold memory the
+    mapper can use); one that the caller started itself is left alone."""
+    if _STARTED:
+        import ray
+
+        ray.shutdown()
+        _STARTED.clear()
+
+
 def connect(address: str = "", num_cpus: int | None = None) -> bool:
     """Start or join a Ray runtime unless this process already has one. Returns whether one was
     started or joined now. `address`: "" starts a local runtime with `num_cpus` CPUs; "auto",
@@ -53,6 +67,7 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         where = "start a local Ray runtime" if address == "" else f"join the Ray cluster at --ray-address {address}"
         raise ExecutorError(f"cannot {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    _STARTED.append(True)
     logger.info("Ray: %s", ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
                                       if k in ("CPU", "GPU", "object_store_memory")))
     return True
@@ -79,9 +94,11 @@ def _run_task(fn: Callable[..., Any], *args) -> tuple[Any, tuple]:
     import ray
     import torch
 
+    t0 = time.perf_counter()
     ctx = ray.get_runtime_context()
     torch.set_num_threads(max(1, int(ctx.get_assigned_resources().get("CPU", 1))))
-    return fn(*args), (socket.gethostname(), os.getpid(), __version__)
+    result = fn(*args)
+    return result, (socket.gethostname(), os.getpid(), __version__, time.perf_counter() - t0)
 
 
 class RayExecutor:
@@ -106,6 +123,8 @@ class RayExecutor:
 
     def share(self, value: Any):
         """An object-store reference to `value`, for inputs several tasks read."""
+        self.stats.shipped_bytes += sum(int(getattr(v, "nbytes", 0)) for v in vars(value).values()) \
+            if hasattr(value, "__dict__") else int(getattr(value, "nbytes", 0))
         return self.ray.put(value)
 
     def _submit(self, task: Task):
@@ -122,6 +141,7 @@ class RayExecutor:
         follow: collections.deque[Task] = collections.deque()
         running: dict = {}  # ObjectRef -> (task, attempt)
         exhausted = False
+        t_start, t_wait = time.perf_counter(), 0.0
         try:
             while True:
                 while len(running) < self.max_in_flight:
@@ -137,7 +157,9 @@ class RayExecutor:
                     running[self._submit(task)] = (task, 0)
                 if not running:
                     return self.stats
+                tw = time.perf_counter()
                 (ref,), _ = ray.wait(list(running), num_returns=1)
+                t_wait += time.perf_counter() - tw
                 task, attempt = running.pop(ref)
                 try:
                     result, where = ray.get(ref)
@@ -159,8 +181,10 @@ class RayExecutor:
                                         "install the same version on every node")
                 self.stats.num_tasks += 1
                 self.stats.workers.add(where[:2])
+                self.stats.task_seconds += where[3]
                 follow.extendleft(reversed(list(on_result(task, result) or ())))
         finally:
+            self.stats.driver_seconds += time.perf_counter() - t_start - t_wait
             for ref in running:  # an error or Ctrl-C: nothing more of this run will be written
                 ray.cancel(ref, force=True)
 

@@ -32,10 +32,15 @@ class ExecutorCounts:
     num_tasks: int = 0
     num_workers: int = 0
     num_retries: int = 0
+    task_seconds: float = 0.0  # summed inside the tasks
+    driver_seconds: float = 0.0  # this process's own work besides waiting for tasks
+    shipped_bytes: int = 0  # inputs put in Ray's object store
 
     def set_executor(self, stats) -> None:
         self.executor, self.num_tasks = stats.executor, stats.num_tasks
         self.num_workers, self.num_retries = stats.num_workers, stats.num_retries
+        self.task_seconds, self.driver_seconds = round(stats.task_seconds, 3), round(stats.driver_seconds, 3)
+        self.shipped_bytes = stats.shipped_bytes
 
     def executor_note(self) -> str:
         """'; ray: 12 tasks on 2 workers, 1 retry' (nothing for the local executor)."""
