@@ -156,6 +156,7 @@ def scaling(args) -> dict:
         row = {"nodes": nodes, "images": ex.num_extracted, "pairs": ma.num_matched,
                "extract_s": round(ex.elapsed_s, 2), "match_s": round(ma.elapsed_s, 2),
                "extract_worker_s_per_image": round(ex.task_seconds / max(ex.num_extracted, 1), 4),
+               "extract_driver_s_per_image": round(ex.driver_seconds / max(ex.num_extracted, 1), 5),
                "match_worker_s_per_pair": round(ma.task_seconds / max(ma.num_matched, 1), 5),
                "match_driver_s_per_pair": round(ma.driver_seconds / max(ma.num_matched, 1), 6),
                "object_store_bytes_per_pair": int(ma.shipped_bytes / max(ma.num_matched, 1)),
@@ -166,12 +167,14 @@ def scaling(args) -> dict:
     shutil.rmtree(work)
     base = rows[0]
     lines = [f"{args.dataset} on a local `ray.cluster_utils.Cluster` (1 CPU per node), {_machine(1)}", "",
-             "| nodes | extract | speed-up | match + verify | speed-up | worker s/image | worker s/pair | driver s/pair |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| nodes | extract | speed-up | match + verify | speed-up | worker s/image | driver s/image "
+             "| worker s/pair | driver s/pair | object store B/pair |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['nodes']} | {r['extract_s']:.1f} s | {base['extract_s'] / r['extract_s']:.2f}x | "
                      f"{r['match_s']:.1f} s | {base['match_s'] / r['match_s']:.2f}x | {r['extract_worker_s_per_image']:.3f} | "
-                     f"{r['match_worker_s_per_pair']:.4f} | {r['match_driver_s_per_pair']:.5f} |")
+                     f"{r['extract_driver_s_per_image']:.4f} | {r['match_worker_s_per_pair']:.4f} | "
+                     f"{r['match_driver_s_per_pair']:.5f} | {r['object_store_bytes_per_pair']} |")
     return {"machine": _machine(1), "date": time.strftime("%Y-%m-%d"), "dataset": args.dataset, "rows": rows,
             "table": "\n".join(lines)}
 

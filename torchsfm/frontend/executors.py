@@ -36,6 +36,17 @@ class Task:
 
 
 @dataclass
+class Composite:
+    """A task argument made where the task runs: fn(parts, *args), with `parts` handles from
+    `Executor.share` (resolved there). Lets many tasks share per-item objects (an image's
+    features) and still get one compact input."""
+
+    fn: Callable[..., Any]
+    parts: list
+    args: tuple = ()
+
+
+@dataclass
 class ExecutorStats:
     """What a stage reports about its executor: tasks run, retries, distinct workers."""
 
@@ -64,6 +75,9 @@ class LocalExecutor:
 
     def share(self, value: Any) -> Any:
         return value
+
+    def composite(self, fn: Callable[..., Any], parts: list, *args) -> Any:
+        return fn(parts, *args)
 
     def run(self, tasks: Iterable[Task], on_result: Callable[[Task, Any], Iterable[Task]]) -> ExecutorStats:
         import os

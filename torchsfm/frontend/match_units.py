@@ -4,8 +4,9 @@
 plan_matches`), `verify_task` the two-view geometries of one verification batch
 (`verification.plan_pair_batches`). Both read a `FeaturePack`: the keypoints, descriptors and
 cameras of the images they touch. The local executor hands them the driver's arrays in place;
-the Ray executor hands them compact copies (`pack_images`) through the object store. Results
-are numpy arrays either way, so the driver writes the same rows whichever ran them.
+the Ray executor ships each image's features through the object store once (`image_features`)
+and a task assembles the compact pack of its images (`assemble_pack`). Results are numpy arrays
+either way, so the driver writes the same rows whichever ran them.
 """
 from __future__ import annotations
 
@@ -41,21 +42,20 @@ class FeaturePack:
         return FeaturePack(t[0], t[1], t[2].long(), t[3].long(), self.cameras.to(device))
 
 
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for (s, n) in zip(starts, counts), without a loop."""
-    total = int(counts.sum())
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(starts, counts) + np.arange(total) - first
+def image_features(xy: np.ndarray, desc: np.ndarray, offsets: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image's (keypoint xy, descriptors): what the Ray executor ships per image, once."""
+    a, b = int(offsets[row]), int(offsets[row + 1])
+    return xy[a:b], desc[a:b]
 
 
-def pack_images(xy: np.ndarray, desc: np.ndarray, offsets: np.ndarray, image_camera: np.ndarray,
-                cameras: Cameras, rows: np.ndarray) -> FeaturePack:
-    """A compact FeaturePack of the images `rows` (sorted) of flat numpy features; image k of
-    the pack is rows[k]."""
-    counts = offsets[rows + 1] - offsets[rows]
-    idx = _ranges(offsets[rows], counts)
-    return FeaturePack(xy[idx], desc[idx], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                       image_camera[rows], cameras)
+def assemble_pack(images: list[tuple[np.ndarray, np.ndarray]], image_camera: np.ndarray, cameras: Cameras,
+                  descriptors: bool = True) -> FeaturePack:
+    """The FeaturePack of per-image (xy, descriptors) parts, in order (a worker's side of
+    `image_features`); without `descriptors` (verification reads keypoints only) they stay out."""
+    counts = np.asarray([len(x) for x, _ in images], dtype=np.int64)
+    desc = np.concatenate([d for _, d in images]) if descriptors else images[0][1][:0]
+    return FeaturePack(np.concatenate([x for x, _ in images]), desc,
+                       np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), image_camera, cameras)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .._version import __version__
-from .executors import ExecutorError, ExecutorStats, Task
+from .executors import Composite, ExecutorError, ExecutorStats, Task
 from .options import ExecutorOptions
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def _run_task(fn: Callable[..., Any], *args) -> tuple[Any, tuple]:
     t0 = time.perf_counter()
     ctx = ray.get_runtime_context()
     torch.set_num_threads(max(1, int(ctx.get_assigned_resources().get("CPU", 1))))
+    args = tuple(a.fn(ray.get(a.parts), *a.args) if isinstance(a, Composite) else a for a in args)
     result = fn(*args)
     return result, (socket.gethostname(), os.getpid(), __version__, time.perf_counter() - t0)
 
@@ -123,9 +124,13 @@ class RayExecutor:
 
     def share(self, value: Any):
         """An object-store reference to `value`, for inputs several tasks read."""
-        self.stats.shipped_bytes += sum(int(getattr(v, "nbytes", 0)) for v in vars(value).values()) \
-            if hasattr(value, "__dict__") else int(getattr(value, "nbytes", 0))
+        items = vars(value).values() if hasattr(value, "__dict__") else value if isinstance(value, tuple) else (value,)
+        self.stats.shipped_bytes += sum(int(getattr(v, "nbytes", 0)) for v in items)
         return self.ray.put(value)
+
+    def composite(self, fn: Callable[..., Any], parts: list, *args) -> Composite:
+        """fn(parts, *args), made in the worker from the shared `parts` (see `Composite`)."""
+        return Composite(fn, list(parts), args)
 
     def _submit(self, task: Task):
         opts = dict(num_cpus=self.options.cpus_per_task, max_retries=0, name=f"torchsfm.{task.name}")

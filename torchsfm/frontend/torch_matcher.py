@@ -27,8 +27,8 @@ from .colmap_db import pair_ids, read_features, write_pair_results
 from .descriptor_matching import DescriptorMatchOptions, MatchUnit, plan_matches
 from .executors import ExecutorStats, LocalExecutor, Task
 from .extractors import feature_type_of_colmap_type
-from .match_units import (TWO_VIEW_DEGENERATE, FeaturePack, UnitMatches, VerifiedBatch, match_task, pack_images,
-                          verify_task)
+from .match_units import (TWO_VIEW_DEGENERATE, FeaturePack, UnitMatches, VerifiedBatch, assemble_pack, image_features,
+                          match_task, verify_task)
 from .options import MatchOptions
 from .verification import VerificationOptions, plan_pair_batches
 
@@ -161,8 +161,13 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
     vopts = verification_options(options)
     pid = pair_ids(ids[rows[:, 0]], ids[rows[:, 1]])
     units = plan_matches(torch.from_numpy(offsets), torch.from_numpy(local), dm_options, device)
-    if executor.ships_data:  # compact copies per unit, through the object store
+    if executor.ships_data:  # each image's features through the object store, once
         whole = None
+        shipped: dict[int, object] = {}
+        last_use = np.full(len(offsets) - 1, -1)
+        for k, unit in enumerate(units):
+            if unit.engine != "none":
+                last_use[unit.image_rows(torch.from_numpy(local)).numpy()] = k
     else:  # the driver's arrays, moved to the device once, read in place
         whole = FeaturePack(xy, desc, offsets, image_camera, cameras).on(device)
     t1 = time.perf_counter()
@@ -176,16 +181,26 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
             pairs = local[unit.pair_index.numpy()]
             images = unit.image_rows(torch.from_numpy(local)).numpy()
             if whole is None:
-                pack = executor.share(pack_images(xy, desc, offsets, image_camera, cameras, images))
+                # a task assembles its pack from per-image objects: a node fetches an image once
+                # however many units read it; the driver drops an image after its last unit
+                # (the tasks that hold it keep it alive)
+                for r in images.tolist():
+                    if r not in shipped:
+                        shipped[r] = executor.share(image_features(xy, desc, offsets, r))
+                parts = [shipped[r] for r in images.tolist()]
+                pack = executor.composite(assemble_pack, parts, image_camera[images], cameras)
+                keypoints = executor.composite(assemble_pack, parts, image_camera[images], cameras, False)
+                for r in images[last_use[images] == k].tolist():
+                    del shipped[r]
                 remap = np.full(len(offsets) - 1, -1, np.int64)
                 remap[images] = np.arange(len(images))
                 pairs, images = remap[pairs], remap[images]
             else:
-                pack = whole
+                pack = keypoints = whole
             task_unit = MatchUnit(unit.engine, torch.arange(len(pairs)), unit.width,
                                   None if unit.images is None else torch.from_numpy(images), unit.seed)
             yield Task(match_task, (pack, pairs, task_unit, dm_options, executor.device or device.type),
-                       key=(unit.pair_index.numpy(), pairs, pack), name=f"match-{k}")
+                       key=(unit.pair_index.numpy(), pairs, keypoints), name=f"match-{k}")
 
     def verification_tasks(task: Task, um: UnitMatches):
         covered, pairs, pack = task.key
