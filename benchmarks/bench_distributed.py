@@ -12,7 +12,8 @@ numbers of docs/distributed.md's speed-up model. Three parts, each a reproducibl
     python benchmarks/bench_distributed.py scaling [--dataset templeRing] [--nodes 1,2]
         A local multi-node cluster (`ray.cluster_utils.Cluster`, one CPU per node): extraction and
         matching of one dataset with 1..N single-CPU nodes; worker seconds per image and per pair,
-        the driver's seconds per pair, object-store bytes per pair.
+        the driver's seconds per image and per pair, object-store bytes per pair, and whether the
+        database equals the one-node run's.
 
 Each writes docs/bench_distributed_PART.json (and prints a table). Times on a shared machine
 are provisional: compare ratios from one run.
@@ -26,7 +27,6 @@ import os
 import platform
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -162,6 +162,8 @@ def scaling(args) -> dict:
                "object_store_bytes_per_pair": int(ma.shipped_bytes / max(ma.num_matched, 1)),
                "tasks": {"extract": ex.num_tasks, "match": ma.num_tasks}, "workers": ma.num_workers,
                "stage_times": ma.stage_times}
+        if rows:  # the database does not depend on the number of workers
+            row["equal_to_1_node"] = _rows(db) == _rows(work / f"n{rows[0]['nodes']}.db")
         rows.append(row)
         print(json.dumps(row), flush=True)
     shutil.rmtree(work)

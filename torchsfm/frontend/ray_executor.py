@@ -3,8 +3,8 @@
 This process (the driver) plans the units, submits them as Ray tasks and stays the only
 database writer: each result comes back through Ray's object store as arrays and is committed
 by the driver, unit by unit, exactly as the local executor commits it, so an interrupted Ray run
-resumes like a local one. Inputs that several tasks read (a matching unit's features) are put
-in the object store once. At most `max_tasks_in_flight` tasks are submitted at once, so the
+resumes like a local one. Inputs that several tasks read (each image's features) are put in
+the object store once; a node fetches each of them once. At most `max_tasks_in_flight` tasks are submitted at once, so the
 object store holds a bounded amount of inputs and results.
 
 Faults: a task whose worker process or node dies is resubmitted, at most `max_retries` times
@@ -38,23 +38,25 @@ def import_ray():
     return ray
 
 
-_STARTED: list[bool] = []  # this module started or joined the process's Ray runtime
+_started = False  # `connect` started or joined this process's Ray runtime
 
 
 def disconnect() -> None:
     """Shut down the Ray runtime `connect` started or joined (its idle workers hold memory the
     mapper can use); one that the caller started itself is left alone."""
-    if _STARTED:
+    global _started
+    if _started:
         import ray
 
         ray.shutdown()
-        _STARTED.clear()
+        _started = False
 
 
 def connect(address: str = "", num_cpus: int | None = None) -> bool:
     """Start or join a Ray runtime unless this process already has one. Returns whether one was
     started or joined now. `address`: "" starts a local runtime with `num_cpus` CPUs; "auto",
     HOST:PORT or ray://HOST:PORT join a running cluster."""
+    global _started
     ray = import_ray()
     if ray.is_initialized():
         return False
@@ -67,7 +69,7 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         where = "start a local Ray runtime" if address == "" else f"join the Ray cluster at --ray-address {address}"
         raise ExecutorError(f"cannot {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    _STARTED.append(True)
+    _started = True
     logger.info("Ray: %s", ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
                                       if k in ("CPU", "GPU", "object_store_memory")))
     return True
