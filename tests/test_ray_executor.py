@@ -182,6 +182,22 @@ def test_cli_executor_ray_and_its_errors(ray_runtime, scene, local_db, tmp_path,
     assert "torchsfm[ray]" in err and "Traceback" not in err
 
 
+def test_an_address_nothing_answers_at_is_an_error_at_once():
+    import socket
+
+    from torchsfm.frontend.executors import ExecutorError
+    from torchsfm.frontend.ray_executor import probe_address
+
+    with socket.socket() as s:  # a loopback port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(ExecutorError, match=rf"nothing answers at --ray-address 127\.0\.0\.1:{port} .*ray start --head"):
+        probe_address(f"127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 5
+    probe_address("auto")  # left to Ray
+
+
 def test_image_missing_on_a_worker_is_an_error_naming_file_and_node(scene, tmp_path, monkeypatch):
     """A worker that cannot see an image this machine sees: the folder is not shared."""
     from torchsfm.frontend import IngestError

@@ -52,6 +52,20 @@ def disconnect() -> None:
         _started = False
 
 
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that nothing answers at is an error now: Ray itself
+    would keep retrying for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray parses itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ExecutorError(f"nothing answers at --ray-address {address} ({e.strerror or e}): start the cluster's "
+                            f"head there (`ray start --head --port {port}`), or use --ray-address auto on a node "
+                            "of a running cluster") from None
+
+
 def connect(address: str = "", num_cpus: int | None = None) -> bool:
     """Start or join a Ray runtime unless this process already has one. Returns whether one was
     started or joined now. `address`: "" starts a local runtime with `num_cpus` CPUs; "auto",
@@ -61,6 +75,8 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    if address:
+        probe_address(address)
     try:
         if address == "":
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
