@@ -143,3 +143,15 @@ def test_empty_images_and_pairs():
     assert len(m) == 0
     m = match_descriptors(desc, torch.tensor([0, 0, 0]), torch.zeros(0, 2, dtype=torch.long))
     assert len(m) == 0
+
+
+def test_ivf_cache_changes_nothing():
+    """The first pass's distances, kept or recomputed (a budget too small for any bucket), give
+    the same matches."""
+    desc, off, _ = _scene(8, 200, 0.6, 5.0, seed=4)
+    pairs = torch.triu_indices(8, 8, 1).T
+    o = dict(engine="ivf", ivf_list_size=32, ivf_min_pairs=1, memory_budget_mb=1)
+    a = match_descriptors(desc, off, pairs, DescriptorMatchOptions(**o))
+    b = match_descriptors(desc, off, pairs, DescriptorMatchOptions(ivf_cache_mb=0, **o))
+    assert _as_set(a) == _as_set(b) and len(a) > 100
+    torch.testing.assert_close(a.ratio, b.ratio)

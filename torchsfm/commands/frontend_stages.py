@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..data.camera_models import MODELS
 from ..frontend.extractors import feature_types
-from ..frontend.options import (CAMERA_MODES, DEVICES, EXECUTORS, MATCH_MODES, NN_ENGINES, VERIFIERS, ExtractOptions,
-                                MatchOptions)
+from ..frontend.options import (CAMERA_MODES, DEVICES, EXECUTORS, MATCH_MODES, MATCHERS, NN_ENGINES, VERIFIERS,
+                                ExtractOptions, MatchOptions)
 from ..report import RunReport
 from . import CLIError
 from .options import Flag
@@ -61,16 +61,20 @@ EXTRACT_FLAGS = [
     Flag("default_focal_length_factor", "--focal-factor",
          ("--ImageReader.default_focal_length_factor", "--default-focal-length-factor"),
          "focal length without EXIF = factor * max(width, height)"),
-    Flag("features", "--features", help="feature extractor (registered: " + ", ".join(sorted(feature_types()))
-         + "; learned ones come with an extra)", metavar="NAME"),
+    Flag("features", "--features", help="feature extractor: sift (COLMAP's), or learned ones from the `learned` "
+         "extra: xfeat, aliked (n16rot), disk", choices=tuple(sorted(feature_types()))),
+    Flag("learned_max_image_size", "--learned-max-image-size",
+         help="learned features run on a copy whose longer side is at most this; keypoints are scaled back"),
+    Flag("learned_max_keypoints", "--learned-max-keypoints", help="most learned keypoints per image (best scores)"),
+    Flag("learned_batch_size", "--learned-batch-size", help="images of one size per network batch"),
     Flag("max_image_size", "--max-image-size", ("--SiftExtraction.max_image_size",),
          "SIFT runs on a copy downscaled to this size; keypoints are scaled back"),
     Flag("max_num_features", "--max-features", ("--SiftExtraction.max_num_features", "--max-num-features"),
          "most SIFT features per image"),
     Flag("min_fov_deg", "--min-fov", help="EXIF focal lengths giving a narrower field of view (degrees) are ignored"),
     Flag("max_fov_deg", "--max-fov", help="EXIF focal lengths giving a wider field of view (degrees) are ignored"),
-    Flag("device", "--device", help="SIFT device; auto uses CUDA only when the installed pycolmap has it",
-         choices=DEVICES),
+    Flag("device", "--device", help="extraction device; auto: SIFT uses CUDA only when the installed pycolmap has "
+         "it, learned features when torch has it", choices=DEVICES),
     Flag("min_images", ""),  # set by the verb (run needs as many as the mapper)
     *EXECUTOR_FLAGS,
 ]
@@ -95,6 +99,14 @@ MATCH_FLAGS = [
     Flag("num_words", "--num-words", help="retrieval: size of the VLAD codebook"),
     Flag("verifier", "--verifier", help="who matches and verifies: torch (batched nearest neighbours and RANSAC "
          "on the device) or colmap (pycolmap's matcher and verifier, the reference)", choices=VERIFIERS),
+    Flag("matcher", "--matcher", help="raw matches of --verifier torch: nn (mutual nearest neighbours, ratio test) "
+         "or lightglue (LightGlue / LighterGlue for xfeat, aliked, disk features: the learned extra)",
+         choices=MATCHERS),
+    Flag("lightglue_threshold", "--lightglue-threshold", help="LightGlue: least match confidence"),
+    Flag("lightglue_batch_size", "--lightglue-batch-size", help="LightGlue: pairs per batch (0: 1 on the CPU, 16 on CUDA)"),
+    Flag("lightglue_depth_confidence", "--lightglue-depth-confidence",
+         help="LightGlue early stop: a batch stops at a layer once this share of points is confident in each pair; "
+         "-1 runs all layers"),
     Flag("nn_engine", "--nn-engine", help="torch verifier's nearest-neighbour search: exact (batched products), "
          "ivf (an inverted file over all images), auto (exact on CUDA, ivf on the CPU)", choices=NN_ENGINES),
     Flag("max_ratio", "--max-ratio", ("--SiftMatching.max_ratio",), "SIFT ratio test"),

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from .ingest import IngestError, SkippedFile
+from . import learned  # noqa: F401 - registers the learned feature types (models load on use)
 from .options import ExtractOptions, MatchOptions
 from .report import ExtractReport, MatchReport
 

@@ -160,11 +160,14 @@ class FrontendDatabase:
         )
 
     def write_descriptors(self, image_id: int, descriptors: np.ndarray, descriptor_type: int = DESCRIPTOR_SIFT) -> None:
-        """uint8 (SIFT) or float32 descriptors, stored as COLMAP does (type = FeatureExtractorType)."""
+        """uint8 (SIFT) or float32 descriptors, stored as COLMAP 4 stores them (type =
+        FeatureExtractorType): float32 rows as their bytes, so cols = 4 x dimension, exactly what
+        pycolmap's `FeatureDescriptors.from_float` writes."""
         de = np.ascontiguousarray(descriptors, dtype=np.uint8 if descriptors.dtype == np.uint8 else np.float32)
+        raw = de.view(np.uint8).reshape(de.shape[0], de.shape[1] * de.itemsize)
         self.conn.execute(
             "INSERT INTO descriptors(image_id, type, rows, cols, data) VALUES (?, ?, ?, ?, ?)",
-            (image_id, int(descriptor_type), de.shape[0], de.shape[1], de.tobytes()),
+            (image_id, int(descriptor_type), raw.shape[0], raw.shape[1], raw.tobytes()),
         )
 
     def write_features(self, image_id: int, keypoints: np.ndarray, descriptors: np.ndarray,
@@ -176,15 +179,37 @@ class FrontendDatabase:
             self.write_descriptors(image_id, descriptors, descriptor_type)
 
 
+# COLMAP 4.2 descriptor types whose rows are float32 (ALIKED_N16ROT, ALIKED_N32, LOMA_B, LOMA_B128)
+_COLMAP_FLOAT_TYPES = frozenset({1, 2, 3, 4})
+
+
+def decode_descriptors(rows: int, cols: int, data: bytes, descriptor_type: int) -> np.ndarray:
+    """A descriptors row as an (n, D) array: uint8 for SIFT; float32 for float types, which COLMAP
+    stores as their bytes (cols = 4 D); a blob of rows x cols float32 values (written so by an
+    earlier version of this code) is read as float32 too."""
+    if len(data) == rows * cols * 4 and rows * cols:
+        return np.frombuffer(data, dtype=np.float32).reshape(rows, cols)
+    raw = np.frombuffer(data, dtype=np.uint8).reshape(rows, cols)
+    from .extractors import feature_type_of_colmap_type
+
+    ft = feature_type_of_colmap_type(int(descriptor_type))
+    is_float = ft.descriptor_dtype == "float32" if ft is not None else int(descriptor_type) in _COLMAP_FLOAT_TYPES
+    if is_float:
+        if cols % 4:
+            raise DatabaseError(f"float descriptors (type {descriptor_type}) of {cols} bytes per row: not float32 rows")
+        return raw.view(np.float32).reshape(rows, cols // 4)
+    return raw
+
+
 def read_descriptors(conn: sqlite3.Connection, image_ids: list[int]) -> list[np.ndarray]:
-    """uint8 (n, 128) SIFT descriptors of the given images (empty arrays where absent)."""
+    """(n, D) descriptors of the given images, uint8 (SIFT) or float32 (empty arrays where absent)."""
     out = []
     for iid in image_ids:
-        row = conn.execute("SELECT rows, cols, data FROM descriptors WHERE image_id = ?", (int(iid),)).fetchone()
+        row = conn.execute("SELECT rows, cols, data, type FROM descriptors WHERE image_id = ?", (int(iid),)).fetchone()
         if row is None or not row[0]:
             out.append(np.zeros((0, 128), np.uint8))
         else:
-            out.append(np.frombuffer(row[2], dtype=np.uint8).reshape(row[0], row[1]))
+            out.append(decode_descriptors(*row))
     return out
 
 
@@ -233,11 +258,12 @@ def read_features(conn: sqlite3.Connection, image_ids: list[int]) -> tuple[np.nd
             types.append(-1)
             continue
         xy.append(np.frombuffer(k[2], dtype=np.float32).reshape(k[0], k[1])[:, :2].astype(np.float64))
-        dim = d[1] if dim is None else dim
-        if d[1] != dim:
-            raise DatabaseError(f"descriptors of image {iid} have {d[1]} columns, others {dim}: one feature type per database")
-        dtype = np.uint8 if len(d[2]) == d[0] * d[1] else np.float32
-        de.append(np.frombuffer(d[2], dtype=dtype).reshape(d[0], d[1]))
+        desc = decode_descriptors(*d)
+        dim = desc.shape[1] if dim is None else dim
+        if desc.shape[1] != dim or (de and desc.dtype != de[0].dtype):
+            raise DatabaseError(f"descriptors of image {iid} are {desc.shape[1]} x {desc.dtype}, others {dim} x "
+                                f"{de[0].dtype}: one feature type per database")
+        de.append(desc)
         counts.append(k[0])
         types.append(d[3])
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -23,6 +23,7 @@ on block pairs with many candidate pairs and `exact` on the rest.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class DescriptorMatchOptions:
     ivf_list_size: int = 192  # mean descriptors per inverted list (codebook size = N / this)
     ivf_probes: int = 8  # lists each descriptor is compared with (COLMAP: nprobe 8)
     ivf_kmeans_iterations: int = 5
+    ivf_cache_mb: int = 1024  # the first pass's distances are kept up to this size (skips recomputing them)
     ivf_min_pairs: int = 64  # a block pair with fewer candidate pairs goes to `exact`
     ivf_min_density: float = 0.25  # ... or with a smaller share of its image pairs as candidates
     # re-check the inverted file's matches by exact search in the other image (its nearest,
@@ -207,7 +209,7 @@ def _kmeans(x: Tensor, k: int, iterations: int, generator: torch.Generator) -> T
     return cent
 
 
-_KEY_BITS = 24  # a key packs a quantised squared distance above a member index (float64, exact)
+_MAX_BLOCK = 2**24  # descriptors of an inverted-file block: member ids are exact in float32
 
 
 @dataclass
@@ -226,8 +228,8 @@ class _InvertedFile:
 
 def _inverted_file(x: Tensor, options: DescriptorMatchOptions, generator: torch.Generator) -> _InvertedFile:
     n, device = len(x), x.device
-    if n >= 2**_KEY_BITS:
-        raise ValueError(f"an inverted-file block holds at most {2**_KEY_BITS - 1} descriptors, got {n}")
+    if n >= _MAX_BLOCK:
+        raise ValueError(f"an inverted-file block holds at most {_MAX_BLOCK - 1} descriptors, got {n}")
     k = max(1, min(n, round(n / max(options.ivf_list_size, 1))))
     cent = _kmeans(x, k, options.ivf_kmeans_iterations, generator)
     nprobe = min(options.ivf_probes, k)
@@ -239,7 +241,7 @@ def _inverted_file(x: Tensor, options: DescriptorMatchOptions, generator: torch.
     qsize = torch.bincount(qlist, minlength=k)
     by_size = torch.argsort(msize * qsize, descending=True)
     ms, qs = msize[by_size].tolist(), qsize[by_size].tolist()
-    cap = max(1, options.memory_budget_mb * 2**20 // 32)  # distance, key, index, masks: ~32 bytes an element
+    cap = max(1, options.memory_budget_mb * 2**20 // 16)  # distances, masks, gathers: ~16 bytes an element
     buckets, s = [], 0
     while s < k:
         if ms[s] == 0 or qs[s] == 0:
@@ -255,71 +257,86 @@ def _inverted_file(x: Tensor, options: DescriptorMatchOptions, generator: torch.
                          torch.cat([qsize.new_zeros(1), qsize.cumsum(0)]), buckets)
 
 
-def _ivf_buckets(x: Tensor, sq: Tensor, img: Tensor, allowed: Tensor, ivf: _InvertedFile, options: DescriptorMatchOptions):
-    """The inverted file's work, bucket by bucket: yields (index, key) with index (L, bq, bm) =
-    query * images + image of the member (query n for padding), and key = quantised squared
-    distance * 2^24 + member as float64 (+inf where the member is of the query's own image or of
-    an image not paired with it). Each descriptor meets the members of its `ivf_probes` nearest
-    lists; `sq` holds the scaled squared norms."""
+def _ivf_buckets(x: Tensor, sq: Tensor, img: Tensor, allowed: Tensor, ivf: _InvertedFile, skip: int = 0):
+    """The inverted file's work, bucket by bucket: yields (query (L, bq), member (L, bm), d2
+    (L, bq, bm)): squared distances of each query entry to the members of one of its probed
+    lists, +inf where the member is padding, of the query's own image or of an image not paired
+    with it. Padded query entries are query n (a row of their own in the callers' tables)."""
     n, nb, device = len(x), len(allowed), x.device
     dense = bool(allowed.sum() == nb * (nb - 1))  # every other image allowed: a cheaper mask
     allowed_ext = torch.cat([allowed, allowed.new_zeros(1, nb)])  # row nb: padded queries
-    for lists, bm, bq in ivf.buckets:
+    for lists, bm, bq in ivf.buckets[skip:]:
         cm = torch.arange(bm, device=device)
         cq = torch.arange(bq, device=device)
         mvalid = cm[None] < ivf.msize[lists][:, None]
         qvalid = cq[None] < ivf.qsize[lists][:, None]
         mem = ivf.member_order[torch.where(mvalid, ivf.moff[lists][:, None] + cm[None], 0)]  # (L, bm)
         qry = ivf.query_of[torch.where(qvalid, ivf.qoff[lists][:, None] + cq[None], 0)]  # (L, bq)
-        # padded members: an infinite norm; padded queries: an image of their own (nb)
         sq_mem = torch.where(mvalid, sq[mem], float("inf"))
         qimg = torch.where(qvalid, img[qry], nb)
-        d2 = torch.baddbmm(sq[qry][:, :, None] + sq_mem[:, None, :], x[qry], x[mem].transpose(1, 2),
-                           alpha=-2 * _key_scale(options))
+        d2 = torch.baddbmm(sq[qry][:, :, None] + sq_mem[:, None, :], x[qry], x[mem].transpose(1, 2), alpha=-2)
         if dense:
             bad = qimg[:, :, None] == img[mem][:, None, :]
         else:
             bad = ~allowed_ext.view(-1)[(qimg * nb)[:, :, None] + img[mem][:, None, :]]
-        d2.floor_().clamp_(0, 2**_KEY_BITS - 1).masked_fill_(bad, float("inf"))
-        # float64 keys: exact integers below 2^53, so (distance, member) order is exact
-        key = torch.add(mem[:, None, :].to(torch.float64), d2.to(torch.float64), alpha=2.0**_KEY_BITS)
-        yield (torch.where(qvalid, qry, n) * nb)[:, :, None] + img[mem][:, None, :], key
-
-
-def _key_scale(options: DescriptorMatchOptions) -> float:
-    """Squared distances are quantised to 2^24 levels up to (2 * descriptor_norm)^2 (beyond
-    saturates; max_distance is far below)."""
-    return (2**_KEY_BITS - 1) / (4.0 * options.descriptor_norm**2)
+        yield torch.where(qvalid, qry, n), mem, d2.clamp_min_(0).masked_fill_(bad, float("inf"))
 
 
 def _ivf_proposals(x: Tensor, img: Tensor, allowed: Tensor, options: DescriptorMatchOptions,
                    generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """Matches (q, c, ratio) by COLMAP's rules with the nearest and second-nearest descriptor of
     each other image searched among the members of the query's probed lists, as COLMAP's own
-    inverted-file matcher searches them. Two passes of scatter-min into dense (descriptors x
-    images) tables of (distance, member) keys: the nearest, then the nearest but that one. A
-    row nb of the tables takes the padded queries."""
-    n, nb = len(x), len(allowed)
-    shift = 2.0**_KEY_BITS
+    inverted-file matcher searches them. Dense (descriptors x images) tables, filled in two
+    passes over the inverted file: the nearest distance; then which member it is, the nearest
+    distance but that member's, and ties. Each bucket first reduces along its members per
+    (query entry, image), a scatter along the last dimension with a broadcast index, so the
+    per-element work stays in float32."""
+    n, nb, device = len(x), len(allowed), x.device
     ivf = _inverted_file(x, options, generator)
-    sq = (x * x).sum(1) * _key_scale(options)
-    best = torch.full(((n + 1) * nb,), float("inf"), dtype=torch.float64, device=x.device)
-    for index, key in _ivf_buckets(x, sq, img, allowed, ivf, options):
-        best.scatter_reduce_(0, index.reshape(-1), key.reshape(-1), "amin")
-    second = torch.full_like(best, float("inf"))
-    for index, key in _ivf_buckets(x, sq, img, allowed, ivf, options):
-        key.masked_fill_(key == best[index], float("inf"))
-        second.scatter_reduce_(0, index.reshape(-1), key.reshape(-1), "amin")
-    best, second = best.view(n + 1, nb)[:n], second.view(n + 1, nb)[:n]
-    d_best, d_second = torch.floor(best / shift), torch.floor(second / shift)  # inf stays inf
-    scale = _key_scale(options)
-    ok = torch.isfinite(best) & _passes(d_best / scale, d_second / scale, options)
+    sq = (x * x).sum(1)
+    inf = float("inf")
+    cols = torch.arange(nb, device=device)
+    memf = torch.arange(n, device=device, dtype=x.dtype)  # member ids, exact in float32 below 2^24
+
+    def cells(qry: Tensor) -> Tensor:
+        return ((qry * nb)[:, :, None] + cols).reshape(-1)
+
+    best = torch.full(((n + 1) * nb,), inf, dtype=x.dtype, device=device)
+    cache, room = [], options.ivf_cache_mb * 2**20  # the first pass's distances, kept for the second
+    for qry, mem, d2 in _ivf_buckets(x, sq, img, allowed, ivf):
+        cell = img[mem][:, None, :].expand_as(d2)
+        local = torch.full((*qry.shape, nb), inf, dtype=x.dtype, device=device).scatter_reduce_(2, cell, d2, "amin")
+        best.scatter_reduce_(0, cells(qry), local.reshape(-1), "amin")
+        room -= d2.numel() * d2.element_size()
+        if room >= 0:
+            cache.append((qry, mem, d2))
+    arg = torch.full_like(best, inf)
+    second = torch.full_like(best, inf)
+    ties = torch.zeros_like(best)
+    rest = _ivf_buckets(x, sq, img, allowed, ivf, skip=len(cache))
+    for qry, mem, d2 in itertools.chain(cache, rest):
+        cell = img[mem][:, None, :].expand_as(d2)
+        # where a cell has no finite distance, "best" marks masked members too: harmless, the
+        # cell fails the distance test
+        is_best = d2 == best.view(n + 1, nb)[qry].gather(2, cell)
+        shape = (*qry.shape, nb)
+        loc_arg = torch.full(shape, inf, dtype=x.dtype, device=device).scatter_reduce_(
+            2, cell, torch.where(is_best, memf[mem][:, None, :], inf), "amin")
+        loc_sec = torch.full(shape, inf, dtype=x.dtype, device=device).scatter_reduce_(
+            2, cell, d2.masked_fill_(is_best, inf), "amin")
+        loc_cnt = torch.zeros(shape, dtype=x.dtype, device=device).scatter_add_(2, cell, is_best.to(x.dtype))
+        idx = cells(qry)
+        arg.scatter_reduce_(0, idx, loc_arg.reshape(-1), "amin")
+        second.scatter_reduce_(0, idx, loc_sec.reshape(-1), "amin")
+        ties.scatter_add_(0, idx, loc_cnt.reshape(-1))
+    best, arg, second, ties = (t.view(n + 1, nb)[:n] for t in (best, arg, second, ties))
+    second = torch.where(ties > 1, best, second)  # two members at the nearest distance: ratio 1, fails
+    ok = torch.isfinite(best) & _passes(best, second, options)
     q, j = torch.nonzero(ok, as_tuple=True)
-    c = (best[q, j] - d_best[q, j] * shift).long()
-    ratio = (d_best[q, j] / d_second[q, j]).sqrt().to(x.dtype)
+    c = arg[q, j].long()
+    ratio = (best[q, j] / second[q, j]).sqrt()
     if options.cross_check:
-        back = best[c, img[q]]
-        keep = ok[c, img[q]] & ((back - d_best[c, img[q]] * shift).long() == q) & (img[q] < img[c])  # mutual, once
+        keep = ok[c, img[q]] & (arg[c, img[q]].long() == q) & (img[q] < img[c])  # mutual, each once
     else:
         keep = torch.ones_like(q, dtype=torch.bool)
     return q[keep], c[keep], ratio[keep]

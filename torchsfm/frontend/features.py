@@ -39,6 +39,19 @@ def resolve_sift_device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and pycolmap.has_cuda) else "cpu"
 
 
+def resolve_extract_device(options: ExtractOptions) -> str:
+    """SIFT runs where pycolmap can run it; learned extractors on torch's device (auto: CUDA when
+    torch has it)."""
+    if options.features == "sift":
+        return resolve_sift_device(options.device)
+    from ..runtime import resolve_device
+
+    try:
+        return resolve_device(options.device).type
+    except RuntimeError as e:
+        raise IngestError(str(e)) from None
+
+
 def make_extractor(options: ExtractOptions, device: str = "cpu") -> Extractor:
     """The extractor of `options.features` (SIFT unless a learned extractor is registered)."""
     return create_extractor(options, device)
@@ -92,22 +105,26 @@ def _extract_file(job: tuple[str, str | None]):
     return kp, de, None, None
 
 
-def extract_task(jobs: list[tuple[str, str | None]], options: ExtractOptions, device: str) -> list[tuple]:
-    """The extraction unit (a Ray task): `_extract_file`'s result for each (image path, mask path
-    or None), with one extractor per worker process. An image that this node cannot see is
+def extract_task(jobs: list[tuple[str, str | None]], options: ExtractOptions, device: str,
+                 sizes: list[tuple[int, int]] | None = None) -> list[tuple]:
+    """The extraction unit (a Ray task): the result of `_extract_file` (or, with the image
+    `sizes`, of `_iter_batched`: a batched extractor's local batches) for each (image path, mask
+    path or None), with one extractor per worker process. An image that this node cannot see is
     reported as such ("missing_on_node", with the node's name), for the driver to tell a folder
     that is not shared from a file deleted since the scan."""
     import socket
 
     if _WORKER.get("key") != (options, device):
         _init_worker(options, device)
-    out = []
-    for path, mask in jobs:
-        if not os.path.exists(path):
-            out.append((None, None, f"{path} does not exist on node {socket.gethostname()}", "missing_on_node"))
-        else:
-            out.append(_extract_file((path, mask)))
-    return out
+    here = [os.path.exists(path) for path, _ in jobs]
+    ok = [j for j, h in zip(jobs, here) if h]
+    if sizes is None:
+        found = iter([_extract_file(j) for j in ok])
+    else:
+        found = _iter_batched(ok, [s for s, h in zip(sizes, here) if h], _WORKER["extractor"])
+    node = socket.gethostname()
+    return [next(found) if h else (None, None, f"{path} does not exist on node {node}", "missing_on_node")
+            for (path, _), h in zip(jobs, here)]
 
 
 def default_num_workers() -> int:
@@ -115,10 +132,15 @@ def default_num_workers() -> int:
     return max(1, min(cores, 8))
 
 
-def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions, device: str):
+def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions, device: str,
+                   sizes: list[tuple[int, int]] | None = None, extractor: Extractor | None = None):
     """Results for (image path, mask path or None) jobs, in input order. One in-process extractor
     for CUDA or one worker; a spawn pool
-    (safe with threads in the parent) otherwise."""
+    (safe with threads in the parent) otherwise. With `sizes` (a batched, learned extractor):
+    one in-process model (`extractor`), consecutive images of one size in one batch."""
+    if sizes is not None:
+        yield from _iter_batched(paths, sizes, extractor or make_extractor(options, device))
+        return
     # Spawning a worker costs seconds (imports), so small jobs run in-process.
     auto = min(default_num_workers(), max(1, len(paths) // 8))
     n = 1 if device == "cuda" else min(options.num_workers or auto, len(paths))
@@ -136,12 +158,68 @@ def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions,
             raise
 
 
-def _extract_with(executor, todo: list[ImageRecord], jobs: list[tuple], options: ExtractOptions, write):
-    """Extraction tasks of `images_per_task` images on `executor`; `write(record, result)` for
-    each image as its task's results arrive."""
+def _decode(path: str):
+    try:
+        return load_uint8(path), None
+    except Exception as e:  # noqa: BLE001 - a file that changed since the scan must not stop the run
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _runs(sizes: list[tuple[int, int]], batch_size: int) -> list[range]:
+    """Runs of up to `batch_size` consecutive jobs of one image size: one network batch each."""
+    runs, s = [], 0
+    while s < len(sizes):
+        e = s + 1
+        while e < len(sizes) and e - s < batch_size and sizes[e] == sizes[s]:
+            e += 1
+        runs.append(range(s, e))
+        s = e
+    return runs
+
+
+def _iter_batched(jobs: list[tuple[str, str | None]], sizes: list[tuple[int, int]], extractor):
+    """`_iter_features` for an extractor with `extract_batch`: runs of up to its batch size of
+    consecutive same-size jobs; the next run is decoded on threads while the network runs."""
+    runs = _runs(sizes, extractor.batch_size)
+    with cf.ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(_decode, jobs[k][0]) for k in runs[0]] if runs else []
+        for r, run in enumerate(runs):
+            decoded = [f.result() for f in pending]
+            pending = [pool.submit(_decode, jobs[k][0]) for k in runs[r + 1]] if r + 1 < len(runs) else []
+            ok = [i for i, (im, _) in enumerate(decoded) if im is not None]
+            feats = dict(zip(ok, extractor.extract_batch([decoded[i][0] for i in ok]))) if ok else {}
+            for i, k in enumerate(run):
+                if i not in feats:
+                    yield None, None, decoded[i][1], "decode_error"
+                    continue
+                kp, de = feats[i]
+                mask_path = jobs[k][1]
+                if mask_path is not None:
+                    try:
+                        kp, de = mask_keypoints(kp, de, load_mask(mask_path))
+                    except Exception as e:  # noqa: BLE001 - an unreadable mask skips its image, not the run
+                        yield None, None, f"mask {mask_path}: {type(e).__name__}: {e}", "mask_error"
+                        continue
+                yield kp, de, None, None
+
+
+def _extract_with(executor, todo: list[ImageRecord], jobs: list[tuple], sizes: list[tuple[int, int]] | None,
+                  options: ExtractOptions, write):
+    """Extraction tasks of about `images_per_task` images on `executor` (whole network batches
+    for a batched extractor, so each image is computed in the batch a local run puts it in);
+    `write(record, result)` for each image as its task's results arrive."""
     per = options.executor.images_per_task or max(1, min(16, len(jobs) // (4 * getattr(executor, "slots", 1))))
-    tasks = (Task(extract_task, (jobs[a:a + per], options, executor.device), key=range(a, min(a + per, len(jobs))),
-                  name=f"extract-{a // per}") for a in range(0, len(jobs), per))
+    units = [range(a, min(a + per, len(jobs))) for a in range(0, len(jobs), per)]
+    if sizes is not None:  # cut between the local run's batches only
+        units, runs = [], _runs(sizes, max(1, int(options.learned_batch_size)))
+        for run in runs:
+            if units and len(units[-1]) < per:
+                units[-1] = range(units[-1].start, run.stop)
+            else:
+                units.append(run)
+    tasks = (Task(extract_task, ([jobs[i] for i in u], options, executor.device,
+                                 None if sizes is None else [sizes[i] for i in u]), key=u, name=f"extract-{k}")
+             for k, u in enumerate(units))
 
     def on_result(task: Task, results: list) -> tuple:
         for i, result in zip(task.key, results):
@@ -249,10 +327,15 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     image_dir, database = Path(image_dir), Path(database)
     if options.mask_path and not Path(options.mask_path).is_dir():
         raise IngestError(f"mask folder {options.mask_path} does not exist or is not a folder")
-    device = "cpu" if options.executor.kind == "ray" else resolve_sift_device(options.device)
     feature_type = feature_types()[options.features] if options.features in feature_types() else None
     if feature_type is None:
         raise IngestError(f"unknown --features {options.features!r}; available: {', '.join(sorted(feature_types()))}")
+    on_ray = options.executor.kind == "ray"
+    device = "cpu" if on_ray else resolve_extract_device(options)  # on Ray: the cluster's, below
+    batched = options.features != "sift"
+    # a learned model is built once, before any work (a missing extra is an error here); on Ray
+    # each worker builds its own
+    model = make_extractor(options, device) if batched and not on_ray else None
     report = ExtractReport(image_dir=str(image_dir), database=str(database), device=device)
 
     trusted: set[str] = set()
@@ -273,11 +356,11 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
         raise err
     group_cameras(records, options)  # a grouping error (mixed sizes in one camera) before any write
     executor = None
-    if options.executor.kind == "ray":  # workers pick the device; their pycolmap is assumed to be this one
+    if on_ray:  # the cluster's device; SIFT's CUDA needs pycolmap's (workers have this one's)
         from .ray_executor import RayExecutor
 
-        executor = RayExecutor(options.executor, options.num_workers or None,
-                               "cpu" if options.device == "auto" and not pycolmap.has_cuda else options.device)
+        no_gpu_sift = options.features == "sift" and options.device == "auto" and not pycolmap.has_cuda
+        executor = RayExecutor(options.executor, options.num_workers or None, "cpu" if no_gpu_sift else options.device)
         report.device = device = executor.device
 
     old_level = pycolmap.logging.minloglevel
@@ -309,19 +392,22 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
                 bar.update(1)
 
             try:
+                if batched:  # images of one size in a row: they share the network's batches
+                    todo.sort(key=lambda r: (r.width, r.height))
                 jobs = [(str(r.path), _mask_of(r.name, options)) for r in todo]
                 report.num_masked = len(todo) if options.mask_path else 0
+                sizes = [(r.width, r.height) for r in todo] if batched else None
                 if executor is not None:
-                    report.set_executor(_extract_with(executor, todo, jobs, options, write))
+                    report.set_executor(_extract_with(executor, todo, jobs, sizes, options, write))
                 else:
-                    for r, result in zip(todo, _iter_features(jobs, options, device)):
+                    for r, result in zip(todo, _iter_features(jobs, options, device, sizes, model)):
                         write(r, result)
             finally:
                 bar.close()
             report.skipped += failed
             log_aggregated(logger, f"{len(failed)} images failed during feature extraction and were removed:",
                            [f"{s.name}: {s.detail}" for s in failed])
-            log_aggregated(logger, f"SIFT found no features in {len(report.no_features)} images:", report.no_features)
+            log_aggregated(logger, f"{options.features} found no features in {len(report.no_features)} images:", report.no_features)
             report.num_images = len(ids) - len(failed)
             report.num_keypoints = db.num_keypoints()
     finally:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data.model import Cameras
-from .descriptor_matching import DescriptorMatchOptions, MatchUnit, match_unit
+from .descriptor_matching import DescriptorMatchOptions, MatchUnit, RawMatches, match_unit
 from .verification import VerificationOptions, gather_pair_batch, verify_pairs
 
 TWO_VIEW_DEGENERATE = 1
@@ -72,11 +72,20 @@ def match_task(pack: FeaturePack, pairs: np.ndarray, unit: MatchUnit, options: D
     device = torch.device(device)
     p = pack.on(device)
     pairs_t = torch.as_tensor(pairs).to(device).long()
-    raw = match_unit(p.desc, p.offsets, pairs_t, unit, options)
-    counts = torch.bincount(raw.pair, minlength=len(pairs_t))
-    order = torch.argsort(raw.pair, stable=True)  # raw is sorted by pair already; kept for safety
-    mlist = torch.stack([raw.idx1, raw.idx2], dim=1)[order]
-    return UnitMatches(counts.cpu().numpy(), mlist.cpu().numpy())
+    return unit_matches(match_unit(p.desc, p.offsets, pairs_t, unit, options), len(pairs_t))
+
+
+def unit_matches(raw: RawMatches, num_pairs: int, covered: torch.Tensor | None = None) -> UnitMatches:
+    """RawMatches of a unit as CSR by pair: raw.pair is the position in the unit or, with
+    `covered` (the unit's pair indices), one of those indices. Order within a pair is kept."""
+    pos = raw.pair
+    if covered is not None:
+        local_of = torch.full((int(covered.max()) + 1 if len(covered) else 1,), -1, dtype=torch.long, device=pos.device)
+        local_of[covered] = torch.arange(len(covered), device=pos.device)
+        pos = local_of[pos]
+    counts = torch.bincount(pos, minlength=num_pairs)
+    order = torch.argsort(pos, stable=True)
+    return UnitMatches(counts.cpu().numpy(), torch.stack([raw.idx1, raw.idx2], dim=1)[order].cpu().numpy())
 
 
 @dataclass

@@ -46,6 +46,14 @@ def _images_with_features(conn: sqlite3.Connection) -> tuple[list[int], list[str
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
+def _check_sift_only(conn: sqlite3.Connection) -> None:
+    """pycolmap's matcher here matches SIFT descriptors only."""
+    types = {r[0] for r in conn.execute("SELECT DISTINCT type FROM descriptors WHERE rows > 0")} - {0}
+    if types:
+        raise IngestError("--verifier colmap matches SIFT descriptors; this database has learned features "
+                          f"(descriptor types {sorted(types)}): use --verifier torch")
+
+
 def candidate_pairs(conn: sqlite3.Connection, image_ids: list[int], options: MatchOptions, device: torch.device) -> torch.Tensor:
     """(E, 2) rows into image_ids."""
     n = len(image_ids)
@@ -104,6 +112,8 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
 
     with contextlib.closing(sqlite3.connect(str(database))) as conn:
         ids, names = _images_with_features(conn)
+        if options.verifier == "colmap":
+            _check_sift_only(conn)
         if len(ids) < 2:
             raise IngestError(f"{database} has {len(ids)} image(s) with features, need at least 2: run `torchsfm extract` first")
         rows = candidate_pairs(conn, ids, options, torch_device).numpy()

@@ -17,6 +17,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 CAMERA_MODES = ("auto", "single", "per_folder", "per_image")
 MATCH_MODES = ("exhaustive", "sequential", "retrieval")
 VERIFIERS = ("torch", "colmap")
+MATCHERS = ("nn", "lightglue")
 NN_ENGINES = ("auto", "exact", "ivf")
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("local", "ray")
@@ -74,6 +75,12 @@ class ExtractOptions:
     max_image_size: int = 3200  # SIFT runs on a downscaled copy; keypoints are scaled back
     max_num_features: int = 8192
     sift: dict = field(default_factory=dict)  # extra pycolmap.SiftExtractionOptions fields
+    # learned extractors (xfeat, aliked, disk; the `learned` extra): they run on a copy whose
+    # longer side is at most learned_max_image_size (LightGlue's default 1024), keep the
+    # learned_max_keypoints best-scored keypoints, and batch images of one size on --device
+    learned_max_image_size: int = 1024
+    learned_max_keypoints: int = 2048
+    learned_batch_size: int = 4
     extensions: frozenset[str] = IMAGE_EXTENSIONS
     min_images: int = 2
     device: str = "auto"  # SIFT device: auto uses CUDA only when the installed pycolmap has it
@@ -95,8 +102,9 @@ class ExtractOptions:
 
         self.camera_model = model_info(str(self.camera_model).upper()).name
         self.extensions = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
-        if self.max_image_size <= 0 or self.max_num_features <= 0:
-            raise ValueError("max_image_size and max_num_features must be positive")
+        if min(self.max_image_size, self.max_num_features, self.learned_max_image_size, self.learned_max_keypoints,
+               self.learned_batch_size) <= 0:
+            raise ValueError("max_image_size, max_num_features and the learned_* sizes must be positive")
         if self.default_focal_length_factor <= 0:
             raise ValueError("default_focal_length_factor must be positive")
         self.image_names = tuple(self.image_names)
@@ -147,6 +155,17 @@ class MatchOptions:
     # who matches and verifies: "torch" (ours: batched nearest neighbours and RANSAC on --device)
     # or "colmap" (pycolmap's matcher and verifier; the reference)
     verifier: str = "torch"
+    # raw matches of the torch verifier: nn (mutual nearest neighbours with COLMAP's ratio and
+    # distance tests) or lightglue (LightGlue for aliked/disk, LighterGlue for xfeat: the
+    # `learned` extra), pairs batched on --device; lightglue_threshold is LightGlue's match
+    # confidence threshold, lightglue_batch_size its pairs per batch, and lightglue_depth_confidence
+    # its early stop (a batch stops at a layer when all of its pairs are confident; -1: all layers);
+    # batch size 0 = auto: 1 on the CPU (batching saves nothing there, and a pair alone stops at
+    # its own layer), 16 on CUDA
+    matcher: str = "nn"
+    lightglue_threshold: float = 0.1
+    lightglue_batch_size: int = 0
+    lightglue_depth_confidence: float = 0.95
     # torch verifier's nearest-neighbour engine: exact (batched products; the default on CUDA),
     # ivf (an inverted file over all images; the default on the CPU), auto
     nn_engine: str = "auto"
@@ -167,6 +186,11 @@ class MatchOptions:
     def __post_init__(self) -> None:
         self.mode = normalize_choice(self.mode, MATCH_MODES, "match mode")
         self.verifier = normalize_choice(self.verifier, VERIFIERS, "verifier")
+        self.matcher = normalize_choice(self.matcher, MATCHERS, "matcher")
+        if self.matcher == "lightglue" and self.verifier == "colmap":
+            raise ValueError("--matcher lightglue needs --verifier torch (pycolmap's matcher cannot run LightGlue here)")
+        if self.lightglue_batch_size < 0:
+            raise ValueError("lightglue_batch_size must be >= 0 (0: auto)")
         self.nn_engine = normalize_choice(self.nn_engine, NN_ENGINES, "nearest-neighbour engine")
         self.device = normalize_choice(self.device, DEVICES, "device")
         if self.overlap < 1 or self.num_neighbors < 1 or self.num_words < 2 or self.chunk_size < 1:
@@ -175,3 +199,6 @@ class MatchOptions:
         if self.executor.kind == "ray" and self.verifier == "colmap":
             raise ValueError("--executor ray runs the torch verifier's work units; --verifier colmap (pycolmap's "
                              "matcher) runs on this machine only: drop one of them")
+        if self.executor.kind == "ray" and self.matcher == "lightglue":
+            raise ValueError("--matcher lightglue runs on this machine only for now (its units are not planned for "
+                             "Ray yet): use --executor local, or --matcher nn on Ray")

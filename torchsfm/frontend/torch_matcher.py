@@ -28,7 +28,7 @@ from .descriptor_matching import DescriptorMatchOptions, MatchUnit, plan_matches
 from .executors import ExecutorStats, LocalExecutor, Task
 from .extractors import feature_type_of_colmap_type
 from .match_units import (TWO_VIEW_DEGENERATE, FeaturePack, UnitMatches, VerifiedBatch, assemble_pack, image_features,
-                          match_task, verify_task)
+                          match_task, unit_matches, verify_task)
 from .options import MatchOptions
 from .verification import VerificationOptions, plan_pair_batches
 
@@ -174,6 +174,16 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
     times = {"read": t1 - t0}
 
     def unit_tasks():
+        if options.matcher == "lightglue":  # the learned matcher's units run here; their verification on the executor
+            from .learned.lightglue_matcher import lightglue_units
+
+            width, height = whole.cameras.width[whole.image_camera], whole.cameras.height[whole.image_camera]
+            for k, (covered, raw) in enumerate(lightglue_units(whole.desc, whole.offsets, torch.from_numpy(local).to(device),
+                                                               whole.xy, width, height, types, options)):
+                covered = covered.cpu().numpy()
+                um = unit_matches(raw, len(covered), torch.from_numpy(covered).to(raw.pair.device))
+                yield from verification_tasks(Task(None, (), key=(covered, local[covered], whole), name=f"lightglue-{k}"), um)
+            return
         for k, unit in enumerate(units):
             if unit.engine == "none":  # an image without features: nothing to match
                 writer.add_degenerate(unit.pair_index.numpy(), [np.zeros((0, 2), np.int64)] * len(unit.pair_index))

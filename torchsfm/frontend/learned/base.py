@@ -1,0 +1,104 @@
+"""What the learned extractors share: batched inference on images of one size, resizing, and the
+conversion of a model's keypoints to COLMAP's pixel convention.
+
+The models put pixel centres at integer coordinates (the pixel at row 0, column 0 is at (0, 0));
+COLMAP puts the corner there, so a centre is at +0.5. A keypoint k found on a copy resized from
+(w, h) to (nw, nh) is therefore at (k + 0.5) * (w / nw, h / nh) in the full image: exact in
+COLMAP's corner-origin convention, whatever the resize factor.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..extractors import FeatureType
+from ..options import ExtractOptions
+
+MODULES = {"xfeat": "xfeat", "aliked": "aliked", "disk": "disk"}
+
+
+def build_extractor(name: str, options: ExtractOptions, device: str = "cpu") -> "LearnedExtractor":
+    module = importlib.import_module(f".{MODULES[name]}", __package__)
+    return module.Extractor(options, device)
+
+
+class LearnedExtractor:
+    """Subclasses set `feature_type`, `multiple` (image sides are rounded down to a multiple of it)
+    and implement `_load()` (the network, on the CPU) and `_detect(images)` ((B, 3, H, W) RGB in
+    [0, 1] -> per image (keypoints (N, 2) in the model's integer-centre frame, descriptors (N, D),
+    scores (N,)))."""
+
+    feature_type: FeatureType
+    multiple: int = 1
+    batched = True  # the front end groups images by size and calls extract_batch
+
+    def __init__(self, options: ExtractOptions, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.max_image_size = int(options.learned_max_image_size)
+        self.max_keypoints = int(options.learned_max_keypoints)
+        self.batch_size = max(1, int(options.learned_batch_size))
+        with contextlib.redirect_stdout(io.StringIO()):  # some wheels print while loading weights
+            self.model = self._load().to(self.device).eval()
+
+    def _load(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _detect(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) the network sees: longer side at most max_image_size, sides
+        rounded down to `multiple` (at least one multiple)."""
+        s = min(1.0, self.max_image_size / max(width, height))
+        m = self.multiple
+        return max(m, int(round(width * s)) // m * m), max(m, int(round(height * s)) // m * m)
+
+    def extract(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.extract_batch([image])[0]
+
+    @torch.inference_mode()
+    def extract_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(keypoints (N, 6) float32 in COLMAP's layout, descriptors (N, D) float32) per image;
+        images of one size run as one batch (of at most `batch_size`)."""
+        out: list = [None] * len(images)
+        groups = defaultdict(list)
+        for i, im in enumerate(images):
+            groups[im.shape[:2]].append(i)
+        for (h, w), idx in groups.items():
+            for s in range(0, len(idx), self.batch_size):
+                part = idx[s : s + self.batch_size]
+                for i, res in zip(part, self._run([images[i] for i in part], w, h)):
+                    out[i] = res
+        return out
+
+    def _run(self, images: list[np.ndarray], w: int, h: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        x = torch.stack([_to_rgb_tensor(im) for im in images]).to(self.device)
+        x = x.float().div_(255.0)
+        nw, nh = self.target_size(w, h)
+        if (nw, nh) != (w, h):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nw < w)
+        scale = torch.tensor([w / nw, h / nh], device=self.device, dtype=torch.float64)
+        results = []
+        for kp, desc, score in self._detect(x):
+            order = torch.argsort(score, descending=True, stable=True)[: self.max_keypoints]
+            xy = (kp[order].double() + 0.5) * scale
+            n = len(order)
+            k6 = torch.zeros(n, 6, dtype=torch.float64, device=self.device)
+            k6[:, :2] = xy
+            k6[:, 2], k6[:, 5] = scale[0], scale[1]  # one model pixel, in image pixels
+            results.append((k6.float().cpu().numpy(), desc[order].float().contiguous().cpu().numpy()))
+        return results
+
+
+def _to_rgb_tensor(image: np.ndarray) -> torch.Tensor:
+    """(3, H, W) uint8 tensor of an (H, W) grey or (H, W, 3) RGB 8-bit image."""
+    t = torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable copy
+    if t.ndim == 2:
+        return t[None].expand(3, -1, -1)
+    return t.permute(2, 0, 1)[:3]

