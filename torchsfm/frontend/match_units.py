@@ -75,16 +75,24 @@ def match_task(pack: FeaturePack, pairs: np.ndarray, unit: MatchUnit, options: D
     return unit_matches(match_unit(p.desc, p.offsets, pairs_t, unit, options), len(pairs_t))
 
 
-def unit_matches(raw: RawMatches, num_pairs: int, covered: torch.Tensor | None = None) -> UnitMatches:
-    """RawMatches of a unit as CSR by pair: raw.pair is the position in the unit or, with
-    `covered` (the unit's pair indices), one of those indices. Order within a pair is kept."""
-    pos = raw.pair
-    if covered is not None:
-        local_of = torch.full((int(covered.max()) + 1 if len(covered) else 1,), -1, dtype=torch.long, device=pos.device)
-        local_of[covered] = torch.arange(len(covered), device=pos.device)
-        pos = local_of[pos]
-    counts = torch.bincount(pos, minlength=num_pairs)
-    order = torch.argsort(pos, stable=True)
+def lightglue_task(pack: FeaturePack, pairs: np.ndarray, unit, feature: str, options,
+                   device: str | torch.device) -> UnitMatches:
+    """LightGlue raw matches of one planned batch (`learned.lightglue_matcher.plan_lightglue`),
+    whose pair k is pairs[k] ((P, 2) image rows of `pack`); the network is loaded once per process."""
+    from .learned.lightglue_matcher import lightglue_unit
+
+    device = torch.device(device)
+    p = pack.on(device)
+    wh = torch.stack([p.cameras.width[p.image_camera], p.cameras.height[p.image_camera]], 1)
+    pairs_t = torch.as_tensor(pairs).to(device).long()
+    return unit_matches(lightglue_unit(p.desc, p.offsets, p.xy, wh, pairs_t, unit, feature, options), len(pairs_t))
+
+
+def unit_matches(raw: RawMatches, num_pairs: int) -> UnitMatches:
+    """RawMatches of a unit (raw.pair: the position in the unit) as CSR by pair, order within a
+    pair kept."""
+    counts = torch.bincount(raw.pair, minlength=num_pairs)
+    order = torch.argsort(raw.pair, stable=True)
     return UnitMatches(counts.cpu().numpy(), torch.stack([raw.idx1, raw.idx2], dim=1)[order].cpu().numpy())
 
 

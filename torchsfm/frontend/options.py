@@ -199,6 +199,3 @@ class MatchOptions:
         if self.executor.kind == "ray" and self.verifier == "colmap":
             raise ValueError("--executor ray runs the torch verifier's work units; --verifier colmap (pycolmap's "
                              "matcher) runs on this machine only: drop one of them")
-        if self.executor.kind == "ray" and self.matcher == "lightglue":
-            raise ValueError("--matcher lightglue runs on this machine only for now (its units are not planned for "
-                             "Ray yet): use --executor local, or --matcher nn on Ray")

@@ -28,7 +28,7 @@ from .descriptor_matching import DescriptorMatchOptions, MatchUnit, plan_matches
 from .executors import ExecutorStats, LocalExecutor, Task
 from .extractors import feature_type_of_colmap_type
 from .match_units import (TWO_VIEW_DEGENERATE, FeaturePack, UnitMatches, VerifiedBatch, assemble_pack, image_features,
-                          match_task, unit_matches, verify_task)
+                          lightglue_task, match_task, verify_task)
 from .options import MatchOptions
 from .verification import VerificationOptions, plan_pair_batches
 
@@ -135,6 +135,49 @@ class PairWriter:
         self.time_s += time.perf_counter() - tw
 
 
+@dataclass
+class PlannedUnit:
+    """A matching unit as the driver hands it out: its pairs, the images it reads, and the task
+    (fn(pack, pairs, *args(image rows in the pack), device) -> UnitMatches); fn None: pairs with
+    an image without features, nothing to run."""
+
+    pair_index: np.ndarray  # (P,) into the pairs being matched
+    images: np.ndarray  # sorted image rows the unit reads
+    fn: object = None
+    args: object = None  # image rows as the task sees them -> the task's unit arguments
+
+
+def _plan_units(offsets: np.ndarray, pairs: np.ndarray, types: np.ndarray, options: MatchOptions,
+                dm_options: DescriptorMatchOptions, device: torch.device, executor) -> list[PlannedUnit]:
+    """The matching units of `options.matcher` from the feature counts: nearest-neighbour units
+    (`plan_matches`) or LightGlue's batches (`plan_lightglue`)."""
+    off_t, pairs_t = torch.from_numpy(offsets), torch.from_numpy(pairs)
+    out = []
+    if options.matcher == "lightglue":
+        from .learned.lightglue_matcher import LightGlueUnit, lightglue_setup, load_lightglue, plan_lightglue
+
+        feature, lg = lightglue_setup(types, options, device)
+        heads = load_lightglue(feature, torch.device("cpu") if executor.ships_data else device).conf.num_heads
+        empty, lg_units = plan_lightglue(off_t, pairs_t, heads, lg)
+        if len(empty):
+            out.append(PlannedUnit(empty.numpy(), np.zeros(0, np.int64)))
+        for u in lg_units:
+            n, w = len(u.pair_index), u.width
+            out.append(PlannedUnit(u.pair_index.numpy(), np.unique(pairs[u.pair_index.numpy()]), lightglue_task,
+                                   lambda images, n=n, w=w: (LightGlueUnit(torch.arange(n), w), feature, lg)))
+        return out
+    for u in plan_matches(off_t, pairs_t, dm_options, device):
+        if u.engine == "none":
+            out.append(PlannedUnit(u.pair_index.numpy(), np.zeros(0, np.int64)))
+            continue
+        n = len(u.pair_index)
+        out.append(PlannedUnit(u.pair_index.numpy(), u.image_rows(pairs_t).numpy(), match_task,
+                               lambda images, u=u, n=n: (MatchUnit(u.engine, torch.arange(n), u.width,
+                                                                   None if u.images is None else torch.from_numpy(images),
+                                                                   u.seed), dm_options)))
+    return out
+
+
 def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, options: MatchOptions,
                      device: torch.device, bar=None, executor=None) -> TorchMatchStats:
     """Match and verify the pairs `rows` ((E, 2) indices into `image_ids`) and write the results
@@ -160,36 +203,24 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
     dm_options = descriptor_match_options(options, _descriptor_norm(types, desc))
     vopts = verification_options(options)
     pid = pair_ids(ids[rows[:, 0]], ids[rows[:, 1]])
-    units = plan_matches(torch.from_numpy(offsets), torch.from_numpy(local), dm_options, device)
+    units = _plan_units(offsets, local, types, options, dm_options, device, executor)
     if executor.ships_data:  # each image's features through the object store, once
         whole = None
         shipped: dict[int, object] = {}
         last_use = np.full(len(offsets) - 1, -1)
         for k, unit in enumerate(units):
-            if unit.engine != "none":
-                last_use[unit.image_rows(torch.from_numpy(local)).numpy()] = k
+            last_use[unit.images] = k
     else:  # the driver's arrays, moved to the device once, read in place
         whole = FeaturePack(xy, desc, offsets, image_camera, cameras).on(device)
     t1 = time.perf_counter()
     times = {"read": t1 - t0}
 
     def unit_tasks():
-        if options.matcher == "lightglue":  # the learned matcher's units run here; their verification on the executor
-            from .learned.lightglue_matcher import lightglue_units
-
-            width, height = whole.cameras.width[whole.image_camera], whole.cameras.height[whole.image_camera]
-            for k, (covered, raw) in enumerate(lightglue_units(whole.desc, whole.offsets, torch.from_numpy(local).to(device),
-                                                               whole.xy, width, height, types, options)):
-                covered = covered.cpu().numpy()
-                um = unit_matches(raw, len(covered), torch.from_numpy(covered).to(raw.pair.device))
-                yield from verification_tasks(Task(None, (), key=(covered, local[covered], whole), name=f"lightglue-{k}"), um)
-            return
         for k, unit in enumerate(units):
-            if unit.engine == "none":  # an image without features: nothing to match
-                writer.add_degenerate(unit.pair_index.numpy(), [np.zeros((0, 2), np.int64)] * len(unit.pair_index))
+            if unit.fn is None:  # an image without features: nothing to match
+                writer.add_degenerate(unit.pair_index, [np.zeros((0, 2), np.int64)] * len(unit.pair_index))
                 continue
-            pairs = local[unit.pair_index.numpy()]
-            images = unit.image_rows(torch.from_numpy(local)).numpy()
+            pairs, images = local[unit.pair_index], unit.images
             if whole is None:
                 # a task assembles its pack from per-image objects: a node fetches an image once
                 # however many units read it; the driver drops an image after its last unit
@@ -207,13 +238,11 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
                 pairs, images = remap[pairs], remap[images]
             else:
                 pack = keypoints = whole
-            task_unit = MatchUnit(unit.engine, torch.arange(len(pairs)), unit.width,
-                                  None if unit.images is None else torch.from_numpy(images), unit.seed)
-            yield Task(match_task, (pack, pairs, task_unit, dm_options, executor.device or device.type),
-                       key=(unit.pair_index.numpy(), pairs, keypoints), name=f"match-{k}")
+            yield Task(unit.fn, (pack, pairs, *unit.args(images), executor.device or device.type),
+                       key=("match", unit.pair_index, pairs, keypoints), name=f"match-{k}")
 
     def verification_tasks(task: Task, um: UnitMatches):
-        covered, pairs, pack = task.key
+        _, covered, pairs, pack = task.key
         stats.num_raw_matches += len(um.matches)
         raw_of = _split(um.matches, um.counts)
         # COLMAP neither verifies nor keeps the raw matches of pairs with fewer than
@@ -228,16 +257,16 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
             raw = [raw_of[i] for i in k]
             follow.append(Task(verify_task, (pack, pairs[k], um.counts[k], np.concatenate(raw), pid[covered[k]], vopts,
                                              executor.device or device.type),
-                               key=(covered[k], raw), name=f"{task.name}-verify-{b}"))
+                               key=("verify", covered[k], raw), name=f"{task.name}-verify-{b}"))
         return follow
 
     def write_verified(task: Task, v: VerifiedBatch) -> None:
-        covered, raw = task.key
+        _, covered, raw = task.key
         inl_of = _split(v.inlier, np.asarray([len(r) for r in raw]))
         writer.add(covered, raw, [r[m] for r, m in zip(raw, inl_of)], v)
 
     def dispatch(task: Task, result):
-        if task.fn is match_task:
+        if task.key[0] == "match":
             return verification_tasks(task, result)
         write_verified(task, result)
         return ()
