@@ -115,18 +115,19 @@ def test_match_on_ray_equals_local(ray_runtime, local_db, tmp_path, engine):
     assert a == b
 
 
-def _worker_pids(prefix: str) -> list[int]:
-    """Ray worker processes executing a task whose name starts with `prefix` (Ray shows the
-    running task as the process title, `ray::NAME`)."""
+def _worker_pids(task_name: str) -> list[int]:
+    """Ray worker processes executing the task `task_name` (Ray shows the running task as the
+    process title, `ray::NAME`)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(f"ray::{prefix}".encode()):
-                        pids.append(int(entry))
+                    title = f.read().split(b"\0")[0].strip()
             except OSError:
                 continue
+            if title == f"ray::{task_name}".encode():
+                pids.append(int(entry))
     return pids
 
 
@@ -139,7 +140,7 @@ def test_worker_killed_during_matching_is_retried(ray_runtime, local_db, tmp_pat
 
     def killer():
         while not stop.is_set() and not killed:
-            for pid in _worker_pids("torchsfm.match"):
+            for pid in _worker_pids("torchsfm.match-0"):  # the unit's matching task, the longest
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
