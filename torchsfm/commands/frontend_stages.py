@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..data.camera_models import MODELS
 from ..frontend.extractors import feature_types
-from ..frontend.options import (CAMERA_MODES, DEVICES, MATCH_MODES, MATCHERS, NN_ENGINES, VERIFIERS, ExtractOptions,
-                                MatchOptions)
+from ..frontend.options import (CAMERA_MODES, DEVICES, EXECUTORS, MATCH_MODES, MATCHERS, NN_ENGINES, VERIFIERS,
+                                ExtractOptions, MatchOptions)
 from ..report import RunReport
 from . import CLIError
 from .options import Flag
@@ -26,6 +26,24 @@ def read_image_list(path: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"image list {path} names no image")
     return names
 
+
+# where the work units run (ExecutorOptions, one table for extract, match and run)
+EXECUTOR_FLAGS = [
+    Flag("executor.kind", "--executor", help="where the work units run: local (this machine) or ray (tasks on a Ray "
+         "cluster, this process the only database writer; needs the torchsfm[ray] extra)", choices=EXECUTORS),
+    Flag("executor.address", "--ray-address", help="Ray cluster: none starts a Ray runtime on this machine "
+         "(--threads CPUs), auto joins the cluster `ray start` runs here, HOST:PORT joins that head node, "
+         "ray://HOST:PORT through Ray Client", metavar="ADDRESS"),
+    Flag("executor.max_retries", "--ray-max-retries", help="resubmissions of a task whose worker process or node died"),
+    Flag("executor.cpus_per_task", "--ray-cpus-per-task", help="CPUs a Ray task reserves (and torch threads it uses)"),
+    Flag("executor.gpus_per_task", "--ray-gpus-per-task", help="GPUs a Ray task reserves when the device is cuda "
+         "(0.5: two tasks share a GPU)"),
+    Flag("executor.max_tasks_in_flight", "--ray-max-tasks-in-flight",
+         help="Ray tasks submitted at once, bounding the object store's inputs and results; 0: 2 per task slot"),
+    Flag("executor.images_per_task", "--ray-images-per-task",
+         help="images per Ray extraction task; 0: from the image count and the cluster's size"),
+]
+EXECUTOR_FIELDS = tuple(f.field for f in EXECUTOR_FLAGS)
 
 EXTRACT_FLAGS = [
     Flag("camera_mode", "--camera-mode", help="which images share intrinsics: auto = same EXIF make, model and "
@@ -58,6 +76,7 @@ EXTRACT_FLAGS = [
     Flag("device", "--device", help="extraction device; auto: SIFT uses CUDA only when the installed pycolmap has "
          "it, learned features when torch has it", choices=DEVICES),
     Flag("min_images", ""),  # set by the verb (run needs as many as the mapper)
+    *EXECUTOR_FLAGS,
 ]
 # set by the verbs (--threads, -q) or only from Python
 EXTRACT_EXCLUDE = ("num_workers", "progress", "extensions", "sift")
@@ -104,6 +123,7 @@ MATCH_FLAGS = [
     Flag("seed", "--seed", help="RANSAC seed: reruns give the same database"),
     Flag("device", "--device", help="matcher device (CUDA when pycolmap has it) and torch device of retrieval",
          choices=DEVICES),
+    *(f for f in EXECUTOR_FLAGS if f.field != "executor.images_per_task"),
 ]
 MATCH_EXCLUDE = ("num_threads", "progress", "verification")
 
@@ -129,11 +149,12 @@ def extract_stage(report: RunReport, image_dir: Path, database: Path, options: E
     then are in the report either way."""
     from ..frontend import IngestError, extract
     from ..frontend.colmap_db import DatabaseError
+    from ..frontend.executors import ExecutorError
 
     with report.stage("extract") as st:
         try:
             ex = extract(image_dir, database, options)
-        except (IngestError, DatabaseError, ValueError) as e:
+        except (IngestError, DatabaseError, ExecutorError, ValueError) as e:
             partial = getattr(e, "report", None)
             if partial is not None:
                 st.record(partial, exclude=("skipped",))

@@ -7,7 +7,7 @@ import dataclasses
 from ..frontend.options import MATCH_MODES, ExtractOptions, MatchOptions
 from . import CLIError
 from .arguments import IMAGES, OUTPUT, add_paths
-from .frontend_stages import EXTRACT_EXCLUDE, EXTRACT_FLAGS, MATCH_EXCLUDE, MATCH_FLAGS
+from .frontend_stages import EXECUTOR_FIELDS, EXTRACT_EXCLUDE, EXTRACT_FLAGS, MATCH_EXCLUDE, MATCH_FLAGS
 from .map import add_mapper_arguments, mapper_options
 from .options import add_options, choice
 
@@ -35,7 +35,8 @@ def register(sub) -> argparse.ArgumentParser:
                    metavar="{" + ",".join(("auto",) + MATCH_MODES) + "}",
                    help="pair selection; auto: exhaustive up to --exhaustive-max images, retrieval beyond")
     g.add_argument("--exhaustive-max", type=int, default=300, help="auto: exhaustive matching up to this many images")
-    add_options(g, "match", MatchOptions(), MATCH_FLAGS, exclude=MATCH_EXCLUDE + ("mode", "seed"),
+    # one --executor / --ray-* for both stages: the extraction group's flags, copied to matching
+    add_options(g, "match", MatchOptions(), MATCH_FLAGS, exclude=MATCH_EXCLUDE + ("mode", "seed") + EXECUTOR_FIELDS,
                 rename={"device": "--match-device"})
     add_mapper_arguments(p)
     return p
@@ -54,6 +55,10 @@ def run(args) -> int:
     ex_opt, ma_opt = frontend_options(args, extract=ExtractOptions(), match=MatchOptions(),
                                       fixed_extract={"min_images": max(2, opt.min_component_size)},
                                       fixed_match={"seed": opt.seed})
+    try:
+        ma_opt = dataclasses.replace(ma_opt, executor=ex_opt.executor)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
     writable_folder(args.output)
     db = args.output / "database.db"
     report = RunReport(command="run")
@@ -67,6 +72,11 @@ def run(args) -> int:
         except CLIError as e:
             write_failure_report(args.output, report, opt, e)
             raise
+        finally:
+            if ex_opt.executor.kind == "ray":  # the mapper runs here: Ray's idle workers would hold memory
+                from ..frontend.ray_executor import disconnect
+
+                disconnect()
         try:
             _, report = map_database(db, args.output, opt, args.images, args.output_format, report)
         except (ValueError, RuntimeError) as e:

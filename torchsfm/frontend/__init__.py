@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .ingest import IngestError, SkippedFile
 from . import learned  # noqa: F401 - registers the learned feature types (models load on use)
-from .options import ExtractOptions, MatchOptions
+from .options import ExecutorOptions, ExtractOptions, MatchOptions
 from .report import ExtractReport, MatchReport
 
 
@@ -31,4 +31,4 @@ def load_view_graph(database):
     return _load(database)
 
 
-__all__ = ["load_view_graph", "ExtractOptions", "ExtractReport", "IngestError", "MatchOptions", "MatchReport", "SkippedFile", "extract", "match"]
+__all__ = ["load_view_graph", "ExecutorOptions", "ExtractOptions", "ExtractReport", "IngestError", "MatchOptions", "MatchReport", "SkippedFile", "extract", "match"]

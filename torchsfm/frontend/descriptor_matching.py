@@ -117,18 +117,19 @@ def _pad_rows(offsets: Tensor, images: Tensor, width: int) -> tuple[Tensor, Tens
     return rows, valid
 
 
-def _exact_chunk(desc: Tensor, sq: Tensor, offsets: Tensor, pairs: Tensor, pair_index: Tensor,
+def _exact_chunk(desc: Tensor, offsets: Tensor, pairs: Tensor, pair_index: Tensor,
                  options: DescriptorMatchOptions, n1: int, n2: int) -> RawMatches:
     r1, v1 = _pad_rows(offsets, pairs[:, 0], n1)
     r2, v2 = _pad_rows(offsets, pairs[:, 1], n2)
+    a, b = desc[r1].float(), desc[r2].float()  # only the chunk's rows are converted
+    sq1, sq2 = (a * a).sum(-1), (b * b).sum(-1)
     if desc.device.type == "cuda":
         # fp16 products of unit-scaled descriptors (|dot| <= 1); squared norms stay exact in fp32
         s = 1.0 / options.descriptor_norm
-        a, b = (desc[r1] * s).half(), (desc[r2] * s).half()
-        dot = torch.bmm(a, b.transpose(1, 2)).float() * (options.descriptor_norm**2)
+        dot = torch.bmm((a * s).half(), (b * s).half().transpose(1, 2)).float() * (options.descriptor_norm**2)
     else:
-        dot = torch.bmm(desc[r1], desc[r2].transpose(1, 2))
-    d2 = (sq[r1][:, :, None] + sq[r2][:, None, :] - 2 * dot).clamp_min_(0)
+        dot = torch.bmm(a, b.transpose(1, 2))
+    d2 = (sq1[:, :, None] + sq2[:, None, :] - 2 * dot).clamp_min_(0)
     d2.masked_fill_(~(v1[:, :, None] & v2[:, None, :]), float("inf"))
     k2 = min(2, n2)
     k1 = min(2, n1)
@@ -152,29 +153,37 @@ def _exact_chunk(desc: Tensor, sq: Tensor, offsets: Tensor, pairs: Tensor, pair_
     return RawMatches(pair_index[p], i, j, ratio)
 
 
-def iter_exact(desc: Tensor, offsets: Tensor, pairs: Tensor, options: DescriptorMatchOptions,
-               pair_index: Tensor | None = None):
-    """Exact mutual nearest neighbours, chunk by chunk: batched products over pairs of similar
-    feature counts, each chunk within `memory_budget_mb`. Yields (pair indices, RawMatches)."""
-    device = desc.device
-    if pair_index is None:
-        pair_index = torch.arange(len(pairs), device=device)
+def _plan_exact(offsets: Tensor, pairs: Tensor, pair_index: Tensor, options: DescriptorMatchOptions) -> list[MatchUnit]:
+    """Chunks of pairs of similar feature counts (sorted by size, padded to the chunk's first),
+    each within `memory_budget_mb`."""
     if len(pairs) == 0:
-        return
-    desc = desc.float()
-    sq = (desc * desc).sum(1)
+        return []
     counts = offsets[1:] - offsets[:-1]
     size = torch.maximum(counts[pairs[:, 0]], counts[pairs[:, 1]]).clamp_min(1)
     order = torch.argsort(size, descending=True)
     sizes = size[order].tolist()
     budget = max(1, options.memory_budget_mb * 2**20 // 16)  # d2 + top-k temporaries: ~4 float copies
-    s = 0
-    while s < len(order):  # one iteration per chunk: pairs sorted by size, padded to the first's
+    units, s = [], 0
+    while s < len(order):
         w = sizes[s]
         e = min(len(order), s + max(1, budget // (w * w)))
-        sel = order[s:e]
-        yield pair_index[sel], _exact_chunk(desc, sq, offsets, pairs[sel], pair_index[sel], options, w, w)
+        units.append(MatchUnit("exact", pair_index[order[s:e]], width=w))
         s = e
+    return units
+
+
+def iter_exact(desc: Tensor, offsets: Tensor, pairs: Tensor, options: DescriptorMatchOptions,
+               pair_index: Tensor | None = None):
+    """Exact mutual nearest neighbours, chunk by chunk: batched products over pairs of similar
+    feature counts, each chunk within `memory_budget_mb`. Yields (pair indices, RawMatches)."""
+    if pair_index is None:
+        pair_index = torch.arange(len(pairs), device=desc.device)
+    offsets = offsets.to(desc.device).long()
+    pairs = pairs.to(desc.device).long()
+    # the units index `pairs` by position; pair_index maps positions to the caller's indices
+    for unit in _plan_exact(offsets, pairs, torch.arange(len(pairs), device=desc.device), options):
+        m = match_unit(desc, offsets, pairs, unit, options)
+        yield pair_index[unit.pair_index], RawMatches(pair_index[m.pair], m.idx1, m.idx2, m.ratio)
 
 
 def match_exact(desc: Tensor, offsets: Tensor, pairs: Tensor, options: DescriptorMatchOptions,
@@ -443,37 +452,83 @@ def _block_plan(pairs: Tensor, num_images: int, options: DescriptorMatchOptions)
     return groups, rest_t
 
 
-def iter_matches(desc: Tensor, offsets: Tensor, pairs: Tensor, options: DescriptorMatchOptions | None = None):
-    """Raw matches for `pairs` ((E, 2) image rows) of the flat descriptors `desc` ((N, D), rows
-    of image i at offsets[i]:offsets[i+1]), unit by unit (an inverted-file block or a chunk of
-    exact pairs), so that a caller can verify and write each unit before the next is matched.
-    Yields (pair indices covered, RawMatches of those pairs). Device follows `desc`."""
+@dataclass
+class MatchUnit:
+    """One unit of matching work, planned from feature counts alone (no descriptors): what
+    `match_unit` computes in one call, on any process that holds the unit's images."""
+
+    engine: str  # "none" (an image without features), "exact" or "ivf"
+    pair_index: Tensor  # (P,) indices into the pairs given to `plan_matches`
+    width: int = 0  # exact: descriptors per image, padded
+    images: Tensor | None = None  # ivf: the block's image rows, sorted
+    seed: int = 0  # ivf: the k-means generator's seed
+
+    def image_rows(self, pairs: Tensor) -> Tensor:
+        """The image rows this unit reads (sorted)."""
+        return self.images if self.images is not None else torch.unique(pairs[self.pair_index].reshape(-1))
+
+    def to(self, device) -> "MatchUnit":
+        images = None if self.images is None else self.images.to(device)
+        return MatchUnit(self.engine, self.pair_index.to(device), self.width, images, self.seed)
+
+
+def plan_matches(offsets: Tensor, pairs: Tensor, options: DescriptorMatchOptions | None = None,
+                 device: torch.device | str | None = None) -> list[MatchUnit]:
+    """The units of `iter_matches` for `pairs` ((E, 2) image rows), from the per-image feature
+    counts in `offsets` only. `device`: where the units run (picks the `auto` engine)."""
     options = options or DescriptorMatchOptions()
-    device = desc.device
+    device = torch.device(device) if device is not None else offsets.device
     engine = resolve_engine(options.engine, device)
-    pairs = pairs.to(device).long()
-    offsets = offsets.to(device).long()
+    pairs = pairs.to(offsets.device).long()
+    offsets = offsets.long()
     counts = offsets[1:] - offsets[:-1]
     has = (counts[pairs[:, 0]] > 0) & (counts[pairs[:, 1]] > 0)
+    units = []
     if not bool(has.all()):  # an image without descriptors matches nothing
-        none = torch.nonzero(~has).squeeze(1)
-        yield none, _empty(device)
+        units.append(MatchUnit("none", torch.nonzero(~has).squeeze(1)))
     keep = torch.nonzero(has).squeeze(1)
     if len(keep) == 0:
-        return
+        return units
     if engine == "auto":
         engine = "exact" if device.type == "cuda" else "ivf"
     if engine == "exact":
-        yield from iter_exact(desc, offsets, pairs[keep], options, pair_index=keep)
-        return
+        return units + _plan_exact(offsets, pairs[keep], keep, options)
     groups, rest = _block_plan(pairs[keep], len(offsets) - 1, options)
     for imgs, sel in groups:
-        # a generator per block, seeded by the block's first image: the result of a block does
-        # not depend on which other blocks are matched in the same run
-        gen = torch.Generator(device="cpu").manual_seed(options.seed * 1_000_003 + int(imgs[0]))
-        yield keep[sel], match_ivf_block(desc, offsets, imgs, pairs[keep[sel]], keep[sel], options, gen)
-    if len(rest):
-        yield from iter_exact(desc, offsets, pairs[keep[rest]], options, pair_index=keep[rest])
+        # seeded by the block's first image: a block's result does not depend on which other
+        # blocks are matched in the same run, nor on where it runs
+        units.append(MatchUnit("ivf", keep[sel], images=imgs, seed=options.seed * 1_000_003 + int(imgs[0])))
+    return units + _plan_exact(offsets, pairs[keep[rest]], keep[rest], options)
+
+
+def match_unit(desc: Tensor, offsets: Tensor, pairs: Tensor, unit: MatchUnit,
+               options: DescriptorMatchOptions | None = None) -> RawMatches:
+    """Raw matches of one planned unit (pair indices as in the unit). `pairs` are the planned
+    pairs' image rows of `desc`/`offsets`; only the unit's images are read. Device follows `desc`."""
+    options = options or DescriptorMatchOptions()
+    device = desc.device
+    offsets = offsets.to(device).long()
+    pairs = pairs.to(device).long()
+    unit = unit.to(device)
+    if unit.engine == "none" or len(unit.pair_index) == 0:
+        return _empty(device)
+    sel = pairs[unit.pair_index]
+    if unit.engine == "exact":
+        return _exact_chunk(desc, offsets, sel, unit.pair_index, options, unit.width, unit.width)
+    gen = torch.Generator(device="cpu").manual_seed(unit.seed)
+    return match_ivf_block(desc, offsets, unit.images, sel, unit.pair_index, options, gen)
+
+
+def iter_matches(desc: Tensor, offsets: Tensor, pairs: Tensor, options: DescriptorMatchOptions | None = None):
+    """Raw matches for `pairs` ((E, 2) image rows) of the flat descriptors `desc` ((N, D), rows
+    of image i at offsets[i]:offsets[i+1]), unit by unit (an inverted-file block or a chunk of
+    exact pairs: `plan_matches`), so that a caller can verify and write each unit before the
+    next is matched. Yields (pair indices covered, RawMatches of those pairs). Device follows `desc`."""
+    options = options or DescriptorMatchOptions()
+    offsets = offsets.to(desc.device).long()
+    pairs = pairs.to(desc.device).long()
+    for unit in plan_matches(offsets, pairs, options, desc.device):
+        yield unit.pair_index, match_unit(desc, offsets, pairs, unit, options)
 
 
 def match_descriptors(desc: Tensor, offsets: Tensor, pairs: Tensor, options: DescriptorMatchOptions | None = None) -> RawMatches:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..data.camera_models import model_info
 from .colmap_db import FrontendDatabase
+from .executors import Task
 from .extractors import Extractor, create_extractor, feature_types
 from .ingest import IngestError, ImageRecord, SkippedFile, group_cameras, load_uint8, scan_images
 from .options import ExtractOptions
@@ -66,6 +67,7 @@ def _init_worker(options: ExtractOptions, device: str) -> None:
 
     pycolmap.logging.minloglevel = 1
     _WORKER["extractor"] = make_extractor(options, device)
+    _WORKER["key"] = (options, device)
 
 
 def mask_keypoints(kp: np.ndarray, de: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +103,28 @@ def _extract_file(job: tuple[str, str | None]):
     except Exception as e:  # noqa: BLE001 - an unreadable mask skips its image, not the run
         return None, None, f"mask {mask_path}: {type(e).__name__}: {e}", "mask_error"
     return kp, de, None, None
+
+
+def extract_task(jobs: list[tuple[str, str | None]], options: ExtractOptions, device: str,
+                 sizes: list[tuple[int, int]] | None = None) -> list[tuple]:
+    """The extraction unit (a Ray task): the result of `_extract_file` (or, with the image
+    `sizes`, of `_iter_batched`: a batched extractor's local batches) for each (image path, mask
+    path or None), with one extractor per worker process. An image that this node cannot see is
+    reported as such ("missing_on_node", with the node's name), for the driver to tell a folder
+    that is not shared from a file deleted since the scan."""
+    import socket
+
+    if _WORKER.get("key") != (options, device):
+        _init_worker(options, device)
+    here = [os.path.exists(path) for path, _ in jobs]
+    ok = [j for j, h in zip(jobs, here) if h]
+    if sizes is None:
+        found = iter([_extract_file(j) for j in ok])
+    else:
+        found = _iter_batched(ok, [s for s, h in zip(sizes, here) if h], _WORKER["extractor"])
+    node = socket.gethostname()
+    return [next(found) if h else (None, None, f"{path} does not exist on node {node}", "missing_on_node")
+            for (path, _), h in zip(jobs, here)]
 
 
 def default_num_workers() -> int:
@@ -141,16 +165,22 @@ def _decode(path: str):
         return None, f"{type(e).__name__}: {e}"
 
 
-def _iter_batched(jobs: list[tuple[str, str | None]], sizes: list[tuple[int, int]], extractor):
-    """`_iter_features` for an extractor with `extract_batch`: runs of up to its batch size of
-    consecutive same-size jobs; the next run is decoded on threads while the network runs."""
+def _runs(sizes: list[tuple[int, int]], batch_size: int) -> list[range]:
+    """Runs of up to `batch_size` consecutive jobs of one image size: one network batch each."""
     runs, s = [], 0
-    while s < len(jobs):
+    while s < len(sizes):
         e = s + 1
-        while e < len(jobs) and e - s < extractor.batch_size and sizes[e] == sizes[s]:
+        while e < len(sizes) and e - s < batch_size and sizes[e] == sizes[s]:
             e += 1
         runs.append(range(s, e))
         s = e
+    return runs
+
+
+def _iter_batched(jobs: list[tuple[str, str | None]], sizes: list[tuple[int, int]], extractor):
+    """`_iter_features` for an extractor with `extract_batch`: runs of up to its batch size of
+    consecutive same-size jobs; the next run is decoded on threads while the network runs."""
+    runs = _runs(sizes, extractor.batch_size)
     with cf.ThreadPoolExecutor(2) as pool:
         pending = [pool.submit(_decode, jobs[k][0]) for k in runs[0]] if runs else []
         for r, run in enumerate(runs):
@@ -171,6 +201,32 @@ def _iter_batched(jobs: list[tuple[str, str | None]], sizes: list[tuple[int, int
                         yield None, None, f"mask {mask_path}: {type(e).__name__}: {e}", "mask_error"
                         continue
                 yield kp, de, None, None
+
+
+def _extract_with(executor, todo: list[ImageRecord], jobs: list[tuple], sizes: list[tuple[int, int]] | None,
+                  options: ExtractOptions, write):
+    """Extraction tasks of about `images_per_task` images on `executor` (whole network batches
+    for a batched extractor, so each image is computed in the batch a local run puts it in);
+    `write(record, result)` for each image as its task's results arrive."""
+    per = options.executor.images_per_task or max(1, min(16, len(jobs) // (4 * getattr(executor, "slots", 1))))
+    units = [range(a, min(a + per, len(jobs))) for a in range(0, len(jobs), per)]
+    if sizes is not None:  # cut between the local run's batches only
+        units, runs = [], _runs(sizes, max(1, int(options.learned_batch_size)))
+        for run in runs:
+            if units and len(units[-1]) < per:
+                units[-1] = range(units[-1].start, run.stop)
+            else:
+                units.append(run)
+    tasks = (Task(extract_task, ([jobs[i] for i in u], options, executor.device,
+                                 None if sizes is None else [sizes[i] for i in u]), key=u, name=f"extract-{k}")
+             for k, u in enumerate(units))
+
+    def on_result(task: Task, results: list) -> tuple:
+        for i, result in zip(task.key, results):
+            write(todo[i], result)
+        return ()
+
+    return executor.run(tasks, on_result)
 
 
 # ---- the front end's first stage ----
@@ -274,10 +330,12 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     feature_type = feature_types()[options.features] if options.features in feature_types() else None
     if feature_type is None:
         raise IngestError(f"unknown --features {options.features!r}; available: {', '.join(sorted(feature_types()))}")
-    device = resolve_extract_device(options)
+    on_ray = options.executor.kind == "ray"
+    device = "cpu" if on_ray else resolve_extract_device(options)  # on Ray: the cluster's, below
     batched = options.features != "sift"
-    # a learned model is built once, before any work (a missing extra is an error here)
-    model = make_extractor(options, device) if batched else None
+    # a learned model is built once, before any work (a missing extra is an error here); on Ray
+    # each worker builds its own
+    model = make_extractor(options, device) if batched and not on_ray else None
     report = ExtractReport(image_dir=str(image_dir), database=str(database), device=device)
 
     trusted: set[str] = set()
@@ -297,6 +355,13 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
         err.report = report
         raise err
     group_cameras(records, options)  # a grouping error (mixed sizes in one camera) before any write
+    executor = None
+    if on_ray:  # the cluster's device; SIFT's CUDA needs pycolmap's (workers have this one's)
+        from .ray_executor import RayExecutor
+
+        no_gpu_sift = options.features == "sift" and options.device == "auto" and not pycolmap.has_cuda
+        executor = RayExecutor(options.executor, options.num_workers or None, "cpu" if no_gpu_sift else options.device)
+        report.device = device = executor.device
 
     old_level = pycolmap.logging.minloglevel
     pycolmap.logging.minloglevel = max(old_level, 1)
@@ -308,24 +373,35 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
             report.num_resumed = sum(1 for r in records if r.name in ids and ids[r.name] in complete)
             failed = []
             bar = progress(total=len(todo), enabled=options.progress, desc="extract", unit="img")
+
+            def write(r: ImageRecord, result: tuple) -> None:
+                kp, de, err, why = result
+                iid = ids[r.name]
+                if why == "missing_on_node" and r.path.exists():
+                    raise IngestError(f"a Ray worker cannot read {r.path}, which this machine can ({err}): the image "
+                                      "folder must be on a path every node sees (see docs/distributed.md)")
+                if err is not None:
+                    with db.transaction():
+                        db.remove_image(iid)
+                    failed.append(SkippedFile(r.name, "decode_error" if why == "missing_on_node" else why, err))
+                else:
+                    db.write_features(iid, kp, de, feature_type.colmap_type)  # replaces a partial set
+                    report.num_extracted += 1
+                    if len(kp) == 0:
+                        report.no_features.append(r.name)
+                bar.update(1)
+
             try:
                 if batched:  # images of one size in a row: they share the network's batches
                     todo.sort(key=lambda r: (r.width, r.height))
                 jobs = [(str(r.path), _mask_of(r.name, options)) for r in todo]
                 report.num_masked = len(todo) if options.mask_path else 0
                 sizes = [(r.width, r.height) for r in todo] if batched else None
-                for r, (kp, de, err, why) in zip(todo, _iter_features(jobs, options, device, sizes, model)):
-                    iid = ids[r.name]
-                    if err is not None:
-                        with db.transaction():
-                            db.remove_image(iid)
-                        failed.append(SkippedFile(r.name, why, err))
-                    else:
-                        db.write_features(iid, kp, de, feature_type.colmap_type)  # replaces a partial set
-                        report.num_extracted += 1
-                        if len(kp) == 0:
-                            report.no_features.append(r.name)
-                    bar.update(1)
+                if executor is not None:
+                    report.set_executor(_extract_with(executor, todo, jobs, sizes, options, write))
+                else:
+                    for r, result in zip(todo, _iter_features(jobs, options, device, sizes, model)):
+                        write(r, result)
             finally:
                 bar.close()
             report.skipped += failed

@@ -94,7 +94,10 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
     if not database.exists():
         raise IngestError(f"database {database} does not exist: run `torchsfm extract IMAGES --database {database}` first")
     check_database(database)
-    torch_device = resolve_device(options.device)
+    on_ray = options.verifier == "torch" and options.executor.kind == "ray"
+    # this process's device (retrieval; the torch units too when they run here): with Ray,
+    # --device cuda is the cluster's, and this process may have none
+    torch_device = resolve_device("auto" if on_ray and options.device == "cuda" else options.device)
     if options.verifier == "colmap":
         import pycolmap
 
@@ -104,7 +107,8 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
         device_name = "cuda" if want_cuda and pycolmap.has_cuda else "cpu"
     else:
         device_name = torch_device.type
-    report = MatchReport(database=str(database), mode=options.mode, device=device_name, verifier=options.verifier)
+    report = MatchReport(database=str(database), mode=options.mode, device=device_name, verifier=options.verifier,
+                         executor=options.executor.kind if options.verifier == "torch" else "local")
 
     with contextlib.closing(sqlite3.connect(str(database))) as conn:
         ids, names = _images_with_features(conn)
@@ -125,9 +129,18 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
         if options.verifier == "colmap":
             match_and_verify_colmap(database, ids, names, todo, options, device_name, bar)
         else:
-            stats = match_and_verify(database, ids, todo, options, torch_device, bar)
+            executor = None
+            if on_ray and len(todo):  # started (or joined) only when there is work
+                from .ray_executor import RayExecutor
+
+                executor = RayExecutor(options.executor, options.num_threads if options.num_threads > 0 else None,
+                                       options.device)
+                report.device = executor.device
+            unit_device = torch_device if executor is None else torch.device(executor.device)
+            stats = match_and_verify(database, ids, todo, options, unit_device, bar, executor)
             report.num_raw_matches = stats.num_raw_matches
             report.stage_times = {k: round(v, 3) for k, v in stats.time_s.items()}
+            report.set_executor(stats.executor)
     finally:
         bar.close()
     report.num_matched = len(todo)

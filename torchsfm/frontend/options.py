@@ -20,6 +20,7 @@ VERIFIERS = ("torch", "colmap")
 MATCHERS = ("nn", "lightglue")
 NN_ENGINES = ("auto", "exact", "ivf")
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("local", "ray")
 
 
 def normalize_choice(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -28,6 +29,37 @@ def normalize_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     if v not in choices:
         raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
     return v
+
+
+@dataclass
+class ExecutorOptions:
+    """Where the front end's work units run. `local`: this machine (extraction in worker
+    processes, matching in this process). `ray`: tasks on a Ray cluster (the `torchsfm[ray]`
+    extra); this process stays the only database writer. Results are the same either way."""
+
+    kind: str = "local"  # local | ray
+    # ray: "" (or "local") starts a Ray runtime on this machine; "auto" joins the cluster that
+    # `ray start` runs here; HOST:PORT joins that cluster's head; ray://HOST:PORT via Ray Client
+    address: str = ""
+    max_retries: int = 3  # ray: resubmissions of a task whose worker process or node died
+    cpus_per_task: float = 1.0  # ray: CPUs a task reserves (and torch threads it uses)
+    gpus_per_task: float = 1.0  # ray: GPUs a task reserves when the device is cuda (0.5: two per GPU)
+    max_tasks_in_flight: int = 0  # ray: tasks submitted at once (object-store memory); 0: 2 per task slot
+    images_per_task: int = 0  # ray: images per extraction task; 0: from the image count and cluster size
+
+    def __post_init__(self) -> None:
+        self.kind = normalize_choice(self.kind, EXECUTORS, "executor")
+        self.address = str(self.address or "").strip()
+        if self.address.lower() == "local":
+            self.address = ""
+        if self.max_retries < 0 or self.cpus_per_task <= 0 or self.gpus_per_task < 0 \
+                or self.max_tasks_in_flight < 0 or self.images_per_task < 0:
+            raise ValueError("executor: max_retries, gpus_per_task, max_tasks_in_flight and images_per_task must be "
+                             ">= 0 and cpus_per_task > 0")
+
+
+def _executor_options(value) -> ExecutorOptions:
+    return ExecutorOptions(**value) if isinstance(value, dict) else value
 
 
 @dataclass
@@ -61,6 +93,7 @@ class ExtractOptions:
     image_names: tuple[str, ...] = ()
     camera_params: str = ""
     mask_path: str | None = None
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
 
     def __post_init__(self) -> None:
         self.camera_mode = normalize_choice(self.camera_mode, CAMERA_MODES, "camera mode")
@@ -77,6 +110,7 @@ class ExtractOptions:
         self.image_names = tuple(self.image_names)
         self.camera_params = str(self.camera_params or "").strip()
         self.parsed_camera_params()  # a malformed or wrong-sized list is an error before any work
+        self.executor = _executor_options(self.executor)
 
     def parsed_camera_params(self) -> list[float] | None:
         """`camera_params` as numbers, checked against the camera model; None when not given."""
@@ -145,8 +179,9 @@ class MatchOptions:
     seed: int = 0  # RANSAC seed (per pair), for repeatable databases
     num_threads: int = -1  # pycolmap matcher threads; -1 = all cores
     device: str = "auto"  # pycolmap matcher device and torch device for retrieval
-    chunk_size: int = 256  # pairs per pycolmap call: the progress and resume granularity
+    chunk_size: int = 256  # pairs per pycolmap call / per transaction: the progress and resume granularity
     progress: bool = True
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)  # torch verifier only
 
     def __post_init__(self) -> None:
         self.mode = normalize_choice(self.mode, MATCH_MODES, "match mode")
@@ -160,3 +195,7 @@ class MatchOptions:
         self.device = normalize_choice(self.device, DEVICES, "device")
         if self.overlap < 1 or self.num_neighbors < 1 or self.num_words < 2 or self.chunk_size < 1:
             raise ValueError("overlap, num_neighbors and chunk_size must be >= 1 and num_words >= 2")
+        self.executor = _executor_options(self.executor)
+        if self.executor.kind == "ray" and self.verifier == "colmap":
+            raise ValueError("--executor ray runs the torch verifier's work units; --verifier colmap (pycolmap's "
+                             "matcher) runs on this machine only: drop one of them")

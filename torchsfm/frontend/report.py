@@ -23,8 +23,35 @@ def log_aggregated(logger: logging.Logger, headline: str, lines: list[str], limi
     logger.warning("%s\n  %s", headline, "\n  ".join(shown))
 
 
+@dataclass(kw_only=True)
+class ExecutorCounts:
+    """Where the stage's work units ran (`--executor`): tasks, distinct worker processes, and
+    tasks resubmitted because their worker or node died."""
+
+    executor: str = "local"
+    num_tasks: int = 0
+    num_workers: int = 0
+    num_retries: int = 0
+    task_seconds: float = 0.0  # summed inside the tasks
+    driver_seconds: float = 0.0  # this process's own work besides waiting for tasks
+    shipped_bytes: int = 0  # inputs put in Ray's object store
+
+    def set_executor(self, stats) -> None:
+        self.executor, self.num_tasks = stats.executor, stats.num_tasks
+        self.num_workers, self.num_retries = stats.num_workers, stats.num_retries
+        self.task_seconds, self.driver_seconds = round(stats.task_seconds, 3), round(stats.driver_seconds, 3)
+        self.shipped_bytes = stats.shipped_bytes
+
+    def executor_note(self) -> str:
+        """'; ray: 12 tasks on 2 workers, 1 retry' (nothing for the local executor)."""
+        if self.executor == "local":
+            return ""
+        r = self.num_retries
+        return f"; {self.executor}: {self.num_tasks} tasks on {self.num_workers} workers, {r} retr{'y' if r == 1 else 'ies'}"
+
+
 @dataclass
-class ExtractReport:
+class ExtractReport(ExecutorCounts):
     image_dir: str
     database: str
     num_files: int = 0  # files found under the image folder
@@ -51,12 +78,12 @@ class ExtractReport:
         return (
             f"extract: {self.num_images} images in {self.num_cameras} camera(s) "
             f"({self.num_extracted} extracted, {self.num_resumed} already done){skipped}; "
-            f"{self.num_keypoints} keypoints in {self.database} [{self.elapsed_s:.1f} s, {self.device}]"
+            f"{self.num_keypoints} keypoints in {self.database} [{self.elapsed_s:.1f} s, {self.device}{self.executor_note()}]"
         )
 
 
 @dataclass
-class MatchReport:
+class MatchReport(ExecutorCounts):
     database: str
     mode: str
     num_images: int = 0
@@ -76,5 +103,6 @@ class MatchReport:
         return (
             f"match ({self.mode}): {self.num_candidate_pairs} candidate pairs over {self.num_images} images "
             f"({self.num_matched} matched, {self.num_resumed} already done); {self.num_verified} verified pairs, "
-            f"{self.num_inlier_matches} inlier matches in {self.database} [{self.elapsed_s:.1f} s, {self.verifier} on {self.device}]"
+            f"{self.num_inlier_matches} inlier matches in {self.database} [{self.elapsed_s:.1f} s, {self.verifier} on {self.device}"
+            f"{self.executor_note()}]"
         )

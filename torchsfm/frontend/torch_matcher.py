@@ -1,11 +1,14 @@
 """The torch front end's matching and geometric verification of candidate pairs (`--verifier torch`).
 
-Descriptors and keypoints of the images involved are read once from the database; raw matches
-of all pairs come from `descriptor_matching` (exact batched products on a GPU, an inverted file
-on the CPU); the batched RANSAC engine of `verification` verifies them chunk by chunk, and each
-chunk's raw matches and two-view geometries are committed in one transaction, exactly as COLMAP
-writes them (so COLMAP, GLOMAP and our mapper read the database alike, and an interrupted run
-resumes from the last committed chunk).
+The driver (`match_and_verify`) reads the keypoints and descriptors of the images involved once,
+plans the matching units from the feature counts (`descriptor_matching.plan_matches`: inverted-
+file blocks on the CPU, chunks of exact pairs on a GPU) and hands them to an executor as tasks
+(`match_units.match_task`). Each matched unit's pairs with enough raw matches are cut into the
+verifier's padded batches (`verification.plan_pair_batches`), each a follow-up task
+(`match_units.verify_task`). The driver is the only database writer: raw matches and two-view
+geometries are committed as COLMAP writes them, one transaction per chunk of pairs, so an
+interrupted run resumes from the last committed chunk. The local executor runs the tasks in this
+process in order; the Ray executor on a cluster; the database is the same.
 """
 from __future__ import annotations
 
@@ -21,21 +24,23 @@ import torch
 
 from ..io.database import read_cameras_images
 from .colmap_db import pair_ids, read_features, write_pair_results
-from .descriptor_matching import DescriptorMatchOptions, iter_matches
+from .descriptor_matching import DescriptorMatchOptions, MatchUnit, plan_matches
+from .executors import ExecutorStats, LocalExecutor, Task
 from .extractors import feature_type_of_colmap_type
+from .match_units import (TWO_VIEW_DEGENERATE, FeaturePack, UnitMatches, VerifiedBatch, assemble_pack, image_features,
+                          lightglue_task, match_task, verify_task)
 from .options import MatchOptions
-from .verification import VerificationOptions, make_pair_batches, verify_pairs
+from .verification import VerificationOptions, plan_pair_batches
 
 logger = logging.getLogger(__name__)
-
-TWO_VIEW_DEGENERATE = 1
 
 
 @dataclass
 class TorchMatchStats:
     num_raw_matches: int = 0
-    time_s: dict = field(default_factory=dict)  # read / match / verify / write
+    time_s: dict = field(default_factory=dict)  # read / match+verify / write
     images_without_features: list[int] = field(default_factory=list)
+    executor: ExecutorStats = field(default_factory=ExecutorStats)
 
 
 def descriptor_match_options(options: MatchOptions, descriptor_norm: float = 512.0) -> DescriptorMatchOptions:
@@ -75,11 +80,112 @@ def _split(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(counts)[:-1]) if len(counts) else []
 
 
+class PairWriter:
+    """The driver's writes: raw matches and two-view geometries of finished pairs, committed in
+    transactions of `chunk_size` pairs (the resume granularity; never part of a pair's rows)."""
+
+    def __init__(self, conn: sqlite3.Connection, id1: np.ndarray, id2: np.ndarray, chunk_size: int, bar=None):
+        self.conn, self.id1, self.id2 = conn, id1, id2  # COLMAP image ids of every pair, id1 < id2
+        self.chunk_size, self.bar = max(1, chunk_size), bar
+        self.pending: list[tuple] = []
+        self.num_pending = 0
+        self.time_s = 0.0
+
+    def add(self, pairs: np.ndarray, raw: list[np.ndarray], inliers: list[np.ndarray], v) -> None:
+        """Results of pairs (indices into id1/id2); `v` has config, F, E, H, qvec, tvec, pose_valid."""
+        self.pending.append((pairs, raw, inliers, v.config, v.F, v.E, v.H, v.qvec, v.tvec, v.pose_valid))
+        self.num_pending += len(pairs)
+        if self.num_pending >= self.chunk_size:
+            self.flush()
+
+    def add_degenerate(self, pairs: np.ndarray, raw: list[np.ndarray]) -> None:
+        n = len(pairs)
+        z = np.zeros((n, 3, 3))
+        self.pending.append((pairs, raw, [np.zeros((0, 2), np.int64)] * n, np.full(n, TWO_VIEW_DEGENERATE), z, z, z,
+                             np.zeros((n, 4)), np.zeros((n, 3)), np.zeros(n, bool)))
+        self.num_pending += n
+        if self.num_pending >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the pending pairs, one transaction per chunk of chunk_size."""
+        if not self.pending:
+            return
+        tw = time.perf_counter()
+        sel = np.concatenate([p[0] for p in self.pending])
+        cfg, F, E, H, q, t, pose_ok = (np.concatenate([p[k] for p in self.pending]) for k in range(3, 10))
+        raw = [m for p in self.pending for m in p[1]]
+        inl = [m for p in self.pending for m in p[2]]
+        has = [np.abs(X).sum((1, 2)) > 0 for X in (F, E, H)]
+        self.pending.clear()
+        self.num_pending = 0
+        step = self.chunk_size
+        for a in range(0, len(sel), step):
+            b = slice(a, a + step)
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                write_pair_results(self.conn, self.id1[sel[b]], self.id2[sel[b]], raw[b], inl[b], cfg[b], F[b], E[b],
+                                   H[b], q[b], t[b], has[0][b], has[1][b], has[2][b], pose_ok[b])
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+            if self.bar is not None:
+                self.bar.update(len(sel[b]))
+        self.time_s += time.perf_counter() - tw
+
+
+@dataclass
+class PlannedUnit:
+    """A matching unit as the driver hands it out: its pairs, the images it reads, and the task
+    (fn(pack, pairs, *args(image rows in the pack), device) -> UnitMatches); fn None: pairs with
+    an image without features, nothing to run."""
+
+    pair_index: np.ndarray  # (P,) into the pairs being matched
+    images: np.ndarray  # sorted image rows the unit reads
+    fn: object = None
+    args: object = None  # image rows as the task sees them -> the task's unit arguments
+
+
+def _plan_units(offsets: np.ndarray, pairs: np.ndarray, types: np.ndarray, options: MatchOptions,
+                dm_options: DescriptorMatchOptions, device: torch.device, executor) -> list[PlannedUnit]:
+    """The matching units of `options.matcher` from the feature counts: nearest-neighbour units
+    (`plan_matches`) or LightGlue's batches (`plan_lightglue`)."""
+    off_t, pairs_t = torch.from_numpy(offsets), torch.from_numpy(pairs)
+    out = []
+    if options.matcher == "lightglue":
+        from .learned.lightglue_matcher import LightGlueUnit, lightglue_setup, load_lightglue, plan_lightglue
+
+        feature, lg = lightglue_setup(types, options, device)
+        heads = load_lightglue(feature, torch.device("cpu") if executor.ships_data else device).conf.num_heads
+        empty, lg_units = plan_lightglue(off_t, pairs_t, heads, lg)
+        if len(empty):
+            out.append(PlannedUnit(empty.numpy(), np.zeros(0, np.int64)))
+        for u in lg_units:
+            n, w = len(u.pair_index), u.width
+            out.append(PlannedUnit(u.pair_index.numpy(), np.unique(pairs[u.pair_index.numpy()]), lightglue_task,
+                                   lambda images, n=n, w=w: (LightGlueUnit(torch.arange(n), w), feature, lg)))
+        return out
+    for u in plan_matches(off_t, pairs_t, dm_options, device):
+        if u.engine == "none":
+            out.append(PlannedUnit(u.pair_index.numpy(), np.zeros(0, np.int64)))
+            continue
+        n = len(u.pair_index)
+        out.append(PlannedUnit(u.pair_index.numpy(), u.image_rows(pairs_t).numpy(), match_task,
+                               lambda images, u=u, n=n: (MatchUnit(u.engine, torch.arange(n), u.width,
+                                                                   None if u.images is None else torch.from_numpy(images),
+                                                                   u.seed), dm_options)))
+    return out
+
+
 def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, options: MatchOptions,
-                     device: torch.device, bar=None) -> TorchMatchStats:
+                     device: torch.device, bar=None, executor=None) -> TorchMatchStats:
     """Match and verify the pairs `rows` ((E, 2) indices into `image_ids`) and write the results
-    to `database`, one transaction per chunk of `options.chunk_size` pairs."""
+    to `database`, one transaction per chunk of `options.chunk_size` pairs. The units (matching
+    units, then their verification batches) run on `executor` (default: this process)."""
     stats = TorchMatchStats()
+    executor = executor or LocalExecutor()
+    stats.executor = executor.stats
     if len(rows) == 0:
         return stats
     t0 = time.perf_counter()
@@ -88,130 +194,89 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
     involved, local = np.unique(rows, return_inverse=True)
     local = local.reshape(-1, 2)
     inv_ids = ids[involved]
-    cameras, images = read_cameras_images(database, device=device)
+    cameras, images = read_cameras_images(database)
     row_of_id = {int(i): r for r, i in enumerate(images.image_id.tolist())}
-    image_camera = images.camera[torch.tensor([row_of_id[int(i)] for i in inv_ids], dtype=torch.long, device=device)]
+    image_camera = images.camera[torch.tensor([row_of_id[int(i)] for i in inv_ids], dtype=torch.long)].numpy()
     with contextlib.closing(sqlite3.connect(str(database))) as conn:
         xy, desc, offsets, types = read_features(conn, inv_ids.tolist())
-    counts = np.diff(offsets)
-    stats.images_without_features = inv_ids[counts == 0].tolist()
-    xy_t = torch.from_numpy(xy).to(device)
-    off_t = torch.from_numpy(offsets).to(device)
-    desc_t = torch.from_numpy(np.ascontiguousarray(desc)).to(device)
-    pairs_t = torch.from_numpy(local).to(device)
-    t1 = time.perf_counter()
-
+    stats.images_without_features = inv_ids[np.diff(offsets) == 0].tolist()
+    dm_options = descriptor_match_options(options, _descriptor_norm(types, desc))
     vopts = verification_options(options)
-    pid_t = torch.from_numpy(pair_ids(ids[rows[:, 0]], ids[rows[:, 1]])).to(device)
-    times = {"match": 0.0, "verify": 0.0, "write": 0.0}
-    pending: list[tuple] = []
+    pid = pair_ids(ids[rows[:, 0]], ids[rows[:, 1]])
+    units = _plan_units(offsets, local, types, options, dm_options, device, executor)
+    if executor.ships_data:  # each image's features through the object store, once
+        whole = None
+        shipped: dict[int, object] = {}
+        last_use = np.full(len(offsets) - 1, -1)
+        for k, unit in enumerate(units):
+            last_use[unit.images] = k
+    else:  # the driver's arrays, moved to the device once, read in place
+        whole = FeaturePack(xy, desc, offsets, image_camera, cameras).on(device)
+    t1 = time.perf_counter()
+    times = {"read": t1 - t0}
 
-    def flush(conn) -> None:
-        """Commit the pending pairs' raw matches and geometries in one transaction."""
-        if not pending:
-            return
-        tw = time.perf_counter()
-        sel = np.concatenate([p[0] for p in pending])
-        cat = [np.concatenate([p[k] for p in pending]) for k in range(3, 10)]
-        cfg, F, E, H, q, t, pose_ok = cat
-        raw = [m for p in pending for m in p[1]]
-        inl = [m for p in pending for m in p[2]]
-        has = [np.abs(X).sum((1, 2)) > 0 for X in (F, E, H)]
-        pending.clear()
-        step = max(1, options.chunk_size)
-        for a in range(0, len(sel), step):  # one transaction per chunk: the resume granularity
-            b = slice(a, a + step)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                write_pair_results(conn, ids[rows[sel[b], 0]], ids[rows[sel[b], 1]], raw[b], inl[b], cfg[b], F[b], E[b],
-                                   H[b], q[b], t[b], has[0][b], has[1][b], has[2][b], pose_ok[b])
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            if bar is not None:
-                bar.update(len(sel[b]))
-        times["write"] += time.perf_counter() - tw
+    def unit_tasks():
+        for k, unit in enumerate(units):
+            if unit.fn is None:  # an image without features: nothing to match
+                writer.add_degenerate(unit.pair_index, [np.zeros((0, 2), np.int64)] * len(unit.pair_index))
+                continue
+            pairs, images = local[unit.pair_index], unit.images
+            if whole is None:
+                # a task assembles its pack from per-image objects: a node fetches an image once
+                # however many units read it; the driver drops an image after its last unit
+                # (the tasks that hold it keep it alive)
+                for r in images.tolist():
+                    if r not in shipped:
+                        shipped[r] = executor.share(image_features(xy, desc, offsets, r))
+                parts = [shipped[r] for r in images.tolist()]
+                pack = executor.composite(assemble_pack, parts, image_camera[images], cameras)
+                keypoints = executor.composite(assemble_pack, parts, image_camera[images], cameras, False)
+                for r in images[last_use[images] == k].tolist():
+                    del shipped[r]
+                remap = np.full(len(offsets) - 1, -1, np.int64)
+                remap[images] = np.arange(len(images))
+                pairs, images = remap[pairs], remap[images]
+            else:
+                pack = keypoints = whole
+            yield Task(unit.fn, (pack, pairs, *unit.args(images), executor.device or device.type),
+                       key=("match", unit.pair_index, pairs, keypoints), name=f"match-{k}")
 
-    def add_degenerate(sel: np.ndarray, raw: list[np.ndarray]) -> None:
-        n = len(sel)
-        z = np.zeros((n, 3, 3))
-        pending.append((sel, raw, [np.zeros((0, 2), np.int64)] * n, np.full(n, TWO_VIEW_DEGENERATE), z, z, z,
-                        np.zeros((n, 4)), np.zeros((n, 3)), np.zeros(n, bool)))
+    def verification_tasks(task: Task, um: UnitMatches):
+        _, covered, pairs, pack = task.key
+        stats.num_raw_matches += len(um.matches)
+        raw_of = _split(um.matches, um.counts)
+        # COLMAP neither verifies nor keeps the raw matches of pairs with fewer than
+        # min_num_inliers matches (feature_matching_utils.cc): empty, degenerate
+        few = um.counts < max(vopts.min_num_inliers, 1)
+        if few.any():
+            writer.add_degenerate(covered[few], [np.zeros((0, 2), np.int64)] * int(few.sum()))
+        todo = np.nonzero(~few)[0]
+        follow = []
+        for b, brows in enumerate(plan_pair_batches(torch.from_numpy(um.counts[todo]))):
+            k = todo[brows.numpy()]
+            raw = [raw_of[i] for i in k]
+            follow.append(Task(verify_task, (pack, pairs[k], um.counts[k], np.concatenate(raw), pid[covered[k]], vopts,
+                                             executor.device or device.type),
+                               key=("verify", covered[k], raw), name=f"{task.name}-verify-{b}"))
+        return follow
 
+    def write_verified(task: Task, v: VerifiedBatch) -> None:
+        _, covered, raw = task.key
+        inl_of = _split(v.inlier, np.asarray([len(r) for r in raw]))
+        writer.add(covered, raw, [r[m] for r, m in zip(raw, inl_of)], v)
+
+    def dispatch(task: Task, result):
+        if task.key[0] == "match":
+            return verification_tasks(task, result)
+        write_verified(task, result)
+        return ()
+
+    tm = time.perf_counter()
     with contextlib.closing(sqlite3.connect(str(database), isolation_level=None, timeout=60.0)) as conn:
-        if options.matcher == "lightglue":  # learned matcher (frontend.learned), same unit contract
-            from .learned.lightglue_matcher import lightglue_units
-
-            units = lightglue_units(desc_t, off_t, pairs_t, xy_t, cameras.width[image_camera],
-                                    cameras.height[image_camera], types, options)
-        else:
-            units = iter_matches(desc_t, off_t, pairs_t, descriptor_match_options(options, _descriptor_norm(types, desc)))
-        while True:
-            tm = time.perf_counter()
-            unit = next(units, None)
-            times["match"] += time.perf_counter() - tm
-            if unit is None:
-                break
-            covered, raw = unit
-            stats.num_raw_matches += len(raw)
-            # CSR of the unit's pairs (raw is sorted by pair, best match first)
-            local_of = torch.full((len(rows),), -1, dtype=torch.long, device=device)
-            local_of[covered] = torch.arange(len(covered), device=device)
-            cnt = torch.bincount(local_of[raw.pair], minlength=len(covered))
-            moff = torch.cat([cnt.new_zeros(1), cnt.cumsum(0)])
-            order = torch.argsort(local_of[raw.pair], stable=True)
-            mlist = torch.stack([raw.idx1, raw.idx2], dim=1)[order]
-            mlist_np, cnt_np = mlist.cpu().numpy(), cnt.cpu().numpy()
-            covered_np = covered.cpu().numpy()
-            raw_of = _split(mlist_np, cnt_np)
-            # COLMAP neither verifies nor keeps the raw matches of pairs with fewer than
-            # min_num_inliers matches (feature_matching_utils.cc): empty, degenerate
-            few = cnt_np < max(vopts.min_num_inliers, 1)
-            if few.any():
-                add_degenerate(covered_np[few], [np.zeros((0, 2), np.int64)] * int(few.sum()))
-            todo = torch.from_numpy(np.nonzero(~few)[0]).to(device)
-            if len(todo):
-                tv = time.perf_counter()
-                sub_off = torch.cat([moff.new_zeros(1), cnt[todo].cumsum(0)])
-                for brows, batch in make_pair_batches(xy_t, off_t, pairs_t[covered[todo]], _gather_ranges(mlist, moff, todo),
-                                                      sub_off, cameras, image_camera, pair_seed=pid_t[covered[todo]],
-                                                      device=device):
-                    g = _reset_failed(verify_pairs(batch, vopts), vopts.min_num_inliers)
-                    k_local = todo[brows].cpu().numpy()
-                    inl_mask = g.inliers.cpu().numpy()
-                    inl = [raw_of[k][inl_mask[b, : cnt_np[k]]] for b, k in enumerate(k_local)]
-                    pending.append((covered_np[k_local], [raw_of[k] for k in k_local], inl, g.config.cpu().numpy(),
-                                    g.F.double().cpu().numpy(), g.E.double().cpu().numpy(), g.H.double().cpu().numpy(),
-                                    g.rel_quat.double().cpu().numpy(), g.rel_trans.double().cpu().numpy(),
-                                    g.pose_valid.cpu().numpy()))
-                times["verify"] += time.perf_counter() - tv
-            if sum(len(p[0]) for p in pending) >= options.chunk_size:
-                flush(conn)
-        flush(conn)
-    del desc_t
-    times["read"] = t1 - t0
+        writer = PairWriter(conn, ids[rows[:, 0]], ids[rows[:, 1]], options.chunk_size, bar)
+        executor.run(unit_tasks(), dispatch)
+        writer.flush()
+    times["match+verify"] = time.perf_counter() - tm - writer.time_s
+    times["write"] = writer.time_s
     stats.time_s = times
     return stats
-
-
-def _reset_failed(g, min_num_inliers: int):
-    """A pair verified with fewer than min_num_inliers inliers is stored as COLMAP stores it: a
-    default (degenerate) geometry without inliers, F, E, H or pose."""
-    bad = g.num_inliers < min_num_inliers
-    g.config = torch.where(bad, torch.full_like(g.config, TWO_VIEW_DEGENERATE), g.config)
-    g.inliers = g.inliers & ~bad[:, None]
-    for name in ("F", "E", "H"):
-        setattr(g, name, getattr(g, name).masked_fill(bad[:, None, None], 0))
-    g.pose_valid = g.pose_valid & ~bad
-    return g
-
-
-def _gather_ranges(values: torch.Tensor, offsets: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-    """Concatenation of values[offsets[w]:offsets[w+1]] for w in `which`, without a Python loop."""
-    n = offsets[which + 1] - offsets[which]
-    total = int(n.sum())
-    start = torch.cat([n.new_zeros(1), n.cumsum(0)[:-1]])
-    seg = torch.arange(len(which), device=values.device).repeat_interleave(n, output_size=total)
-    idx = offsets[which][seg] + torch.arange(total, device=values.device) - start[seg]
-    return values[idx]

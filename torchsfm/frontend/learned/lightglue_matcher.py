@@ -129,56 +129,92 @@ def _padded(values: Tensor, offsets: Tensor, images: Tensor, width: int) -> tupl
     return values[rows], valid
 
 
-def iter_lightglue_matches(desc: Tensor, offsets: Tensor, xy: Tensor, image_wh: Tensor, pairs: Tensor, feature: str,
-                           options: LightGlueOptions | None = None):
-    """LightGlue raw matches of `pairs` ((E, 2) image rows): descriptors `desc` (N, D) and COLMAP
-    keypoints `xy` (N, 2) of image i at offsets[i]:offsets[i+1], image sizes `image_wh` (I, 2).
-    Yields (pair indices covered, RawMatches) per batch; device follows `desc`."""
+@dataclass
+class LightGlueUnit:
+    """One planned batch of pairs (indices into the planned pairs), padded to `width` keypoints."""
+
+    pair_index: Tensor
+    width: int
+
+
+def plan_lightglue(offsets: Tensor, pairs: Tensor, heads: int,
+                   options: LightGlueOptions | None = None) -> tuple[Tensor, list[LightGlueUnit]]:
+    """(pairs with an image without keypoints, the batches of the others) from the keypoint
+    counts alone: pairs sorted by size, at most `batch_size` and the memory budget per batch
+    (`heads`: the network's attention heads). Early stopping is decided per batch, so a batch is
+    the unit whose result must not depend on where it runs."""
+    options = options or LightGlueOptions()
+    pairs, offsets = pairs.long(), offsets.long()
+    counts = offsets[1:] - offsets[:-1]
+    empty = (counts[pairs[:, 0]] == 0) | (counts[pairs[:, 1]] == 0)
+    todo = torch.nonzero(~empty).squeeze(1)
+    size = torch.maximum(counts[pairs[todo, 0]], counts[pairs[todo, 1]])
+    order = todo[torch.argsort(size, descending=True, stable=True)]
+    sizes = torch.maximum(counts[pairs[order, 0]], counts[pairs[order, 1]]).tolist()
+    budget = max(1, options.memory_budget_mb * 2**20 // (4 * 4))  # ~4 float32 (B, H, M, N) temporaries
+    units, s = [], 0
+    while s < len(order):
+        w = int(sizes[s])
+        e = min(len(order), s + max(1, min(options.batch_size, budget // max(1, heads * w * w))))
+        units.append(LightGlueUnit(order[s:e], w))
+        s = e
+    return torch.nonzero(empty).squeeze(1), units
+
+
+def lightglue_unit(desc: Tensor, offsets: Tensor, xy: Tensor, image_wh: Tensor, pairs: Tensor, unit: LightGlueUnit,
+                   feature: str, options: LightGlueOptions | None = None) -> RawMatches:
+    """LightGlue raw matches of one planned batch (pair indices as in the unit); only its images'
+    rows are read. Device follows `desc`."""
     options = options or LightGlueOptions()
     device = desc.device
     model = load_lightglue(feature, device)
     pairs, offsets = pairs.to(device).long(), offsets.to(device).long()
-    desc, kp = desc.float(), xy.float() - 0.5  # the networks' frame: pixel centres at integers
+    sel = unit.pair_index.to(device)
+    a, b = pairs[sel, 0], pairs[sel, 1]
+    w = unit.width
     wh = image_wh.to(device).float()
-    counts = offsets[1:] - offsets[:-1]
-    empty = (counts[pairs[:, 0]] == 0) | (counts[pairs[:, 1]] == 0)
-    if bool(empty.any()):
+    d0, v0 = _padded(desc, offsets, a, w)
+    d1, v1 = _padded(desc, offsets, b, w)
+    k0, _ = _padded(xy, offsets, a, w)
+    k1, _ = _padded(xy, offsets, b, w)
+    # the networks' frame: pixel centres at integers
+    m0, s0 = match_batch(model, k0.float() - 0.5, k1.float() - 0.5, d0.float(), d1.float(), wh[a], wh[b], v0, v1, options)
+    p, i = torch.nonzero(m0 >= 0, as_tuple=True)
+    return concat_matches([RawMatches(sel[p], i, m0[p, i], 1.0 - s0[p, i].float())], device)
+
+
+def iter_lightglue_matches(desc: Tensor, offsets: Tensor, xy: Tensor, image_wh: Tensor, pairs: Tensor, feature: str,
+                           options: LightGlueOptions | None = None):
+    """LightGlue raw matches of `pairs` ((E, 2) image rows): descriptors `desc` (N, D) and COLMAP
+    keypoints `xy` (N, 2) of image i at offsets[i]:offsets[i+1], image sizes `image_wh` (I, 2).
+    Yields (pair indices covered, RawMatches) per batch (`plan_lightglue`); device follows `desc`."""
+    options = options or LightGlueOptions()
+    device = desc.device
+    model = load_lightglue(feature, device)
+    pairs, offsets = pairs.to(device).long(), offsets.to(device).long()
+    empty, units = plan_lightglue(offsets, pairs, model.conf.num_heads, options)
+    if len(empty):
         z = torch.zeros(0, dtype=torch.long, device=device)
-        yield torch.nonzero(empty).squeeze(1), RawMatches(z, z.clone(), z.clone(), torch.zeros(0, device=device))
-    todo = torch.nonzero(~empty).squeeze(1)
-    if len(todo) == 0:
-        return
-    size = torch.maximum(counts[pairs[todo, 0]], counts[pairs[todo, 1]])
-    order = todo[torch.argsort(size, descending=True, stable=True)]
-    sizes = torch.maximum(counts[pairs[order, 0]], counts[pairs[order, 1]]).tolist()
-    heads = model.conf.num_heads
-    budget = max(1, options.memory_budget_mb * 2**20 // (4 * 4))  # ~4 float32 (B, H, M, N) temporaries
-    s = 0
-    while s < len(order):
-        w = int(sizes[s])
-        e = min(len(order), s + max(1, min(options.batch_size, budget // max(1, heads * w * w))))
-        sel = order[s:e]
-        s = e
-        a, b = pairs[sel, 0], pairs[sel, 1]
-        d0, v0 = _padded(desc, offsets, a, w)
-        d1, v1 = _padded(desc, offsets, b, w)
-        k0, _ = _padded(kp, offsets, a, w)
-        k1, _ = _padded(kp, offsets, b, w)
-        m0, s0 = match_batch(model, k0, k1, d0, d1, wh[a], wh[b], v0, v1, options)
-        p, i = torch.nonzero(m0 >= 0, as_tuple=True)
-        yield sel, concat_matches([RawMatches(sel[p], i, m0[p, i], 1.0 - s0[p, i].float())], device)
+        yield empty, RawMatches(z, z.clone(), z.clone(), torch.zeros(0, device=device))
+    for unit in units:
+        yield unit.pair_index, lightglue_unit(desc, offsets, xy, image_wh, pairs, unit, feature, options)
+
+
+def lightglue_setup(types: np.ndarray, options, device: torch.device) -> tuple[str, LightGlueOptions]:
+    """The feature (from the database's descriptor types) and LightGlueOptions of MatchOptions."""
+    known = {feature_type_of_colmap_type(int(t)) for t in np.unique(types[types >= 0])} - {None}
+    names = sorted(ft.name for ft in known)
+    if len(names) != 1 or names[0] not in MODELS:
+        raise LearnedExtraMissing(f"--matcher lightglue needs features extracted with --features "
+                                  f"{'|'.join(MODELS)}; this database has {', '.join(names) or 'unknown'} features")
+    batch = options.lightglue_batch_size or (16 if device.type == "cuda" else 1)
+    return names[0], LightGlueOptions(filter_threshold=options.lightglue_threshold,
+                                      depth_confidence=options.lightglue_depth_confidence, batch_size=batch)
 
 
 def lightglue_units(desc: Tensor, offsets: Tensor, pairs: Tensor, xy: Tensor, width: Tensor, height: Tensor,
                     types: np.ndarray, options):
     """`iter_lightglue_matches` for the torch matcher: the feature from the database's descriptor
     types, the options from MatchOptions."""
-    known = {feature_type_of_colmap_type(int(t)) for t in np.unique(types[types >= 0])} - {None}
-    names = sorted(ft.name for ft in known)
-    if len(names) != 1 or names[0] not in MODELS:
-        raise LearnedExtraMissing(f"--matcher lightglue needs features extracted with --features "
-                                  f"{'|'.join(MODELS)}; this database has {', '.join(names) or 'unknown'} features")
-    batch = options.lightglue_batch_size or (16 if desc.device.type == "cuda" else 1)
-    lo = LightGlueOptions(filter_threshold=options.lightglue_threshold, depth_confidence=options.lightglue_depth_confidence,
-                          batch_size=batch)
-    return iter_lightglue_matches(desc, offsets, xy, torch.stack([width, height], 1), pairs, names[0], lo)
+    feature, lo = lightglue_setup(types, options, desc.device)
+    return iter_lightglue_matches(desc, offsets, xy, torch.stack([width, height], 1), pairs, feature, lo)

@@ -7,8 +7,9 @@
 A pure library: no I/O. See verify.py for the estimator chosen per camera layout, ransac.py for
 the round-based LO-RANSAC and decision.py for COLMAP's configuration rules.
 """
-from .batch import PairBatch, TwoViewGeometries, make_pair_batches
+from .batch import PairBatch, TwoViewGeometries, gather_pair_batch, make_pair_batches, plan_pair_batches
 from .options import VerificationOptions
 from .verify import verify_all, verify_pairs
 
-__all__ = ["PairBatch", "TwoViewGeometries", "VerificationOptions", "make_pair_batches", "verify_all", "verify_pairs"]
+__all__ = ["PairBatch", "TwoViewGeometries", "VerificationOptions", "gather_pair_batch", "make_pair_batches",
+           "plan_pair_batches", "verify_all", "verify_pairs"]

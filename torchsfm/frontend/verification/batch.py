@@ -103,10 +103,23 @@ def make_pair_batches(xy: Tensor, offsets: Tensor, pairs: Tensor, matches: Tenso
     """
     device = torch.device(device) if device is not None else xy.device
     counts = (match_offsets[1:] - match_offsets[:-1]).cpu()
+    seeds = torch.arange(counts.numel()) if pair_seed is None else pair_seed.cpu().long()
+    for rows in plan_pair_batches(counts, max_elements=max_elements, max_pairs=max_pairs, max_padding=max_padding):
+        yield rows.to(device), gather_pair_batch(xy, offsets, pairs, matches, match_offsets, cameras, image_camera,
+                                                 rows, seeds[rows], dtype=dtype, device=device)
+
+
+def plan_pair_batches(counts: Tensor, *, max_elements: int = 2**21, max_pairs: int = 2048,
+                      max_padding: float = 1.5) -> list[Tensor]:
+    """The pair rows of each batch of `make_pair_batches`, from the match counts alone (so a
+    scheduler can hand the batches to other processes): pairs sorted by count, a batch at most
+    `max_pairs` pairs and `max_elements` padded matches, its padded length at most
+    `max_padding` x its shortest pair's count (+32)."""
+    counts = counts.cpu()
     P = counts.numel()
-    seeds = torch.arange(P) if pair_seed is None else pair_seed.cpu().long()
     order = torch.argsort(counts, stable=True)
     sorted_counts = counts[order].tolist()
+    batches = []
     start = 0
     while start < P:
         first = max(sorted_counts[start], 1)
@@ -116,13 +129,17 @@ def make_pair_batches(xy: Tensor, offsets: Tensor, pairs: Tensor, matches: Tenso
             if m > max_padding * first + 32 or (end - start + 1) * m > max_elements:
                 break
             end += 1
-        rows = order[start:end]
-        yield rows.to(device), _gather_batch(xy, offsets, pairs, matches, match_offsets, cameras, image_camera,
-                                             rows, seeds[rows], dtype, device)
+        batches.append(order[start:end])
         start = end
+    return batches
 
 
-def _gather_batch(xy, offsets, pairs, matches, match_offsets, cameras, image_camera, rows, seeds, dtype, device):
+def gather_pair_batch(xy: Tensor, offsets: Tensor, pairs: Tensor, matches: Tensor, match_offsets: Tensor,
+                      cameras: Cameras, image_camera: Tensor, rows: Tensor, seeds: Tensor, *,
+                      dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> PairBatch:
+    """The PairBatch of the pairs `rows` (one planned batch, inputs as in `make_pair_batches`),
+    padded to the longest; `seeds`: their RANSAC streams."""
+    device = torch.device(device) if device is not None else xy.device
     rows_d = rows.to(match_offsets.device)
     n = (match_offsets[1:] - match_offsets[:-1])[rows_d]
     M = max(int(n.max()), 1) if rows.numel() else 1
