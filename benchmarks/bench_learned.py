@@ -5,7 +5,9 @@ verification), each run in its own processes (`torchsfm extract` / `match` / `ma
 Scenes: the rendered low-texture object (`torchsfm.synthetic.low_texture`, made once into
 OUT/low_texture), and ../shared/data's templeRing and dtu_scan24. Every run: one shared
 SIMPLE_RADIAL camera, exhaustive pairs, torch verification (seed 0), the global mapper.
-Writes OUT/bench_learned.json and a Markdown table (docs/bench_learned.md with --md).
+Writes OUT/bench_learned.json and a Markdown table (docs/bench_learned.md with --md). Extractions
+are cached in OUT per scene, feature and --extract-args; runs in parallel need separate --out
+folders, joined into one table by --table-from.
 
     python benchmarks/bench_learned.py [--scenes low_texture,templeRing,dtu_scan24]
         [--configs sift:nn,xfeat:lightglue,aliked:lightglue,disk:lightglue] [--threads 2] [--out out/bench_learned]
@@ -13,6 +15,7 @@ Writes OUT/bench_learned.json and a Markdown table (docs/bench_learned.md with -
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -48,17 +51,34 @@ def torchsfm(args: list[str], threads: int, check: bool = True) -> float:
     return time.perf_counter() - t
 
 
-def run_one(scene: str, feature: str, matcher: str, out: Path, threads: int) -> dict:
-    images, gt = scene_paths(scene, out)
-    work = out / scene / f"{feature}-{matcher}"
+def extracted(scene: str, feature: str, out: Path, threads: int, extra: list[str]) -> tuple[Path, float]:
+    """The database with `feature` keypoints of `scene` (extracted once, reused by every matcher)."""
+    images, _ = scene_paths(scene, out)
+    folder = out / scene / (f"{feature}-extract" + (f"-{hashlib.sha1(' '.join(extra).encode()).hexdigest()[:8]}" if extra else ""))
+    db, done = folder / "database.db", folder / "extract_s.txt"
+    if not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        seconds = torchsfm(["extract", str(images), "--database", str(db), "--features", feature,
+                            "--camera-mode", "single", "--camera-model", "SIMPLE_RADIAL", *extra], threads)
+        done.write_text(f"{seconds:.3f}")
+    return db, float(done.read_text())
+
+
+def run_one(scene: str, feature: str, matcher: str, out: Path, threads: int, extra: list[str],
+            match_extra: list[str], tag: str = "") -> dict:
+    _, gt = scene_paths(scene, out)
+    source, extract_s = extracted(scene, feature, out, threads, extra)
+    work = out / scene / f"{feature}-{matcher}{tag and '-' + tag}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     db = work / "database.db"
-    row: dict = {"scene": scene, "features": feature, "matcher": matcher}
-    row["extract_s"] = torchsfm(["extract", str(images), "--database", str(db), "--features", feature,
-                                 "--camera-mode", "single", "--camera-model", "SIMPLE_RADIAL"], threads)
+    shutil.copyfile(source, db)
+    shutil.copyfile(source.with_suffix(".extract.json"), db.with_suffix(".extract.json"))
+    row: dict = {"scene": scene, "features": feature, "matcher": matcher, "variant": tag, "extract_s": extract_s,
+                 "extract_args": " ".join(extra), "match_args": " ".join(match_extra)}
     row["match_s"] = torchsfm(["match", "--database", str(db), "--mode", "exhaustive", "--matcher", matcher,
-                               "--seed", "0"], threads)
+                               "--seed", "0", *match_extra], threads)
     row["map_s"] = torchsfm(["map", str(db), str(work / "map")], threads, check=False)  # may find no model
     ex = json.loads((work / "database.extract.json").read_text())["stages"][0]
     ma = json.loads((work / "database.match.json").read_text())["stages"][0]
@@ -87,7 +107,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
               "(inliers each) | extract s / image | match s / pair | verify s / pair |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['scene']} | {r['features']} + {r['matcher']} | {r['num_registered']} / {r['images']} | "
+        name = f"{r['features']} + {r['matcher']}" + (f" ({r['variant']})" if r.get("variant") else "")
+        lines.append(f"| {r['scene']} | {name} | {r['num_registered']} / {r['images']} | "
                      f"{r['auc@1']:.1f} / {r['auc@3']:.1f} / {r['auc@5']:.1f} / {r['auc@10']:.1f} | "
                      f"{r['keypoints_per_image']:.0f} | {r['verified_pairs']} of {r['pairs']} "
                      f"({r['inliers_per_verified_pair']:.0f}) | {r['extract_s_per_image']:.2f} | "
@@ -102,7 +123,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_learned"))
     ap.add_argument("--md", default=None, help="also write the table here (e.g. docs/bench_learned.md)")
+    ap.add_argument("--extract-args", default="", help="more `torchsfm extract` options, e.g. '--learned-max-keypoints 1024' "
+                    "(extractions are cached in OUT per scene, feature and these options)")
+    ap.add_argument("--match-args", default="", help="more `torchsfm match` options, e.g. '--lightglue-threshold 0.2'")
+    ap.add_argument("--tag", default="", help="name of this variant (rows of another tag are kept)")
+    ap.add_argument("--table-from", default="", help="only write --md from these bench_learned.json files "
+                    "(comma-separated; runs in separate --out folders, e.g. in parallel)")
     a = ap.parse_args()
+    if a.table_from:
+        runs = [json.loads(Path(f).read_text()) for f in a.table_from.split(",")]
+        meta = {**runs[0]["meta"], "command": "; ".join(r["meta"]["command"] for r in runs)}
+        Path(a.md or "/dev/stdout").write_text(markdown([row for r in runs for row in r["rows"]], meta))
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "bench_learned.json"
@@ -113,8 +145,9 @@ def main() -> None:
     for scene in a.scenes.split(","):
         for cfg in a.configs.split(","):
             feature, matcher = cfg.split(":")
-            rows = [r for r in rows if (r["scene"], r["features"], r["matcher"]) != (scene, feature, matcher)]
-            rows.append(run_one(scene, feature, matcher, out, a.threads))
+            key = (scene, feature, matcher, a.tag)
+            rows = [r for r in rows if (r["scene"], r["features"], r["matcher"], r.get("variant", "")) != key]
+            rows.append(run_one(scene, feature, matcher, out, a.threads, a.extract_args.split(), a.match_args.split(), a.tag))
             results.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
     if a.md:

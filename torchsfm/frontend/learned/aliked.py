@@ -15,6 +15,9 @@ DETECTION_THRESHOLD = 0.2  # ALIKED's default (kornia, LightGlue)
 
 class Extractor(LearnedExtractor):
     feature_type = ALIKED
+    # keypoints of mirrored images: x + x' - W = 2 * 0.43 (0.40 to 0.46 over 7 images of templeRing,
+    # dtu_scan24, kitchen), y + y' - H = 2 * -0.15 (-0.06 to -0.22); benchmarks/keypoint_bias.py --raw
+    frame_bias = (0.43, -0.15)
 
     def _load(self) -> torch.nn.Module:
         require_kornia("--features aliked")

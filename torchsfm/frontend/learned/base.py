@@ -3,8 +3,11 @@ conversion of a model's keypoints to COLMAP's pixel convention.
 
 The models put pixel centres at integer coordinates (the pixel at row 0, column 0 is at (0, 0));
 COLMAP puts the corner there, so a centre is at +0.5. A keypoint k found on a copy resized from
-(w, h) to (nw, nh) is therefore at (k + 0.5) * (w / nw, h / nh) in the full image: exact in
-COLMAP's corner-origin convention, whatever the resize factor.
+(w, h) to (nw, nh) is therefore at (k - b + 0.5) * (w / nw, h / nh) in the full image: exact in
+COLMAP's corner-origin convention, whatever the resize factor. b is the network's own frame bias
+(`frame_bias`, 0 unless measured): a trained detector can put its keypoints a fraction of a pixel
+off the image content in a direction fixed to the image frame, which training on image pairs of
+one orientation cannot see; mirroring images measures it (`benchmarks/keypoint_bias.py`).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class LearnedExtractor:
 
     feature_type: FeatureType
     multiple: int = 1
+    frame_bias: tuple[float, float] = (0.0, 0.0)  # (x, y) in network pixels, removed from the keypoints
     batched = True  # the front end groups images by size and calls extract_batch
 
     def __init__(self, options: ExtractOptions, device: str = "cpu"):
@@ -84,10 +88,11 @@ class LearnedExtractor:
         if (nw, nh) != (w, h):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nw < w)
         scale = torch.tensor([w / nw, h / nh], device=self.device, dtype=torch.float64)
+        shift = 0.5 - torch.tensor(self.frame_bias, device=self.device, dtype=torch.float64)
         results = []
         for kp, desc, score in self._detect(x):
             order = torch.argsort(score, descending=True, stable=True)[: self.max_keypoints]
-            xy = (kp[order].double() + 0.5) * scale
+            xy = (kp[order].double() + shift) * scale
             n = len(order)
             k6 = torch.zeros(n, 6, dtype=torch.float64, device=self.device)
             k6[:, :2] = xy
