@@ -12,8 +12,8 @@ from torchsfm.mapper.graph import (
     largest_component,
     mark_images,
     maximum_spanning_tree,
-    pcg,
 )
+from torchsfm.solver import pcg
 
 
 def test_connected_components_match_scipy(device):
@@ -95,8 +95,10 @@ def test_pcg_solves_pinned_laplacian(device):
     ref[1:] = torch.linalg.solve(L[1:, 1:], b[1:])
     Ld, free = L.to(device), torch.ones(n, 1, dtype=torch.float64, device=device)
     free[0] = 0
-    x = pcg(lambda v: (Ld @ (v * free)) * free, b.to(device), free / Ld.diagonal()[:, None], 500, 1e-12)
-    assert torch.allclose(x.cpu(), ref, atol=1e-8)
+    res = pcg.solve(lambda v: (Ld @ (v * free)) * free, lambda r: free / Ld.diagonal()[:, None] * r, b.to(device),
+                    max_iterations=500, rtol=1e-12)
+    assert torch.allclose(res.x.cpu(), ref, atol=1e-8)
+    assert bool(res.ok) and 1 < int(res.iterations) < 500
 
 
 def test_image_reasons_first_wins_and_copy_on_write():

@@ -14,6 +14,9 @@ from ..runtime import resolve_device
 def add_mapper_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mapper")
     g.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda[:N]")
+    g.add_argument("--dtype", choices=["float64", "float32"], default=None,
+                   help="precision of the mapper's model and solvers (default: float64, or --config's); float32 is "
+                   "what GPUs run fast, with the solvers' sums (costs, model decrease) kept in float64")
     g.add_argument("--seed", type=int, default=0, help="random seed (global positioning start)")
     g.add_argument("--config", type=Path, help="JSON file of mapper options (as written to OUTPUT/config.json)")
     g.add_argument("--output-format", choices=["bin", "txt"], default="bin", help="COLMAP model format")
@@ -29,6 +32,8 @@ def mapper_options(args) -> MapperOptions:
     over = {"device": args.device, "seed": args.seed}
     if args.skip_retriangulation:
         over["skip_retriangulation"] = True
+    if getattr(args, "dtype", None):
+        over["dtype"] = args.dtype
     opt = merge(opt, over)
     try:  # an unusable --device fails here, before any work (never a silent CPU fallback)
         resolve_device(opt.device)

@@ -1,0 +1,129 @@
+"""Count device -> host synchronisations, the GPU-readiness figure of an iterative solver.
+
+Two kinds are counted, both of which stall a CUDA stream (the counting is the same on the CPU,
+where they are cheap, so the figure can be checked on any machine):
+- reads: a host copy of a tensor (item, tolist, numpy, cpu, to('cpu'), bool/float/int/index
+  conversion, formatting a tensor into a string);
+- shapes: operations whose output size depends on the data (nonzero, boolean-mask indexing,
+  masked_select, unique, argwhere, one-argument where, repeat_interleave without output_size).
+
+    with SyncCounter() as c:
+        solve(problem, options)
+    c.total, c.counts  # {"reads": ..., "shapes": ...}
+
+`per_iteration(run, n1, n2)` runs a callable with n1 and n2 iterations and divides the
+difference, which removes the one-off set-up. The methods are patched on torch.Tensor / torch
+for the duration of the block (one counter at a time, not thread-safe): a measuring tool for
+tests and benchmarks, never for production code. `python -m torchsfm.bench.syncs MODEL [ba
+flags]` measures `torchsfm ba` on a COLMAP model as ../shared/tools/count_syncs.py does.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+import tempfile
+from typing import Callable
+
+import torch
+
+_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__",
+          "__repr__")
+_SHAPES = ("nonzero", "masked_select", "unique", "argwhere")
+
+
+def _to_cpu(*a, **k) -> bool:
+    def cpu(x) -> bool:
+        return (isinstance(x, str) and x == "cpu") or (isinstance(x, torch.device) and x.type == "cpu")
+
+    return any(cpu(x) for x in (*a[1:], k.get("device")))
+
+
+def _bool_index(self, idx) -> bool:
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _no_output_size(*a, **k) -> bool:
+    return "output_size" not in k and len(a) < 4
+
+
+class SyncCounter:
+    def __init__(self):
+        self.counts = {"reads": 0, "shapes": 0}
+        self._saved: list[tuple[object, str, object]] = []
+
+    @property
+    def total(self) -> int:
+        return self.counts["reads"] + self.counts["shapes"]
+
+    def _wrap(self, owner, name: str, kind: str, when: Callable | None = None) -> None:
+        orig = getattr(owner, name)
+        counts = self.counts
+
+        def wrapped(*a, **k):
+            if when is None or when(*a, **k):
+                counts[kind] += 1
+            return orig(*a, **k)
+
+        self._saved.append((owner, name, orig))
+        setattr(owner, name, wrapped)
+
+    def __enter__(self) -> "SyncCounter":
+        for n in _READS:
+            self._wrap(torch.Tensor, n, "reads")
+        self._wrap(torch.Tensor, "to", "reads", _to_cpu)
+        for n in _SHAPES:
+            self._wrap(torch.Tensor, n, "shapes")
+            self._wrap(torch, n, "shapes")
+        self._wrap(torch.Tensor, "__getitem__", "shapes", _bool_index)
+        self._wrap(torch, "where", "shapes", lambda *a, **k: len(a) + len(k) == 1)
+        self._wrap(torch, "repeat_interleave", "shapes", _no_output_size)
+        self._wrap(torch.Tensor, "repeat_interleave", "shapes", _no_output_size)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, orig in reversed(self._saved):
+            setattr(owner, name, orig)
+        self._saved.clear()
+
+
+def per_iteration(run: Callable[[int], int], n1: int = 2, n2: int = 12) -> tuple[float, dict]:
+    """run(n) performs n iterations and returns how many it ran; -> (syncs per iteration, by kind)."""
+    out = []
+    for n in (n1, n2):
+        with SyncCounter() as c:
+            done = run(n)
+        out.append((c.total, done, dict(c.counts)))
+    (s1, i1, k1), (s2, i2, k2) = out
+    if i2 <= i1:
+        raise RuntimeError(f"iterations did not grow ({i1} -> {i2})")
+    return (s2 - s1) / (i2 - i1), {k: (k2[k] - k1[k]) / (i2 - i1) for k in k1}
+
+
+def ba_syncs(model: str, extra: list[str], n1: int = 2, n2: int = 12) -> tuple[float, dict]:
+    """Syncs per LM iteration of `torchsfm ba MODEL OUT --max-iterations n --*-tolerance 0 EXTRA`."""
+    from ..cli import main
+
+    def run(iters: int) -> int:
+        buf, err = io.StringIO(), io.StringIO()
+        with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+            try:
+                main(["ba", model, out, "--max-iterations", str(iters), "--function-tolerance", "0",
+                      "--gradient-tolerance", "0", "--parameter-tolerance", "0", *extra])
+            except SystemExit:
+                pass
+        m = re.search(r"iterations\D*(\d+)", buf.getvalue())
+        if not m:
+            raise RuntimeError(f"could not read the iteration count; ba said: {err.getvalue().strip()[-300:]}")
+        return int(m.group(1))
+
+    return per_iteration(run, n1, n2)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m torchsfm.bench.syncs MODEL_DIR [torchsfm ba flags ...]")
+    per, kinds = ba_syncs(sys.argv[1], sys.argv[2:])
+    print(f"syncs_per_iter={per:.1f} ({' '.join(f'{k}={v:.1f}' for k, v in kinds.items())})")
