@@ -14,12 +14,15 @@ where they are cheap, so the figure can be checked on any machine):
 `per_iteration(run, n1, n2)` runs a callable with n1 and n2 iterations and divides the
 difference, which removes the one-off set-up. The methods are patched on torch.Tensor / torch
 for the duration of the block (one counter at a time, not thread-safe): a measuring tool for
-tests and benchmarks, never for production code. `python -m torchsfm.bench.syncs MODEL [ba
-flags]` measures `torchsfm ba` on a COLMAP model as ../shared/tools/count_syncs.py does.
+tests and benchmarks, never for production code.
+
+    python -m torchsfm.bench.syncs MODEL [torchsfm ba flags]   # as ../shared/tools/count_syncs.py
+    python -m torchsfm.bench.syncs --table --bal FILE [--model DIR] [--device cuda] [--md OUT]
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import sys
@@ -122,8 +125,107 @@ def ba_syncs(model: str, extra: list[str], n1: int = 2, n2: int = 12) -> tuple[f
     return per_iteration(run, n1, n2)
 
 
+@functools.lru_cache(maxsize=2)
+def _bal(path: str):
+    from ..ba import bal
+
+    return bal.drop_behind(bal.load_bal(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _ring(num_images: int):
+    from ..synthetic import SyntheticOptions, synthesize
+
+    return synthesize(SyntheticOptions(num_images=num_images, num_points=2000, layout="ring", seed=1))
+
+
+def bal_syncs(path: str, device: str = "cpu", dtype: str = "float64", linear_solver: str = "dense",
+              loss: str = "trivial", n1: int = 2, n2: int = 12) -> tuple[float, dict]:
+    """Syncs per LM iteration of the solver on a BAL problem (every tolerance 0)."""
+    import torch
+
+    from ..ba import bal
+    from ..solver import SolverOptions, solve
+
+    data = _bal(path)
+
+    def run(iters: int) -> int:
+        p = bal.BALProblem(data, device=device, dtype=getattr(torch, dtype))
+        o = SolverOptions(linear_solver=linear_solver, loss=loss, max_iterations=iters, function_tolerance=0.0,
+                          gradient_tolerance=0.0, parameter_tolerance=0.0)
+        return solve(p, o).iterations
+
+    return per_iteration(run, n1, n2)
+
+
+def rotation_averaging_syncs(device: str = "cpu", dtype: str = "float64", linear_solver: str = "dense",
+                             num_images: int = 200, n1: int = 2, n2: int = 12) -> tuple[float, dict]:
+    """Syncs per IRLS iteration of rotation averaging on a synthetic ring (step tolerance 0)."""
+    import torch
+
+    from ..geometry import so3
+    from ..mapper.rotation_averaging import RotationAveragingOptions, refine_rotations, relative_rotations
+
+    sc = _ring(num_images)
+    rec = sc.mapper_input().to(device, getattr(torch, dtype))
+    g = torch.Generator().manual_seed(0)
+    R0 = sc.gt.images.rotation @ so3.exp(0.05 * torch.randn(num_images, 3, generator=g, dtype=torch.float64))
+    R0 = R0.to(device, getattr(torch, dtype))
+    vg = rec.view_graph
+
+    def run(iters: int) -> int:
+        o = RotationAveragingOptions(linear_solver=linear_solver, l1_iterations=0, irls_iterations=iters,
+                                     step_tolerance=0.0)
+        return refine_rotations(R0, vg.pairs, relative_rotations(rec), vg.valid, 0, o)[1]
+
+    return per_iteration(run, n1, n2)
+
+
+def table(model: str | None, bal_file: str | None, device: str) -> str:
+    """Markdown: syncs per iteration for each solver path, loss and precision."""
+    lines = [f"| problem | path | loss | dtype | syncs / iteration (reads + shapes) |", "|---|---|---|---|---|"]
+
+    def row(name, path, loss, dtype, res):
+        per, k = res
+        lines.append(f"| {name} | {path} | {loss} | {dtype} | {per:.1f} ({k['reads']:.1f} + {k['shapes']:.1f}) |")
+        print(lines[-1], flush=True)
+
+    for dtype in ("float64", "float32"):
+        for path in ("dense", "pcg", "pcg_explicit"):
+            for loss in ("trivial", "huber"):
+                if model:
+                    row(f"ba {model}", path, loss, dtype, ba_syncs(model, ["--linear-solver", path, "--loss", loss,
+                                                                         "--dtype", dtype, "--device", device]))
+                if bal_file:
+                    row(f"BAL {bal_file.split('/')[-1]}", path, loss, dtype,
+                        bal_syncs(bal_file, device, dtype, path, loss))
+        for path in ("dense", "cg") + (("cholesky",) if device == "cpu" else ()):
+            row("rotation averaging, ring of 200", path, "IRLS", dtype, rotation_averaging_syncs(device, dtype, path))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    if argv and not argv[0].startswith("-"):  # count_syncs.py's interface: MODEL [ba flags]
+        per, kinds = ba_syncs(argv[0], argv[1:])
+        print(f"syncs_per_iter={per:.1f} ({' '.join(f'{k}={v:.1f}' for k, v in kinds.items())})")
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m torchsfm.bench.syncs",
+                                 description="Host syncs per solver iteration. MODEL [torchsfm ba flags] counts one "
+                                 "`torchsfm ba` configuration; --table counts every solver path, loss and precision.")
+    ap.add_argument("--table", action="store_true", required=True)
+    ap.add_argument("--model", help="a COLMAP model folder (torchsfm ba)")
+    ap.add_argument("--bal", help="a BAL problem file (.txt or .txt.bz2)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--md", help="write the table to this file")
+    args = ap.parse_args(argv)
+    text = table(args.model, args.bal, args.device)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m torchsfm.bench.syncs MODEL_DIR [torchsfm ba flags ...]")
-    per, kinds = ba_syncs(sys.argv[1], sys.argv[2:])
-    print(f"syncs_per_iter={per:.1f} ({' '.join(f'{k}={v:.1f}' for k, v in kinds.items())})")
+    sys.exit(main(sys.argv[1:]))

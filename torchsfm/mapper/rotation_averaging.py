@@ -127,7 +127,7 @@ class _Laplacian:
         self.unknown[self.keep] = torch.arange(n - 1, device=dev)
         self.expected_cg = 0
         if solver == "cholesky":
-            self.ii, self.jj, self.keep_np = i.cpu().numpy(), j.cpu().numpy(), keep.cpu().numpy()
+            self.ii, self.jj, self.keep_np = i.numpy(force=True), j.numpy(force=True), keep.numpy(force=True)
         elif solver == "cg":
             # CSR pattern of the unknowns' block (root row and column dropped): the diagonal, then
             # (i, j) and (j, i) per edge; duplicates merged, values gathered by `slot`
@@ -166,7 +166,7 @@ class _Laplacian:
         from scipy.sparse.linalg import splu
 
         n, E = self.n, w.numel()
-        host = torch.cat([w.detach().reshape(-1), rhs.detach().reshape(-1)]).to(torch.float64).cpu().numpy()  # one read
+        host = torch.cat([w.detach().reshape(-1), rhs.detach().reshape(-1)]).to(torch.float64).numpy(force=True)  # 1 read
         ww, b = host[:E], host[E:].reshape(n, -1)
         ii, jj, keep = self.ii, self.jj, self.keep_np
         rows = np.concatenate([ii, jj, ii, jj])
@@ -176,7 +176,7 @@ class _Laplacian:
         x = np.zeros((n, b.shape[1]))
         x[keep] = splu(L.tocsc()).solve(b[keep])
         step = float(np.linalg.norm(x, axis=1).sum() / max(n - 1, 1))
-        return torch.from_numpy(x).to(device=rhs.device, dtype=rhs.dtype), step
+        return torch.as_tensor(x, dtype=rhs.dtype, device=rhs.device), step  # an upload, not a read
 
     def _solve_cg(self, w: Tensor, rhs: Tensor) -> tuple[Tensor, float]:
         n, o = self.n, self.options
