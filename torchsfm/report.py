@@ -68,7 +68,7 @@ def _fmt_counts(counts: dict) -> str:
 def versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__}
     try:
-        from . import __version__
+        from ._version import __version__
 
         out["torchsfm"] = __version__
     except ImportError:  # pragma: no cover
