@@ -9,7 +9,7 @@
 #                        python benchmarks/plot_scaling.py docs/bench_cpu.json docs/bench_gpu.json -o docs/scaling.png
 #
 # What it runs, in this order (each part's output is written before the next starts):
-# 1. host syncs per solver iteration on the GPU (`python -m torchsfm.bench.syncs --table`: dense,
+# 1. host syncs per solver iteration on the GPU (`benchmarks/count_syncs.py --table`: dense,
 #    pcg and pcg_explicit LM paths x trivial/Huber x float64/float32 on Ladybug-49, and rotation
 #    averaging's IRLS) -> syncs_gpu.md (~1 min);
 # 2. BA on the 4 BAL problems (benchmarks/bench_ba.py, dense and pcg, trivial and Huber), on
@@ -46,7 +46,7 @@ BAL_DIR=${BAL_DIR:-.bal}
 [ -d "$BAL_DIR" ] || BAL_DIR=../shared/data/bal
 if ls "$BAL_DIR"/problem-*.bz2 >/dev/null 2>&1; then
   echo "== host syncs per solver iteration (cuda)"
-  timeout 150 python3 -m torchsfm.bench.syncs --table --device cuda --bal "$BAL_DIR/problem-49-7776-pre.txt.bz2" \
+  timeout 150 python3 benchmarks/count_syncs.py --table --device cuda --bal "$BAL_DIR/problem-49-7776-pre.txt.bz2" \
     --md "$OUTDIR/syncs_gpu.md" 2>&1 | grep -v "^[IW][0-9]" || echo "(sync counts stopped)"
   echo "== BA on the BAL problems"
   for dt in float64 float32; do
