@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..data.model import Reconstruction
 from ..geometry import so3
+from ..runtime import host_read
 from ..solver import pcg
 from .graph import (
     REASON_COMPONENT,
@@ -155,7 +156,7 @@ class _Laplacian:
             Lk = L.index_select(0, self.keep).index_select(1, self.keep)
             C, info = torch.linalg.cholesky_ex(Lk)
             d = torch.zeros_like(rhs).index_copy_(0, self.keep, torch.cholesky_solve(rhs.index_select(0, self.keep), C))
-            step, bad = _read(_mean_step(d, n), info != 0)
+            step, bad = host_read(_mean_step(d, n), info != 0)
             if bad:
                 raise RuntimeError("rotation averaging: the weighted view-graph Laplacian is not positive definite")
             return d, step
@@ -188,13 +189,14 @@ class _Laplacian:
             L = torch.sparse_csr_tensor(self.crow, self.col, vals[: self.nnz], size=(n - 1, n - 1),
                                         check_invariants=False)
         inv_diag = 1.0 / deg.index_select(0, self.keep).clamp_min(torch.finfo(w.dtype).tiny)[:, None]
+        rtol = max(o.cg_tolerance, 100 * torch.finfo(w.dtype).eps)  # float32 cannot reach 1e-10
         cg = pcg.PCG(lambda x: L @ x, lambda r: inv_diag * r, rhs.index_select(0, self.keep),
-                     max_iterations=o.cg_max_iterations, rtol=o.cg_tolerance)
+                     max_iterations=o.cg_max_iterations, rtol=rtol)
         block = pcg.next_block(0, self.expected_cg)
         while True:  # PCG's convergence flag is read with the step size
             cg.run(block)
             d = torch.zeros_like(rhs).index_copy_(0, self.keep, cg.x)
-            step, active, its = _read(_mean_step(d, n), cg.active.any(), cg.its.max())
+            step, active, its = host_read(_mean_step(d, n), cg.active.any(), cg.its.max())
             if not active or cg.exhausted:
                 break
             block = pcg.next_block(cg.done)
@@ -204,11 +206,6 @@ class _Laplacian:
 
 def _mean_step(d: Tensor, n: int) -> Tensor:
     return d.norm(dim=-1).sum() / max(n - 1, 1)
-
-
-def _read(*values: Tensor) -> list[float]:
-    """One host read of several () tensors."""
-    return torch.stack([v.to(torch.float64) for v in values]).tolist()
 
 
 def refine_rotations(

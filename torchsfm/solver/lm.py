@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..runtime import tune_cpu_allocator
+from ..runtime import host_read, tune_cpu_allocator
 from . import losses, pcg
 from .options import LINEAR_SOLVERS, IterationRecord, SolverOptions, SolverSummary
 from .problem import SparseProblem
@@ -134,14 +134,6 @@ def _linearize(problem: SparseProblem, st: SchurStructure, opt: SolverOptions, m
     return cost, ReducedSystem(st, r, Jc, Jp, opt, method)
 
 
-def _read(*values) -> list[float]:
-    """The one host read of an iteration: () tensors (or numbers) -> floats."""
-    dev = next((v.device for v in values if torch.is_tensor(v)), None)
-    if dev is None:
-        return [float(v) for v in values]
-    return torch.stack([torch.as_tensor(v, device=dev).to(torch.float64).reshape(()) for v in values]).tolist()
-
-
 @torch.no_grad()
 def solve(problem: SparseProblem, options: SolverOptions | None = None) -> SolverSummary:
     """Minimise 0.5 * sum rho(|r_i|^2) over the problem's parameters (in place)."""
@@ -178,7 +170,7 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
 
     with tm("linearize"):
         cost_t, system = _linearize(problem, st, opt, method)
-    cost, gnorm = _read(cost_t, system.gradient_max_norm())
+    cost, gnorm = host_read(cost_t, system.gradient_max_norm())
     summary.initial_cost = summary.final_cost = cost
     radius, nu = opt.initial_trust_region_radius, 2.0
     rec0 = IterationRecord(0, cost, cost, True, 0.0, radius, 0.0, gnorm, 0, now())
@@ -213,7 +205,7 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
                 new_r = problem.residuals(step)
                 new_cost_t = losses.cost_tensor(new_r, opt.loss, opt.loss_scale)
             with tm("status"):
-                ok, model_change, new_cost, step_norm, x_norm, cg_its, unfinished, g_new = _read(
+                ok, model_change, new_cost, step_norm, x_norm, cg_its, unfinished, g_new = host_read(
                     info.ok, info.model_cost_change, new_cost_t, step.norm(), problem.parameter_norm(),
                     info.linear_iterations, info.unfinished, gnorm_t if gnorm_t is not None else gnorm)
             if not unfinished or (gnorm_t is not None and g_new <= opt.gradient_tolerance):
