@@ -9,7 +9,7 @@ import torch
 
 from conftest import shared_data, tol
 from torchsfm.ba import bal
-from torchsfm.solver import SolverOptions, check_jacobians, losses, solve
+from torchsfm.solver import SolverOptions, check_jacobians, losses, pcg, solve
 from torchsfm.solver.autodiff import AutodiffProblem
 from torchsfm.solver.checks import reduced_jacobian
 from torchsfm.solver.lm import _defaults
@@ -185,6 +185,46 @@ def test_failed_factorisation_is_a_rejected_step():
               SolverOptions(initial_trust_region_radius=1e30, max_trust_region_radius=1e30, min_lm_diagonal=1e-30,
                             max_consecutive_invalid_steps=40))
     assert s.unsuccessful_steps >= 1 and s.final_cost < 0.01 * s.initial_cost
+
+
+# --------------------------------------------------------------------------------------------
+# PCG
+
+
+def test_pcg_solves_pinned_laplacian_in_blocks(device):
+    g = torch.Generator().manual_seed(3)
+    n = 60
+    i = torch.randint(0, n, (400,), generator=g)
+    j = torch.randint(0, n, (400,), generator=g)
+    keep = i != j
+    i, j = torch.cat([i[keep], torch.arange(n - 1)]), torch.cat([j[keep], torch.arange(1, n)])
+    w = torch.rand(i.numel(), generator=g, dtype=torch.float64) + 0.1
+    L = torch.zeros(n, n, dtype=torch.float64)
+    L.index_put_((i, i), w, accumulate=True).index_put_((j, j), w, accumulate=True)
+    L.index_put_((i, j), -w, accumulate=True).index_put_((j, i), -w, accumulate=True)
+    b = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    b[0] = 0
+    ref = torch.zeros(n, 3, dtype=torch.float64)
+    ref[1:] = torch.linalg.solve(L[1:, 1:], b[1:])
+    Ld, free = L.to(device), torch.ones(n, 1, dtype=torch.float64, device=device)
+    free[0] = 0
+    res = pcg.solve(lambda v: (Ld @ (v * free)) * free, lambda r: free / Ld.diagonal()[:, None] * r, b.to(device),
+                    max_iterations=500, rtol=1e-12)
+    assert torch.allclose(res.x.cpu(), ref, atol=1e-8)
+    assert bool(res.ok) and 1 < int(res.iterations) < 500
+    # blocks between host reads change nothing: a column that converged is frozen
+    for expected in (1, 7, 499):
+        again = pcg.solve(lambda v: (Ld @ (v * free)) * free, lambda r: free / Ld.diagonal()[:, None] * r,
+                          b.to(device), max_iterations=500, rtol=1e-12, expected_iterations=expected)
+        assert torch.equal(again.x, res.x) and int(again.iterations) == int(res.iterations)
+
+
+def test_pcg_breakdown_in_the_first_iteration_is_reported():
+    A = -torch.eye(4, dtype=torch.float64)  # not positive definite
+    res = pcg.solve(lambda v: A @ v, lambda r: r, torch.ones(4, dtype=torch.float64), max_iterations=10)
+    assert not bool(res.ok)
+    res = pcg.solve(lambda v: v, lambda r: r, torch.zeros(4, dtype=torch.float64), max_iterations=10)
+    assert bool(res.ok) and int(res.iterations) == 0 and not bool(res.x.any())
 
 
 # --------------------------------------------------------------------------------------------
