@@ -228,28 +228,33 @@ class SchurStructure:
 
     def _build_implicit(self) -> dict:
         N, C, P, k, nc, dev = self.num_obs, self.num_cams, self.num_points, self.point_dim, self.cam_dim, self.device
-        big = N * k * nc >= 2**31 - 1
-        it = torch.int64 if big else torch.int32  # int32 indices take MKL's sparse kernels on the CPU
+        it = torch.int64 if N * k * nc >= 2**31 - 1 else torch.int32  # int32 takes MKL's kernels on the CPU
         ci, pi = self.cam_index, self.point_index
-        # E: row (a, i) holds Y_a[i, :] in columns ci[a] * nc + j; values are Y rows as stored
-        cols = (ci[:, None, None] * nc + torch.arange(nc, device=dev)).expand(N, k, nc).reshape(-1)
-        crow = torch.arange(0, N * k * nc + 1, nc, device=dev)
-        # E^T: row (c, j) holds Y_a[i, j] over observations a of camera c, (a, i) ascending
-        order_c = torch.argsort(ci, stable=True)
-        obs = order_c[:, None, None].expand(N, nc, k)
-        jj = torch.arange(nc, device=dev)[None, :, None].expand(N, nc, k)
-        ii = torch.arange(k, device=dev)[None, None, :].expand(N, nc, k)
-        # rows ordered (c, j), within a row by (a, i): sort by (cam, j) stably over camera-sorted obs
-        row = ci[obs] * nc + jj
-        srt = torch.argsort(row.reshape(-1), stable=True)
-        tvals = ((obs * k + ii) * nc + jj).reshape(-1)[srt]  # index into E's values
-        tcols = (obs * k + ii).reshape(-1)[srt]
-        tcount = torch.bincount(row.reshape(-1), minlength=C * nc)
-        tcrow = torch.cat([tcount.new_zeros(1), torch.cumsum(tcount, 0)])
-        order_p = torch.argsort(pi, stable=True)
+        # E: row (a, i) holds Y_a[i, :] in columns ci[a] * nc + j; values are the Y rows as stored
+        cols = (ci[:, None, None] * nc + torch.arange(nc, device=dev)).expand(N, k, nc).reshape(-1).to(it)
+        crow = torch.arange(0, N * k * nc + 1, nc, device=dev).to(it)
+        # E^T: row (c, j) holds Y_a[i, j] for the observations a of camera c, (a, i) ascending.
+        # With m the rank of a in camera order (stable) and s_c, n_c camera c's first rank and
+        # count, entry (m, j, i) sits at (s_c nc + j n_c) k + (m - s_c) k + i: placed, not sorted.
+        order = torch.argsort(ci, stable=True)
+        count = torch.bincount(ci, minlength=C)
+        first = torch.cumsum(count, 0) - count
+        c = ci[order]
+        m = torch.arange(N, device=dev)
+        base = ((first[c] * (nc - 1) + m) * k)[:, None, None]  # s_c nc k + (m - s_c) k
+        jj = torch.arange(nc, device=dev)[None, :, None]
+        ii = torch.arange(k, device=dev)[None, None, :]
+        pos = (base + jj * (count[c] * k)[:, None, None] + ii).reshape(-1)
+        a = order[:, None, None]
+        tvals = torch.empty(N * nc * k, dtype=torch.int64, device=dev)
+        tvals[pos] = ((a * k + ii) * nc + jj).reshape(-1)  # index into E's values
+        tcols = torch.empty(N * nc * k, dtype=it, device=dev)
+        tcols[pos] = (a * k + ii).expand(N, nc, k).reshape(-1).to(it)
+        tcrow = torch.cat([count.new_zeros(1), torch.cumsum(count.repeat_interleave(nc, output_size=C * nc) * k, 0)])
+        # Q: row p holds a 1 for each observation of point p
         qcrow = torch.cat([pi.new_zeros(1), torch.cumsum(torch.bincount(pi, minlength=P), 0)])
-        return {"E": (crow.to(it), cols.to(it)), "ET": (tcrow.to(it), tcols.to(it), tvals),
-                "Q": (qcrow.to(it), order_p.to(it))}
+        return {"E": (crow, cols), "ET": (tcrow.to(it), tcols, tvals),
+                "Q": (qcrow.to(it), torch.argsort(pi, stable=True).to(it))}
 
     def buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> Tensor:
         """A work tensor reused across LM iterations (contents undefined)."""
