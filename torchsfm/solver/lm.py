@@ -17,13 +17,12 @@ parameter norms, CG iterations, and the gradient norm of the linearisation the s
 and makes every decision from it: acceptance, radius, termination. The gradient test of a new
 linearisation is therefore read with the next iteration's status; when it fires, that
 iteration's step is discarded uncounted (one wasted step at termination, instead of a second
-read per iteration). PCG adds one read per block of CG iterations (pcg.py), one in the common
-case. Timing uses CUDA events, read once at the end, not synchronisations.
+read per iteration). Timing uses CUDA events, read once at the end, not synchronisations.
 
-PCG runs in blocks of iterations (pcg.py): the first as long as the last step's solve, then
-half the iterations so far. The "still running?" flag is read with the status: an
-unfinished block's candidate is evaluated and discarded, so a step costs as many reads as it
-needs blocks (usually one or two) instead of blocks + 1.
+PCG runs in blocks of iterations (pcg.next_block: the first as long as the last step's solve
+and an eighth, then half the iterations so far). Its "still running?" flag is read with the
+status: an unfinished block's candidate is evaluated and discarded, so a step costs as many
+reads as it needs blocks (usually one or two) instead of blocks + 1.
 """
 from __future__ import annotations
 

@@ -163,30 +163,40 @@ class SchurStructure:
 
     def _build_pairs(self, ci, pi, C, P, L, Ls, pad):
         dev = ci.device
+
+        def sel(t: Tensor, i: Tensor) -> Tensor:
+            return torch.index_select(t, 0, i)
+
+        # every unordered pair (r1 < r2) of each point's observations, by triangular unranking
         order = torch.argsort(pi, stable=True)
         cnt = torch.bincount(pi, minlength=P)
-        start = _exclusive_cumsum(cnt)
-        k2 = cnt * cnt
-        tot = int(k2.sum())
-        pt = torch.repeat_interleave(torch.arange(P, device=dev), k2, output_size=tot)
-        local = torch.arange(tot, dtype=torch.int64, device=dev) - _exclusive_cumsum(k2)[pt]
-        kk = cnt[pt]
-        ia = order[start[pt] + local // kk]
-        ib = order[start[pt] + local % kk]
-        del pt, local, kk
-        ca, cb = ci[ia], ci[ib]
-        # Upper block triangle: off the diagonal one orientation suffices (the block is mirrored);
-        # within a diagonal block every ordered pair a != b (a camera may see a point twice). The
-        # pairs (a, a) are left to the camera segments (one gather per observation, not two).
-        keep = (ca < cb) | ((ca == cb) & (ia != ib))
-        ia, ib, ca, cb = ia[keep], ib[keep], ca[keep], cb[keep]
+        npair = cnt * (cnt - 1) // 2
+        tot = int(npair.sum())
+        pt = torch.repeat_interleave(torch.arange(P, device=dev), npair, output_size=tot)
+        t = torch.arange(tot, device=dev) - sel(_exclusive_cumsum(npair), pt)  # = r2 (r2 - 1) / 2 + r1
+        r2 = ((1 + torch.sqrt(1 + 8 * t.to(torch.float64))) / 2).floor().to(torch.int64)
+        r2 -= (r2 * (r2 - 1) // 2 > t).to(torch.int64)  # exact despite the rounding of the root
+        r2 += ((r2 + 1) * r2 // 2 <= t).to(torch.int64)
+        base = sel(_exclusive_cumsum(cnt), pt)
+        x, y = sel(order, base + t - r2 * (r2 - 1) // 2), sel(order, base + r2)
+        del pt, t, r2, base
+        # Upper block triangle: off the diagonal one orientation, cam[a] < cam[b], suffices (the
+        # block is mirrored); within a diagonal block every ordered pair a != b (a camera may see
+        # a point twice). The pairs (a, a) are left to the camera segments.
+        cx, cy = sel(ci, x), sel(ci, y)
+        swap = cx > cy
+        ia, ib = torch.where(swap, y, x), torch.where(swap, x, y)
+        key = torch.minimum(cx, cy) * C + torch.maximum(cx, cy)
+        same = torch.nonzero(cx == cy)[:, 0]
+        ia, ib = torch.cat([ia, sel(ib, same)]), torch.cat([ib, sel(ia, same)])
+        key = torch.cat([key, sel(key, same)])
         # every camera with observations gets its diagonal block, even without pairs
-        has_obs = torch.unique(ci)
-        key = torch.cat([ca * C + cb, has_obs * C + has_obs])
-        ukey, blk = torch.unique(key, return_inverse=True)
-        blk = blk[: ia.numel()]
-        srt = torch.argsort(blk, stable=True)
-        ia, ib, blk = ia[srt], ib[srt], blk[srt]
+        has_obs = torch.nonzero(torch.bincount(ci, minlength=C))[:, 0]
+        perm = torch.argsort(torch.cat([key, has_obs * (C + 1)]), stable=True)  # one sort: blocks in order
+        ukey, counts = torch.unique_consecutive(sel(torch.cat([key, has_obs * (C + 1)]), perm), return_counts=True)
+        blk = torch.repeat_interleave(torch.arange(ukey.numel(), device=dev), counts, output_size=perm.numel())
+        real = torch.nonzero(perm < key.numel())[:, 0]
+        ia, ib, blk = sel(ia, sel(perm, real)), sel(ib, sel(perm, real)), sel(blk, real)
         self.num_pairs = int(ia.numel()) + int(ci.numel())  # + the (a, a) pairs of the camera segments
         self.num_blocks = int(ukey.numel())
         br, bc = ukey // C, ukey % C
