@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="runs per precision (times: the median)")
     ap.add_argument("--work-dir", type=Path, default=Path("out/bench"), help="cached inputs (as torchsfm bench)")
+    ap.add_argument("--data-root", type=Path, default=None, help="folder of templeRing/, dtu_scan24/, ... "
+                    "(default: ../shared/data)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
 
     from torchsfm import metrics
     from torchsfm.api import map_database
-    from torchsfm.bench.inputs import prepare, resolve_spec
+    from torchsfm.bench.inputs import DATA_ROOT, prepare, resolve_spec
     from torchsfm.io.colmap_model import read_model
     from torchsfm.mapper.pipeline import MapperOptions
     from torchsfm.runtime import configure_threads
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     configure_threads(args.threads)
     rows = []
     for name in [d for d in args.datasets.split(",") if d]:
-        prep = prepare(resolve_spec(name), args.work_dir)
+        prep = prepare(resolve_spec(name, args.data_root or DATA_ROOT), args.work_dir)
         if prep.gt is None:
             print(f"[skip] {name}: no ground truth", flush=True)
             continue
