@@ -20,9 +20,11 @@ iteration's step is discarded uncounted (one wasted step at termination, instead
 read per iteration). Timing uses CUDA events, read once at the end, not synchronisations.
 
 PCG runs in blocks of iterations (pcg.next_block: the first as long as the last step's solve
-and an eighth, then half the iterations so far). Its "still running?" flag is read with the
-status: an unfinished block's candidate is evaluated and discarded, so a step costs as many
-reads as it needs blocks (usually one or two) instead of blocks + 1.
+and an eighth, then half the iterations so far). The first block's "still running?" flag is
+read with the status, so a step whose PCG converges within it costs that one read. Otherwise
+the candidate is discarded and PCG goes on in blocks, reading only its flag after each, and the
+final candidate is evaluated once with a second status read: reads = blocks + 1 then, and at
+most two candidate evaluations per step.
 """
 from __future__ import annotations
 
@@ -196,10 +198,10 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
         it += 1
         with tm("linear_solve"):
             solve_ = system.start(radius)
-        block = pcg.next_block(0, expected_cg)
-        while True:  # direct solvers: once; PCG: until it converged, one status read per block
+            solve_.run(pcg.next_block(0, expected_cg))
+        while True:  # direct solvers: once; PCG: at most twice (see the module doc)
             with tm("linear_solve"):
-                step, info = solve_.advance(block)
+                step, info = solve_.result()
             with tm("evaluate"):
                 new_r = problem.residuals(step)
                 new_cost_t = losses.cost_tensor(new_r, opt.loss, opt.loss_scale)
@@ -209,7 +211,11 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
                     info.linear_iterations, info.unfinished, gnorm_t if gnorm_t is not None else gnorm)
             if not unfinished or (gnorm_t is not None and g_new <= opt.gradient_tolerance):
                 break
-            block = pcg.next_block(solve_.iterations_run)
+            with tm("linear_solve"):  # PCG goes on, reading only its flag, until it is done
+                while True:
+                    solve_.run(pcg.next_block(solve_.iterations_run))
+                    if not host_read(solve_.running())[0]:
+                        break
         cg_its = int(cg_its)
         expected_cg = cg_its
         summary.linear_iterations_run += solve_.iterations_run

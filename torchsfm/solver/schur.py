@@ -122,7 +122,7 @@ class StepInfo:
     ok: Tensor  # () bool: the linear solve succeeded and the step is finite
     model_cost_change: Tensor  # () float64: decrease of the linear model's cost
     linear_iterations: Tensor  # () int64: CG iterations (0 for direct solvers)
-    unfinished: Tensor  # () bool: PCG has not converged yet (advance further)
+    unfinished: Tensor  # () bool: PCG has not converged yet (run further)
 
 
 class ReducedSystem:
@@ -233,16 +233,16 @@ class ReducedSystem:
     # ------------------------------------------------------------------------------------------
     def start(self, radius: Tensor | float) -> "StepSolve":
         """The linear solve of the LM step for trust-region radius `radius`, to be advanced by
-        the caller (iterative solvers run in blocks: `StepSolve.advance`)."""
+        the caller (iterative solvers run in blocks: `StepSolve.run`, then `StepSolve.result`)."""
         return StepSolve(self, radius)
 
     def step(self, radius: Tensor | float) -> tuple[Step, StepInfo]:
         """The step, solved to convergence (one host read per CG block): tests, simple callers."""
         s = self.start(radius)
         while True:
-            step, info = s.advance(pcg.next_block(s.iterations_run))
-            if s.cg is None or s.cg.exhausted or not bool(info.unfinished):
-                return step, info
+            s.run(pcg.next_block(s.iterations_run))
+            if not bool(s.running()):
+                return s.result()
 
     def _back_substitute(self, x: Tensor, M: Tensor, K: Tensor, z: Tensor) -> tuple[Step, Tensor]:
         """(Step for reduced unknowns x, the linear model's cost decrease as a () float64)."""
@@ -415,9 +415,9 @@ class ReducedSystem:
 
 class StepSolve:
     """One LM step's linear solve: direct solvers finish at once; PCG advances in blocks of
-    iterations, and each `advance` returns the step from the iterate so far, with
-    `StepInfo.unfinished` telling whether PCG is still running. The LM loop reads that flag with
-    its status (no separate read for PCG convergence)."""
+    iterations (`run`), and `result` gives the step from the iterate so far, with
+    `StepInfo.unfinished` telling whether PCG is still running (the LM loop reads that flag with
+    its status)."""
 
     def __init__(self, system: ReducedSystem, radius: Tensor | float):
         self.system = system
@@ -445,18 +445,27 @@ class StepSolve:
     def iterations_run(self) -> int:
         return 0 if self.cg is None else self.cg.done
 
-    def advance(self, iterations: int) -> tuple[Step, StepInfo]:
-        """Run up to `iterations` more CG iterations (none for direct solvers); the step so far."""
+    def run(self, iterations: int) -> None:
+        """Up to `iterations` more CG iterations (nothing for direct solvers)."""
+        if self.cg is not None:
+            self.cg.run(iterations)
+
+    def running(self) -> Tensor:
+        """() bool on the device: PCG has iterations left and has not converged."""
+        cg = self.cg
+        if cg is None or cg.exhausted:
+            return torch.zeros((), dtype=torch.bool, device=self.system.r.device)
+        return cg.active.any()
+
+    def result(self) -> tuple[Step, StepInfo]:
+        """The step from the solution (or PCG's iterate) so far, and how to judge it."""
         cg = self.cg
         if cg is None:
             x, ok = self.x, self.ok
             its = torch.zeros((), dtype=torch.int64, device=x.device)
-            unfinished = torch.zeros((), dtype=torch.bool, device=x.device)
         else:
-            cg.run(iterations)
             res = cg.result()
             x, ok, its = res.x, res.ok, res.iterations
-            unfinished = cg.active.any() if not cg.exhausted else torch.zeros((), dtype=torch.bool, device=x.device)
         step, change = self.system._back_substitute(x, self.M, self.K, self.z)
         ok = ok & torch.isfinite(x).all() & torch.isfinite(step.points).all()
-        return step, StepInfo(ok, change, its, unfinished)
+        return step, StepInfo(ok, change, its, self.running())
