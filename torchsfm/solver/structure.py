@@ -55,15 +55,15 @@ def _segments(group: Tensor, num_groups: int, length: int, small: int) -> list[t
     big = rank < (nbig * length)[group]
     out = []
     groups = torch.arange(num_groups, device=dev)
-    for sel, nseg, L, offset in ((big, nbig, length, 0), (~big, None, small, nbig * length)):
+    rest = counts - nbig * length
+    parts = ((big, nbig, length, torch.zeros_like(counts)), (~big, (rest + small - 1) // small, small, nbig * length))
+    for sel, nseg, L, offset in parts:  # (items, segments per group, segment length, ranks before)
         items = torch.nonzero(sel)[:, 0]
         if items.numel() == 0:
             continue
-        if nseg is None:
-            nseg = (counts - offset + small - 1) // small
         total = int(nseg.sum())
         g = group[items]
-        pos = _exclusive_cumsum(nseg)[g] * L + rank[items] - (offset[g] if torch.is_tensor(offset) else 0)
+        pos = _exclusive_cumsum(nseg)[g] * L + rank[items] - offset[g]
         idx = torch.full((total * L,), -1, dtype=torch.int64, device=dev)
         idx[pos] = items
         out.append((idx, torch.repeat_interleave(groups, nseg, output_size=total), L))
