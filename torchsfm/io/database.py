@@ -234,11 +234,21 @@ def _read_images(db, cameras: Cameras, device, dtype) -> Images:
     )
 
 
+def read_cameras_images(path: str | os.PathLike, device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float64) -> tuple[Cameras, Images]:
+    """Cameras and images (sorted by image_id) of a COLMAP database, validated as in
+    `read_view_graph`, without keypoints or pairs."""
+    with pycolmap.Database.open(str(path)) as db:
+        cameras = _read_cameras(db, device, dtype)
+        return cameras, _read_images(db, cameras, device, dtype)
+
+
 def _read_keypoints(db, images: Images, device, dtype) -> Keypoints:
     xy = []
     for iid in images.image_id.tolist():
-        k = db.read_keypoints(iid) if db.exists_keypoints(iid) else np.zeros((0, 2), np.float32)
-        xy.append(np.asarray(k, dtype=np.float64).reshape(len(k), -1)[:, :2])
+        k = np.asarray(db.read_keypoints(iid) if db.exists_keypoints(iid) else (), dtype=np.float64)
+        # an image without features (SIFT found none) has an empty keypoint blob: no rows, any width
+        xy.append(k.reshape(len(k), -1)[:, :2] if k.size else np.zeros((0, 2)))
     counts = torch.tensor([len(k) for k in xy], dtype=torch.int64)
     flat = np.concatenate(xy) if xy else np.zeros((0, 2))
     return Keypoints(xy=torch.tensor(flat, dtype=dtype, device=device).reshape(-1, 2),

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ..cameras.models import focal_length
 from ..data.model import (
@@ -43,6 +42,7 @@ from ..data.model import (
 )
 from ..geometry import so3
 from ..geometry.epipolar import refine_relative_poses, sampson_error
+from ..report import progress_bar
 from .graph import (
     REASON_COMPONENT,
     REASON_NO_PAIRS,
@@ -232,8 +232,7 @@ def estimate_relative_poses(
         return PAIR_OK, np.asarray(pose.q, dtype=np.float64), np.asarray(pose.t, dtype=np.float64), inl
 
     threads = options.num_threads or _default_threads()
-    disable = None if options.progress is None else not options.progress  # None: only on a terminal
-    bar = tqdm(total=len(pair_ids), desc="relative poses", unit="pair", disable=disable)
+    bar = progress_bar(total=len(pair_ids), enabled=options.progress is not False, desc="relative poses", unit="pair")
     # PoseLib for the pairs without a kept stored pose (one C call per pair; the rest is batched)
     est_status = torch.where(stored_ok, PAIR_OK, PAIR_NOT_ESTIMATED).cpu()
     est_q, est_t = est_q.detach().cpu().to(torch.float64), est_t.detach().cpu().to(torch.float64)
