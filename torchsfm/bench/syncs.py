@@ -14,9 +14,11 @@ where they are cheap, so the figure can be checked on any machine):
 `per_iteration(run, n1, n2)` runs a callable with n1 and n2 iterations and divides the
 difference, which removes the one-off set-up; `bal_syncs` and `rotation_averaging_syncs` apply it
 to the LM solver on a BAL problem and to rotation averaging's IRLS. The methods are patched on
-torch.Tensor / torch for the duration of the block (one counter at a time, not thread-safe): a
-measuring tool for tests and benchmarks, never for production code. benchmarks/count_syncs.py
-is the command line (`torchsfm ba` on a model, as ../shared/tools/count_syncs.py, and a table).
+torch.Tensor / torch for the duration of the block (one counter at a time, not thread-safe), and
+CPython cannot fully undo that for special methods (after a patched `__getitem__`, 0-d tensors
+look like sequences to torch.tensor), so count in a process of its own: benchmarks/count_syncs.py
+(`torchsfm ba` on a model as ../shared/tools/count_syncs.py counts it, and a table), or
+tests/sync_cases.py for the tests. A measuring tool, never for production code.
 """
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ class SyncCounter:
                 counts[kind] += 1
             return orig(*a, **k)
 
-        self._saved.append((owner, name, orig))
+        # what to undo: a method inherited from torch's C base class must be deleted again, not
+        # set back (a Python-level __getitem__ on torch.Tensor would make 0-d tensors sequences)
+        self._saved.append((owner, name, orig if name in vars(owner) else None))
         setattr(owner, name, wrapped)
 
     def __enter__(self) -> "SyncCounter":
@@ -82,7 +86,10 @@ class SyncCounter:
 
     def __exit__(self, *exc) -> None:
         for owner, name, orig in reversed(self._saved):
-            setattr(owner, name, orig)
+            if orig is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, orig)
         self._saved.clear()
 
 
