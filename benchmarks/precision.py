@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -68,10 +69,10 @@ def main(argv=None) -> int:
                 print(f"{name} {dtype} run {rep + 1}: {seconds:.2f} s, AUC@3 {ev['auc@3']:.2f}", flush=True)
         for dtype, rs in runs.items():
             ev = rs[0][1]
-            times = sorted(s for s, _ in rs)
-            rows.append({"dataset": name, "dtype": dtype, "device": args.device, "seconds": times[len(times) // 2],
+            rows.append({"dataset": name, "dtype": dtype, "device": args.device,
+                         "seconds": statistics.median(s for s, _ in rs),
                          **{k: ev[k] for k in ("num_registered", "num_images", "auc@1", "auc@3", "auc@5", "auc@10")}})
-    lines = ["| dataset | dtype | registered | AUC@1 / 3 / 5 / 10 | ΔAUC@3 vs float64 | time (s) |",
+    lines = ["| dataset | dtype | registered | AUC@1 / 3 / 5 / 10 | ΔAUC@3 vs float64 | time (s, median) |",
              "|---|---|---|---|---|---|"]
     ref = {r["dataset"]: r for r in rows if r["dtype"] == "float64"}
     for r in rows:
