@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install install-cuda demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# On a CUDA machine, after installing your CUDA build of PyTorch into .venv: COLMAP's GPU SIFT.
+# pycolmap-cuda12 provides the same `pycolmap` module as the CPU wheel, so the CPU wheel goes.
+install-cuda: $(STAMP)
+	$(BIN)/python -m pip uninstall -q -y pycolmap
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps 'pycolmap-cuda12==4.2.1'
+	$(BIN)/python -c "import pycolmap; print('pycolmap', pycolmap.__version__, 'CUDA:', pycolmap.has_cuda)"
 
 demo: $(STAMP)
 	$(BIN)/torchsfm demo

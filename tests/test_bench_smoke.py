@@ -112,7 +112,7 @@ def test_stage_parsing_and_grouping():
     assert g["global_positioning"] == 3.0 and g["relative_poses"] == 0.0 and g["other"] == pytest.approx(5.5)
     ours = {"load_database": 0.5, "relative_poses": 1.0, "model0/bundle_adjustment_1": 2.0, "model0/filter_1": 0.5,
             "model0/retriangulation": 1.0, "model0/final_bundle_adjustment_1": 2.0, "write": 0.25,
-            "model0/principal_point_bundle_adjustment": 0.5, "model0/noise_filter": 0.25}
+            "model0/intrinsics_selection": 0.5, "model0/noise_filter": 0.25}
     g = stage_groups("torchsfm", ours, 9.0)
     assert g["bundle_adjustment"] == 2.5 and g["retriangulation"] == 3.75 and g["other"] == pytest.approx(1.75)
     assert stage_groups("colmap", {}, 4.0) == {"other": 4.0}

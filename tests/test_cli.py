@@ -276,12 +276,11 @@ def test_refine_principal_point_can_be_forced_either_way(tmp_path, capsys, mode)
     code, _, _ = cli(capsys, "-q", "map", db, tmp_path / "out", "--device", "cpu", "--refine-principal-point", mode)
     assert code == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert rep["config"]["refine_principal_point"] == mode
-    tested = [st["name"] for st in rep["stages"] if st["name"] == "principal_point_bundle_adjustment"]
-    if mode == "never":
-        assert not tested and "principal_point_refined" not in rep["summary"]
-    else:
-        assert tested and rep["summary"]["principal_point_refined"] is True
+    assert rep["config"]["intrinsics"]["principal_point"] == mode
+    st = next(st for st in rep["stages"] if st["name"] == "intrinsics_selection")
+    cam = next(iter(st["counts"]["cameras"].values()))
+    assert mode in cam["reason"] and "held_out" not in cam  # forced: no test
+    assert rep["summary"]["principal_point_refined"] is (mode == "always")
 
 
 def test_refine_principal_point_help_states_the_default(capsys):
@@ -516,11 +515,12 @@ def test_config_file_then_the_flags_given(tmp_path):
     from torchsfm.mapper.pipeline import MapperOptions
 
     cfg = tmp_path / "config.json"
-    base = MapperOptions(seed=5, device="cpu", refine_principal_point="never")
+    base = MapperOptions(seed=5, device="cpu")
+    base.intrinsics.principal_point = "never"
     base.bundle_adjustment.solver.max_iterations = 9
     cfg.write_text(dumps(base))
     opt = mapper_options(parse(["map", "d", "o", "--config", str(cfg)])[2])
-    assert (opt.seed, opt.device, opt.refine_principal_point, opt.bundle_adjustment.solver.max_iterations) == \
+    assert (opt.seed, opt.device, opt.intrinsics.principal_point, opt.bundle_adjustment.solver.max_iterations) == \
         (5, "cpu", "never", 9)
     opt = mapper_options(parse(["map", "d", "o", "--config", str(cfg), "--seed", "7", "--ba-max-iterations", "3"])[2])
     assert (opt.seed, opt.device, opt.bundle_adjustment.solver.max_iterations) == (7, "cpu", 3)

@@ -120,10 +120,9 @@ def test_catastrophic_outlier_pairs_are_dropped(caplog):
     assert "symmetric" not in caplog.text  # 3 of 38 pairs: below the symmetry threshold
 
 
-def test_camera_placed_far_away_is_dropped(monkeypatch):
-    """Case 13: global positioning that throws one camera far away (simulated) -> the camera is
-    dropped with a warning and a reason; the others stay accurate."""
-    s = synthesize(SyntheticOptions(num_images=10, num_points=600, pixel_noise=0.3, seed=2))
+def _throw_far(monkeypatch, turn_deg: float = 0.0):
+    """Global positioning that throws camera 4 far outside the ring (simulated), its rotation
+    also turned by `turn_deg` about the optical axis."""
     real = pipeline.global_positioning
 
     def bad_gp(rec, opt):
@@ -131,11 +130,36 @@ def test_camera_placed_far_away_is_dropped(monkeypatch):
         images = out.images.clone()
         c = images.centers
         c[4] = c[4] + 100 * (c[4] - c.mean(0))  # far outside the ring
-        images.trans = -(images.rotation @ c[..., None])[..., 0]
+        R = images.rotation
+        R[4] = so3.exp(torch.tensor([0.0, 0.0, math.radians(turn_deg)], dtype=R.dtype)) @ R[4]
+        images.quat = so3.matrix_to_quat(R)
+        images.trans = -(R @ c[..., None])[..., 0]
         out.images = images
         return out, counts
 
     monkeypatch.setattr(pipeline, "global_positioning", bad_gp)
+
+
+def test_camera_placed_far_away_is_repositioned(monkeypatch):
+    """Case 13: global positioning that throws one camera far away (simulated) -> its position is
+    resected from its own observations of the points and the camera stays, accurate."""
+    s = synthesize(SyntheticOptions(num_images=10, num_points=600, pixel_noise=0.3, seed=2))
+    _throw_far(monkeypatch)
+    models, rep = global_mapping(s.mapper_input(), MapperOptions())
+    m = models[0]
+    assert bool(m.images.registered.all())
+    st = next(st for st in rep.stages if st.name == "far_cameras")
+    assert st.counts["far_cameras"] == 1 and st.counts["kept_after_resection"] == 1
+    ev = pose_errors(m, s.gt)
+    assert float(ev.rotation.max()) < 0.3 and float(ev.translation.max()) < 1.0
+
+
+def test_camera_placed_far_away_that_no_position_explains_is_dropped(monkeypatch):
+    """Case 13: the same with the camera's rotation wrong too (90 degrees about its axis): no
+    position explains its observations, so it is dropped with a warning and a reason; the others
+    stay accurate."""
+    s = synthesize(SyntheticOptions(num_images=10, num_points=600, pixel_noise=0.3, seed=2))
+    _throw_far(monkeypatch, turn_deg=90.0)
     models, rep = global_mapping(s.mapper_input(), MapperOptions())
     m = models[0]
     assert m.images.registered.tolist() == [i != 4 for i in range(10)]

@@ -400,3 +400,9 @@ def test_worker_processes_give_the_same_database(shifted, tmp_path):
     extract(shifted, one, ExtractOptions(num_workers=1, progress=False))
     extract(shifted, two, ExtractOptions(num_workers=2, progress=False))
     assert dump(one) == dump(two)
+
+
+def test_extraction_workers_do_not_import_torch():
+    """A spawned extraction worker imports only the extraction path: no torch (seconds per worker)."""
+    code = "import sys, torchsfm.frontend.features; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -15,6 +15,7 @@ from torchsfm.mapper.relative_pose import (
 from torchsfm.synthetic import SyntheticOptions, synthesize
 
 OPTS = RelativePoseOptions(num_threads=2, progress=False)
+MIN_INLIERS = OPTS.min_num_inliers
 
 
 def gt_relative(sc):
@@ -45,7 +46,7 @@ def test_noiseless_pairs_recover_ground_truth(device):
     R_gt, t_gt = gt_relative(sc)
     status = rep.status
     counts = sc.view_graph.num_matches()
-    assert torch.equal(status == PAIR_TOO_FEW_MATCHES, counts < 30)
+    assert torch.equal(status == PAIR_TOO_FEW_MATCHES, counts < MIN_INLIERS)
     ok = status == PAIR_OK
     assert int(ok.sum()) >= 0.8 * len(status)
     rot, tra = errors(out, R_gt, t_gt)
@@ -100,7 +101,7 @@ def test_bad_pairs_are_filtered_and_reasons_recorded():
     vg.valid = vg.valid & ~cross
     out, rep = estimate_relative_poses(rec, OPTS)
     bad = (vg.pairs == 11).any(1) & ~cross
-    assert bool(torch.isin(rep.status[bad & (vg.num_matches() >= 30)],
+    assert bool(torch.isin(rep.status[bad & (vg.num_matches() >= MIN_INLIERS)],
                            torch.tensor([PAIR_FEW_INLIERS, PAIR_LOW_RATIO])).all())
     reasons = out.meta["image_reason"]
     assert reasons[11] in (REASON_RELPOSE, REASON_COMPONENT)
@@ -142,7 +143,7 @@ def test_stored_poses_are_kept_refined_or_replaced_by_ransac():
     vg.rel_quat = so3.matrix_to_quat(so3.exp(angle[:, None] * axis) @ so3.quat_to_matrix(vg.rel_quat))
     out, rep = estimate_relative_poses(rec, OPTS)
     ok = rep.status == PAIR_OK
-    assert torch.equal(ok, vg.num_matches() >= 30)  # every pair with enough matches
+    assert torch.equal(ok, vg.num_matches() >= MIN_INLIERS)  # every pair with enough matches
     rot, tra = errors(out, R_gt, t_gt)
     assert float(rot[ok].max()) < 0.05 and float(tra[ok].max()) < 0.05
     assert float(rot[ok & (angle > 0) & (angle < 1)].max()) < 1e-3  # refined to the truth

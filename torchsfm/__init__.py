@@ -12,14 +12,17 @@ from ._version import __version__
 logger = logging.getLogger("torchsfm")
 logger.addHandler(logging.NullHandler())
 
-from .data.model import (  # noqa: E402
-    Cameras,
-    Images,
-    Keypoints,
-    Points3D,
-    Reconstruction,
-    Tracks,
-    ViewGraph,
-)
+_MODEL_NAMES = ("Cameras", "Images", "Keypoints", "Points3D", "Reconstruction", "Tracks", "ViewGraph")
 
-__all__ = ["Cameras", "Images", "Keypoints", "Points3D", "Reconstruction", "Tracks", "ViewGraph", "__version__"]
+
+def __getattr__(name: str):
+    """The data model on first use: `import torchsfm` stays light (no torch), so the front end's
+    extraction worker processes start in a fraction of a second."""
+    if name in _MODEL_NAMES:
+        from .data import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'torchsfm' has no attribute {name!r}")
+
+
+__all__ = [*_MODEL_NAMES, "__version__"]

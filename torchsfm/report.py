@@ -10,11 +10,14 @@ import re
 import sys
 import time
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class RunReport:
     def stage(self, name: str, device: torch.device | None = None):
         """Time a stage (synchronising CUDA so the time is real) and collect its report."""
         rep = StageReport(name)
-        sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
+        sync = (lambda: _cuda_sync(device)) if device is not None and device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         try:
@@ -142,7 +145,15 @@ def _fmt_counts(counts: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in counts.items())
 
 
+def _cuda_sync(device) -> None:
+    import torch
+
+    torch.cuda.synchronize(device)
+
+
 def versions() -> dict[str, str]:
+    import torch  # here, not at import: the front end's worker processes import this module
+
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__}
     try:
         from ._version import __version__

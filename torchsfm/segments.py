@@ -7,6 +7,8 @@ of cameras or images, so every layer may use them (`torchsfm.data.model` re-expo
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -43,3 +45,30 @@ def rows_of(offsets: Tensor) -> Tensor:
     """For CSR offsets (N+1,), the row index of every item (offsets[-1],)."""
     counts = offsets[1:] - offsets[:-1]
     return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)
+
+
+def segment_median(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    """(num_groups,) lower median of `values` per group (inf for empty groups)."""
+    out = torch.full((num_groups,), math.inf, dtype=values.dtype, device=values.device)
+    if values.numel() == 0:
+        return out
+    o = torch.argsort(values, stable=True)
+    o = o[torch.argsort(group[o], stable=True)]
+    count = torch.bincount(group, minlength=num_groups)
+    start = torch.cumsum(count, 0) - count
+    has = count > 0
+    out[has] = values[o][(start + (count - 1) // 2)[has]]
+    return out
+
+
+def first_per_key(key: Tensor, score: Tensor) -> Tensor:
+    """(N,) bool keeping, for every distinct key, the item with the smallest score (the first on ties)."""
+    if key.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=key.device)
+    o = torch.argsort(score, stable=True)
+    o = o[torch.argsort(key[o], stable=True)]
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[o][1:] != key[o][:-1]
+    keep = torch.zeros_like(first)
+    keep[o[first]] = True
+    return keep

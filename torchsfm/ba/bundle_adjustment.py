@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..cameras.models import model_groups, param_mask
+from ..cameras.models import model_groups, param_mask, used_mask
 from ..cameras.projection import project_world
 from ..data.model import Reconstruction
 from ..geometry import se3, so3
@@ -50,6 +50,9 @@ class BundleAdjustmentOptions:
     constant_images: list[int] = field(default_factory=list)
     constant_points: list[int] = field(default_factory=list)
     constant_cameras: list[int] = field(default_factory=list)  # intrinsics of these cameras
+    # (C, MAX_CAMERA_PARAMS) bool: the intrinsics refined per camera, replacing the three refine_*
+    # switches above (per-camera model selection: torchsfm.mapper.intrinsics_selection)
+    intrinsics_mask: torch.Tensor | None = None
     # Gauge: "none" leaves the 7-dof similarity to the LM damping (as Ceres does when nothing is
     # fixed); "two_cams" fixes the first image's pose and the largest coordinate of the second
     # image's translation relative to it (COLMAP's TWO_CAMS_FROM_WORLD).
@@ -99,7 +102,10 @@ class ReprojectionProblem:
 
         # intrinsics: refined columns per camera, padded to m
         cams = rec.cameras
-        refine = param_mask(cams, o.refine_focal_length, o.refine_principal_point, o.refine_extra_params)
+        if o.intrinsics_mask is not None:
+            refine = o.intrinsics_mask.to(dev, torch.bool) & used_mask(cams)
+        else:
+            refine = param_mask(cams, o.refine_focal_length, o.refine_principal_point, o.refine_extra_params)
         if o.constant_cameras:
             refine[torch.as_tensor(o.constant_cameras, device=dev)] = False
         used_cams = torch.zeros(len(cams), dtype=torch.bool, device=dev)

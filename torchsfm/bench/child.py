@@ -180,7 +180,13 @@ def run_torchsfm(args, out: Path, result: dict):
     from torchsfm.runtime import configure_threads, resolve_device
 
     configure_threads(args.threads)
-    opt = MapperOptions(seed=args.seed, device=args.device)
+    if args.config is not None:
+        from torchsfm.config import load
+
+        opt = load(MapperOptions, args.config)
+        opt.seed, opt.device = args.seed, args.device
+    else:
+        opt = MapperOptions(seed=args.seed, device=args.device)
     opt.relative_pose.num_threads = args.threads
     opt.relative_pose.progress = False
     dev = resolve_device(opt.device)
@@ -219,6 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="torchsfm only: cpu | cuda[:N]; the baselines run on the CPU")
+    ap.add_argument("--config", type=Path, default=None, help="torchsfm only: mapper options JSON (as `torchsfm map --config`)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .child import METHODS
-from .inputs import DATA_ROOT, PreparedInput, prepare, resolve_spec
+from .inputs import DATA_ROOT, REAL_DATASETS, PreparedInput, prepare, resolve_spec
 from .machine import git_revision, machine_info, machine_label, now_iso
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,14 @@ ACCURACY_KEYS = ("auc@1", "auc@3", "auc@5", "auc@10", "median_rotation_error_deg
 
 # Suites: (table datasets, scaling datasets); an entry "name=m1+m2" limits the methods there.
 SUITES = {
-    "smoke": (["ring12"], []),
+    "smoke": (["ring12", "dtu_scan24-sub0-n8"], []),  # the subset: the robustness benchmark in small
     "cpu": (["ring50", "turntable200", "colmapsphere50", "templeRing", "dtu_scan24", "kitchen"],
             ["corridor100", "corridor300", "corridor1000"]),
     "gpu": (["ring50", "turntable200", "corridor1000=glomap+torchsfm"],
             ["corridor100", "corridor1000", "corridor3000", "corridor5000"]),
+    # 10 seeded subsets of 12-20 images of each real scene (bench/subsets.py, bench/robustness.py),
+    # and the full scenes (no loss there)
+    "robustness": ([f"{name}-sub{k}" for name in REAL_DATASETS for k in range(10)] + list(REAL_DATASETS), []),
 }
 
 
@@ -72,6 +75,7 @@ class BenchOptions:
     prepare_threads: int = -1  # front end / verification threads (not timed); -1 = all cores
     note: str = ""  # printed under the tables (e.g. "shared 2-core box")
     keep_runs: bool = False  # keep each run's database copy and model (default: model only)
+    mapper_config: str | None = None  # torchsfm's options as a JSON file (`torchsfm map --config`); None: defaults
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ _GLOMAP_GROUP = {"Rotation averaging": "rotation_averaging", "Track establishmen
                  "Iterative retriangulation and refinement": "retriangulation"}
 
 
-_AFTER_RETRIANGULATION = ("retriangulation", "final_", "principal_point", "noise_filter")
+_AFTER_RETRIANGULATION = ("retriangulation", "final_", "image_keeping", "intrinsics_selection", "noise_filter")
 
 
 def stage_groups(method: str, stages: dict[str, float], total: float) -> dict[str, float]:
@@ -156,6 +160,8 @@ def run_method(method: str, prep: PreparedInput, run_dir: Path, opt: BenchOption
            "--out", str(run_dir), "--threads", str(opt.threads), "--seed", str(seed), "--device", opt.device]
     if prep.image_dir is not None:
         cmd += ["--images", str(prep.image_dir)]
+    if method == "torchsfm" and opt.mapper_config:
+        cmd += ["--config", str(Path(opt.mapper_config).resolve())]
     env = {**os.environ, **{k: str(opt.threads) for k in THREAD_ENV}, "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[2])  # torchsfm importable without an install
     env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
@@ -301,7 +307,7 @@ def run_benchmark(opt: BenchOptions, output_json: Path | None = None, command: s
             continue
         entry.update(prep.to_dict())
         gt = _read(prep.gt) if prep.gt is not None else None
-        reference, ref_kind = gt, ("ground truth" if gt is not None else None)
+        reference, ref_kind = gt, (prep.stats.get("reference", "ground truth") if gt is not None else None)
         n = prep.stats["images"]
         for method in item["methods"]:
             for r in range(opt.repeats):

@@ -15,6 +15,8 @@ Datasets by name:
 - `templeRing`, `dtu_scan24`, `kitchen` (and any folder of images): torchsfm's front end (SIFT,
   exhaustive matching, one shared SIMPLE_RADIAL camera), with the GT model in `gt/` if present.
 - an existing database (`database:PATH`): used as it is.
+- `PARENT-subK` (`PARENT-subK-nN`): seeded subset K of a real dataset (12-20 images, or N),
+  its database made as `extract` + `match` on those photos would make it (`bench.subsets`).
 
 The cache folder WORK/NAME holds database.db, gt/ and input.json (the spec, the content hash,
 input statistics). A cached input is reused only when its spec is unchanged and its database
@@ -22,6 +24,7 @@ still has the recorded content hash.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -34,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from .child import database_hash
+from .subsets import (REFERENCE_FULL_COLMAP, copy_features, full_scene_reference, image_names, link_images,
+                      parse_subset, restrict_reference, subset_names)
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +57,18 @@ _PAIR_ID_BASE = 2147483647  # COLMAP's pair_id = id1 * base + id2
 class InputSpec:
     """What a dataset's database is made from; equal specs give equal databases."""
     name: str
-    kind: str  # synthetic | rendered | images | database
+    kind: str  # synthetic | rendered | images | subset | database
     synthetic: dict = field(default_factory=dict)  # SyntheticOptions fields
     image_dir: str | None = None
     gt: str | None = None  # GT COLMAP model folder (images, database kinds)
     database: str | None = None  # database kind: the given file
     frontend: dict = field(default_factory=dict)  # extract / match options
+    subset: dict = field(default_factory=dict)  # subset kind: parent dataset, index, image names
+
+
+def spec_key(spec: dict) -> dict:
+    """A spec (as a dict) without its empty fields: fields added later keep old caches valid."""
+    return {k: v for k, v in spec.items() if v not in (None, {}, [], "")}
 
 
 @dataclass
@@ -107,6 +118,15 @@ def resolve_spec(name: str, data_root: Path = DATA_ROOT) -> InputSpec:
     spec = synthetic_spec(name) or rendered_spec(name)
     if spec is not None:
         return spec
+    sub = parse_subset(name)
+    if sub is not None and not (data_root / name).is_dir():
+        parent, k, size = sub
+        ps = resolve_spec(parent, data_root)
+        if ps.kind != "images":
+            raise ValueError(f"{name}: subsets are drawn from image folders, and {parent} is {ps.kind}")
+        names = subset_names(parent, image_names(Path(ps.image_dir)), k, size)
+        return InputSpec(name, "subset", image_dir=ps.image_dir, gt=ps.gt, frontend=ps.frontend,
+                         subset={"parent": asdict(ps), "index": k, "images": names})
     if name.startswith(("database:", "images:")):
         kind, rest = name.split(":", 1)
         path, _, gt = rest.partition("@")
@@ -226,27 +246,60 @@ def _make_from_images(spec: InputSpec, folder: Path, num_threads: int) -> Path:
     return db
 
 
+def cached_input(spec: InputSpec, work_dir: Path) -> PreparedInput | None:
+    """The cached input of `spec` in WORK/NAME when its spec and database content are unchanged."""
+    meta = Path(work_dir) / spec.name / "input.json"
+    if not meta.is_file():
+        return None
+    old = json.loads(meta.read_text())
+    db = Path(old["database"])
+    if spec_key(old.get("spec", {})) != spec_key(json.loads(json.dumps(asdict(spec)))) or not db.is_file():
+        return None
+    h = database_hash(db)
+    if h != old["input_hash"]:
+        log.warning("%s: cached database changed (hash %s, recorded %s); making it again", spec.name, h[:12],
+                    old["input_hash"][:12])
+        return None
+    log.info("%s: reusing %s (%s)", spec.name, db, h[:12])
+    return PreparedInput(spec, db, h, Path(old["gt"]) if old["gt"] else None,
+                         Path(old["image_dir"]) if old["image_dir"] else None, old["stats"], old["prepare_seconds"])
+
+
+def _make_subset(spec: InputSpec, folder: Path, work_dir: Path, num_threads: int) -> tuple[Path, Path, Path, str]:
+    """(database, reference model, image folder, reference kind) of a subset: its photos linked into
+    folder/images, then the front end on them, with the parent's features when it is cached."""
+    names = spec.subset["images"]
+    parent_spec = InputSpec(**spec.subset["parent"])
+    parent = cached_input(parent_spec, work_dir)
+    if parent is None and not spec.gt:  # the reference is made from the parent's database
+        parent = prepare(parent_spec, work_dir, num_threads)
+    images = folder / "images"
+    link_images(Path(spec.image_dir), names, images)
+    if parent is not None:  # the parent's SIFT features: the ones extraction would compute
+        copy_features(parent.database, folder / "database.db", names)
+    # extraction then finds every image done (resume) and only checks the folder
+    db = _make_from_images(dataclasses.replace(spec, image_dir=str(images)), folder, num_threads)
+    if spec.gt:
+        ref, kind = Path(spec.gt), "ground truth"
+    else:
+        ref, kind = full_scene_reference(parent.database, Path(spec.image_dir), num_threads), REFERENCE_FULL_COLMAP
+    restrict_reference(ref, names, folder / "reference")
+    return db, folder / "reference", images, kind
+
+
 def prepare(spec: InputSpec, work_dir: Path, num_threads: int = -1, force: bool = False) -> PreparedInput:
     """Make (or reuse) the dataset's database in WORK/NAME; returns it with its content hash."""
     folder = Path(work_dir) / spec.name
     meta = folder / "input.json"
-    if not force and meta.is_file():
-        old = json.loads(meta.read_text())
-        db = Path(old["database"])
-        if old.get("spec") == json.loads(json.dumps(asdict(spec))) and db.is_file():
-            h = database_hash(db)
-            if h == old["input_hash"]:
-                log.info("%s: reusing %s (%s)", spec.name, db, h[:12])
-                return PreparedInput(spec, db, h, Path(old["gt"]) if old["gt"] else None,
-                                     Path(old["image_dir"]) if old["image_dir"] else None, old["stats"],
-                                     old["prepare_seconds"])
-            log.warning("%s: cached database changed (hash %s, recorded %s); making it again", spec.name, h[:12],
-                        old["input_hash"][:12])
+    cached = None if force else cached_input(spec, work_dir)
+    if cached is not None:
+        return cached
     if spec.kind != "database" and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     gt = Path(spec.gt) if spec.gt else None
+    reference = "ground truth"
     image_dir = Path(spec.image_dir) if spec.image_dir else None
     if spec.kind == "synthetic":
         log.info("%s: synthesising and verifying %s", spec.name, spec.synthetic)
@@ -257,12 +310,18 @@ def prepare(spec: InputSpec, work_dir: Path, num_threads: int = -1, force: bool 
     elif spec.kind == "images":
         log.info("%s: front end on %s", spec.name, spec.image_dir)
         db = _make_from_images(spec, folder, num_threads)
+    elif spec.kind == "subset":
+        log.info("%s: %d images of %s", spec.name, len(spec.subset["images"]), spec.subset["parent"]["name"])
+        db, gt, image_dir, reference = _make_subset(spec, folder, Path(work_dir), num_threads)
     elif spec.kind == "database":
         db = Path(spec.database)
     else:
         raise ValueError(f"unknown input kind {spec.kind!r}")
     seconds = time.perf_counter() - t0
-    prep = PreparedInput(spec, db, database_hash(db), gt, image_dir, database_stats(db), seconds)
+    stats = database_stats(db)
+    if gt is not None:
+        stats["reference"] = reference
+    prep = PreparedInput(spec, db, database_hash(db), gt, image_dir, stats, seconds)
     meta.write_text(json.dumps(prep.to_dict(), indent=2))
     log.info("%s: %s, hash %s (%.1f s)", spec.name, prep.stats, prep.input_hash[:12], seconds)
     return prep

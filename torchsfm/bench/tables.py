@@ -6,6 +6,7 @@ import re
 import statistics
 
 from .harness import METHOD_LABELS, STAGE_GROUPS, check_comparable, stage_groups
+from .robustness import is_subset, robustness_table
 
 _STAGE_HEAD = {"relative_poses": "rel. poses", "rotation_averaging": "rot. avg.", "tracks": "tracks",
                "global_positioning": "glob. pos.", "bundle_adjustment": "BA rounds",
@@ -76,7 +77,7 @@ def accuracy_table(result: dict, group: str = "table") -> str:
         head.append("GPU peak (MB)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ds in result["datasets"]:
-        if group not in ds.get("groups", []):
+        if group not in ds.get("groups", []) or is_subset(ds):  # subsets: robustness_table
             continue
         name = ds["name"]
         if ds.get("skipped"):
@@ -117,7 +118,7 @@ def stage_table(result: dict, group: str = "table") -> str:
     head = ["dataset", "method", *(_STAGE_HEAD[g] for g in STAGE_GROUPS), "total"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ds in result["datasets"]:
-        if group not in ds.get("groups", []) or ds.get("skipped"):
+        if group not in ds.get("groups", []) or ds.get("skipped") or is_subset(ds):
             continue
         for label, runs in series(ds):
             if _status(runs) is not None:
@@ -197,6 +198,8 @@ def header(result: dict) -> str:
                  f"baselines on the CPU; per-run cap {opt.get('time_cap', 0):.0f} s"
                  + (f" ({opt['scaling_time_cap']:.0f} s on the scaling curve)" if opt.get("scaling_time_cap") else "")
                  + (f", {opt['budget']:.0f} s in all" if opt.get("budget") else ""))
+    if opt.get("mapper_config"):
+        lines.append(f"- torchsfm's mapper options: `{opt['mapper_config']}` (the resolved options are in each run's JSON record)")
     if opt.get("note"):
         lines.append(f"- note: {opt['note']}")
     src = {r.get("versions", {}).get("torchsfm_source_sha256") for ds in result["datasets"] for r in ds.get("runs", [])
@@ -231,9 +234,11 @@ def to_markdown(result: dict, title: str | None = None) -> str:
     suite = suite_of(result)
     title = title or "torchsfm benchmark" + (f" ({suite})" if suite else "")
     parts = [f"## {title}", "", header(result), ""]
-    if any("table" in ds.get("groups", []) for ds in result["datasets"]):
+    if any("table" in ds.get("groups", []) and not is_subset(ds) for ds in result["datasets"]):
         parts += ["### Accuracy, size, time, memory", "", accuracy_table(result), "",
                   "### Time per stage (s)", "", stage_table(result), ""]
+    if any(is_subset(ds) for ds in result["datasets"]):
+        parts += ["### Robustness: seeded subsets of real scenes", "", robustness_table(result), ""]
     if any("scaling" in ds.get("groups", []) for ds in result["datasets"]):
         parts += [f"### Scaling: {scaling_families(result)}", "", scaling_table(result), ""]
     parts += [LEGEND, ""]

@@ -12,6 +12,7 @@ _DEFAULTS = {  # per suite: threads, per-run cap (s), per-run cap on the scaling
     "smoke": (1, 300.0, None, None),
     "cpu": (1, 900.0, 300.0, None),
     "gpu": (16, 300.0, 300.0, 420.0),
+    "robustness": (1, 300.0, None, None),
 }
 
 
@@ -28,11 +29,13 @@ def register(sub) -> argparse.ArgumentParser:
         "the ground truth (or COLMAP incremental where there is none).",
         epilog="examples:\n"
         "  torchsfm bench --suite cpu                      # docs/bench_cpu.{json,md}, docs/scaling.png\n"
+        "  torchsfm bench --suite robustness               # 10 subsets of 12-20 images per real scene: docs/bench_robustness.*\n"
         "  torchsfm bench --datasets ring50,templeRing --methods glomap,torchsfm --json out/b.json --md out/b.md\n"
         "  torchsfm bench --datasets corridor2000 --device cuda --threads 16   # threads of every mapper\n"
         "  torchsfm bench --from-json docs/bench_cpu.json docs/bench_gpu.json --md out/both.md\n"
         "datasets: ringN, turntableN, corridorN, sphereN (synthetic, N images), colmapsphereN (pycolmap's synthetic\n"
-        "  scene rendered to images), templeRing, dtu_scan24, kitchen,\n"
+        "  scene rendered to images), templeRing, dtu_scan24, kitchen, NAME-subK (seeded subset K of 12-20 images of\n"
+        "  a real scene; NAME-subK-nN: N images),\n"
         "  images:FOLDER[@GT_MODEL], database:DB[@GT_MODEL]; NAME=m1+m2 limits the methods for one dataset",
     )
     p.add_argument("--suite", choices=sorted(_DEFAULTS), help="a predefined set of datasets and settings")
@@ -53,6 +56,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--prepare-threads", type=int, default=-1, help="threads of the (untimed) front end and verification")
     p.add_argument("--note", help="a line printed under the tables (e.g. the machine was shared)")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's copy of the database")
+    p.add_argument("--mapper-config", type=Path, metavar="JSON",
+                   help="torchsfm's mapper options (a file as written to OUTPUT/config.json; `torchsfm map --config`)")
     p.add_argument("--json", type=Path, help="result JSON (default docs/bench_SUITE.json, else out/bench/bench.json)")
     p.add_argument("--md", type=Path, help="markdown tables (default next to the JSON, .md)")
     p.add_argument("--plot", type=Path, help="scaling PNG (default docs/scaling.png for --suite cpu when it has points)")
@@ -103,9 +108,17 @@ def run(args) -> int:
         time_cap=args.time_cap or cap, scaling_time_cap=args.scaling_time_cap or (None if args.time_cap else scap),
         budget=args.budget if args.budget is not None else budget,
         prepare_threads=args.prepare_threads, note=args.note or "",
-        keep_runs=args.keep_runs,
+        keep_runs=args.keep_runs, mapper_config=str(args.mapper_config) if args.mapper_config else None,
     )
-    out_json = args.json or (Path(f"docs/bench_{suite}.json") if suite in ("cpu", "gpu") else args.work_dir / "bench.json")
+    if args.mapper_config is not None:
+        from ..config import load
+        from ..mapper.pipeline import MapperOptions
+
+        try:  # a bad file is the user's mistake: one line, before any run
+            load(MapperOptions, args.mapper_config)
+        except (OSError, ValueError, TypeError) as e:
+            raise CLIError(f"cannot read --mapper-config {args.mapper_config}: {e}") from e
+    out_json = args.json or (Path(f"docs/bench_{suite}.json") if suite in ("cpu", "gpu", "robustness") else args.work_dir / "bench.json")
     out_md = args.md or out_json.with_suffix(".md")
     out_plot = args.plot or (Path("docs/scaling.png") if suite == "cpu" else None)
     called = Path(sys.argv[0]).name in ("torchsfm", "__main__.py", "compare.py")

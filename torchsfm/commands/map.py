@@ -14,9 +14,9 @@ MAPPER_FLAGS = [
     Flag("dtype", "--dtype", help="precision of the model and every solver: float32 is what GPUs run fast (the "
          "solvers keep their cost sums in float64)", choices=("float64", "float32")),
     Flag("seed", "--seed", help="random seed of every stage; the same seed on the same device gives identical files"),
-    Flag("refine_principal_point", "--refine-principal-point",
-         help="principal points: auto = freed in a last bundle adjustment and kept only when the data constrain "
-         "them (a nested-model test), always = freed, never = kept at the image centre",
+    Flag("intrinsics.principal_point", "--refine-principal-point",
+         help="principal points: auto = freed only where the data determine them (marginal standard deviation, "
+         "cross-validation over tracks, significance), always = freed, never = kept at the image centre",
          choices=("auto", "always", "never")),
     Flag("skip_view_graph_calibration", "--skip-view-graph-calibration", ("--skip_view_graph_calibration",),
          "no focal-length calibration from the view graph"),
@@ -39,12 +39,17 @@ MAPPER_FLAGS = [
     Flag("filter_min_reprojection", help="pixels: the capped threshold is not below this"),
     Flag("ba_round_skip_max_removed", help="a bundle adjustment round is skipped when the last one converged and "
          "the filters since removed at most this share of its observations"),
-    Flag("min_images_for_principal_point", help="auto principal points: every camera needs this many images"),
-    Flag("principal_point_min_gain", help="auto principal points: likelihood-ratio threshold per freed parameter"),
-    Flag("principal_point_min_relative_gain", help="auto principal points: the cost must fall by this fraction"),
-    Flag("principal_point_test_iterations", help="auto principal points: bundle adjustment iterations of the test"),
-    Flag("max_principal_point_offset", help="auto principal points: largest offset from the image centre, as a "
-         "fraction of the image size"),
+    Flag("intrinsics.min_images", "--principal-point-min-images",
+         help="auto principal points: a camera seen by fewer registered images keeps it at the centre", metavar="N"),
+    Flag("intrinsics.max_principal_point_std_deg", "--principal-point-max-std",
+         help="auto principal points: degrees of viewing direction; freed only when its standard deviation "
+         "(poses and points eliminated) is at most this", metavar="DEG"),
+    Flag("intrinsics.min_shift_sigmas", "--principal-point-min-shift",
+         help="auto principal points: the freed principal point must lie this many standard deviations from the "
+         "centre", metavar="SIGMAS"),
+    Flag("degeneracy.min_camera_observations", "--min-image-observations",
+         help="a registered image keeping fewer observations (after completing its tracks from its matches) is "
+         "dropped", metavar="N"),
     Flag("normalize_extent", help="the output is centred and scaled so that the 10-90% box of the cameras has "
          "this diagonal"),
     Flag("max_nonfinite_fraction", help="a stage giving NaN/Inf for more than this share of the images is an "
@@ -71,8 +76,10 @@ def mapper_options(args) -> MapperOptions:
     except (OSError, ValueError) as e:
         raise CLIError(f"cannot read --config {args.config}: {e}") from e
     opt = options_from_args(args, "mapper", base)
-    if opt.refine_principal_point not in ("auto", "always", "never"):
-        raise CLIError(f"refine_principal_point must be auto, always or never, not {opt.refine_principal_point!r}")
+    try:
+        opt.intrinsics.validate()
+    except ValueError as e:
+        raise CLIError(str(e)) from e
     try:  # never a silent CPU fallback
         resolve_device(opt.device)
     except (RuntimeError, ValueError) as e:

@@ -7,13 +7,15 @@ descriptor *of image j*), and with cross_check the same test from b back to a.
 Two engines apply the same rules:
 - `exact`: batched matrix products over chunks of pairs, padded per chunk (fp16 on CUDA). Exact
   nearest neighbours; what a GPU should run.
-- `ivf`: one inverted file over all descriptors of a block of images. A k-means codebook splits
-  the descriptors into lists; each descriptor is compared with the members of its `ivf_probes`
-  nearest lists only (all pairs of the block in a few batched matrix products), keeps the
-  `ivf_candidates` nearest per list, and the best and second best per (descriptor, other image)
-  are taken from those candidates. Approximate in the same way as COLMAP's own CPU matcher (a
-  faiss inverted file per image, 8 probes), but one pass serves all pairs of the block: on the
-  2-core CPU, DTU's 1,176 exhaustive pairs take a few seconds instead of pycolmap's 12 s.
+- `ivf`: one inverted file over all descriptors of a block of images proposes, exact search
+  confirms. A k-means codebook splits the descriptors into lists; each descriptor is compared
+  with the members of its `ivf_probes` nearest lists only (all pairs of the block in a few
+  batched matrix products), and its nearest member per other image becomes a proposal when the
+  two are mutual. Each proposal is then re-checked against all descriptors of the other image
+  (the exact nearest, the ratio against the exact second nearest, both directions), so every
+  match is one exact brute force makes; the inverted file only decides which ones are looked
+  at (COLMAP's own CPU matcher, a faiss inverted file per image with 8 probes, is approximate in
+  the same way, without the re-check).
 
 Pair sets that are sparse inside a block (sequential or retrieval pairs of a large scene) would
 waste the inverted file's work, so `match_descriptors` cuts the images into blocks, runs `ivf`
@@ -39,14 +41,14 @@ class DescriptorMatchOptions:
     descriptor_norm: float = 512.0  # L2 norm of a descriptor (COLMAP's uint8 SIFT: 512)
     ivf_list_size: int = 192  # mean descriptors per inverted list (codebook size = N / this)
     ivf_probes: int = 8  # lists each descriptor is compared with (COLMAP: nprobe 8)
-    ivf_candidates: int = 16  # nearest kept per (descriptor, list)
     ivf_kmeans_iterations: int = 5
-    # re-check every inverted-file match against all descriptors of the other image (exact
-    # nearest and second-nearest): what it outputs, exact brute force outputs too
-    ivf_exact_check: bool = True
     ivf_min_pairs: int = 64  # a block pair with fewer candidate pairs goes to `exact`
     ivf_min_density: float = 0.25  # ... or with a smaller share of its image pairs as candidates
-    block_images: int = 128  # images per block of the inverted file
+    # re-check the inverted file's matches by exact search in the other image (its nearest,
+    # the ratio against its exact second nearest): only matches exact brute force makes, for
+    # about twice the inverted file's time
+    ivf_exact_check: bool = False
+    block_images: int = 64  # images per block of the inverted file (a block pair: up to 128 images)
     memory_budget_mb: int = 512  # per batched product (distance matrices)
     seed: int = 0
 
@@ -196,32 +198,40 @@ def _kmeans(x: Tensor, k: int, iterations: int, generator: torch.Generator) -> T
     return cent
 
 
-def _ivf_candidates(x: Tensor, img: Tensor, allowed: Tensor, options: DescriptorMatchOptions,
-                    generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """(query, candidate, squared distance) triples: for every descriptor, the `ivf_candidates`
-    nearest allowed descriptors of each of its `ivf_probes` nearest lists."""
+_KEY_BITS = 24  # a key packs a quantised squared distance above a member index (float64, exact)
+
+
+@dataclass
+class _InvertedFile:
+    """Which descriptors meet which: members (database side) by primary list, query entries by
+    probed list, and the buckets of lists of similar sizes that share one batched product."""
+
+    member_order: Tensor
+    msize: Tensor
+    moff: Tensor
+    query_of: Tensor
+    qsize: Tensor
+    qoff: Tensor
+    buckets: list  # (lists, bm, bq)
+
+
+def _inverted_file(x: Tensor, options: DescriptorMatchOptions, generator: torch.Generator) -> _InvertedFile:
     n, device = len(x), x.device
+    if n >= 2**_KEY_BITS:
+        raise ValueError(f"an inverted-file block holds at most {2**_KEY_BITS - 1} descriptors, got {n}")
     k = max(1, min(n, round(n / max(options.ivf_list_size, 1))))
     cent = _kmeans(x, k, options.ivf_kmeans_iterations, generator)
     nprobe = min(options.ivf_probes, k)
     probe = ((cent * cent).sum(1)[None] - 2 * x @ cent.T).topk(nprobe, dim=1, largest=False).indices
-    sq = (x * x).sum(1)
-    # members (database side) by primary list; query entries by probed list
     member_order = torch.argsort(probe[:, 0], stable=True)
     msize = torch.bincount(probe[:, 0], minlength=k)
-    moff = torch.cat([msize.new_zeros(1), msize.cumsum(0)])
     qlist = probe.reshape(-1)
-    query_order = torch.argsort(qlist, stable=True)
-    query_of = torch.arange(n, device=device).repeat_interleave(nprobe, output_size=n * nprobe)[query_order]
+    query_of = torch.arange(n, device=device).repeat_interleave(nprobe, output_size=n * nprobe)[torch.argsort(qlist, stable=True)]
     qsize = torch.bincount(qlist, minlength=k)
-    qoff = torch.cat([qsize.new_zeros(1), qsize.cumsum(0)])
     by_size = torch.argsort(msize * qsize, descending=True)
     ms, qs = msize[by_size].tolist(), qsize[by_size].tolist()
-    cap = max(1, options.memory_budget_mb * 2**20 // 32)  # d2, masks, an index: ~32 bytes per element
-    nb = len(allowed)
-    dense = bool(allowed.sum() == nb * (nb - 1))  # every other image allowed: a cheaper mask
-    out_q, out_c, out_d = [], [], []
-    s = 0
+    cap = max(1, options.memory_budget_mb * 2**20 // 32)  # distance, key, index, masks: ~32 bytes an element
+    buckets, s = [], 0
     while s < k:
         if ms[s] == 0 or qs[s] == 0:
             s += 1
@@ -230,53 +240,80 @@ def _ivf_candidates(x: Tensor, img: Tensor, allowed: Tensor, options: Descriptor
         while e < k and ms[e] and qs[e] and 2 * ms[e] >= bm and 2 * qs[e] >= bq \
                 and (e - s + 1) * max(bm, ms[e]) * max(bq, qs[e]) <= cap:
             bm, bq, e = max(bm, ms[e]), max(bq, qs[e]), e + 1
-        lists = by_size[s:e]
+        buckets.append((by_size[s:e], bm, bq))
         s = e
+    return _InvertedFile(member_order, msize, torch.cat([msize.new_zeros(1), msize.cumsum(0)]), query_of, qsize,
+                         torch.cat([qsize.new_zeros(1), qsize.cumsum(0)]), buckets)
+
+
+def _ivf_buckets(x: Tensor, sq: Tensor, img: Tensor, allowed: Tensor, ivf: _InvertedFile, options: DescriptorMatchOptions):
+    """The inverted file's work, bucket by bucket: yields (index, key) with index (L, bq, bm) =
+    query * images + image of the member (query n for padding), and key = quantised squared
+    distance * 2^24 + member as float64 (+inf where the member is of the query's own image or of
+    an image not paired with it). Each descriptor meets the members of its `ivf_probes` nearest
+    lists; `sq` holds the scaled squared norms."""
+    n, nb, device = len(x), len(allowed), x.device
+    dense = bool(allowed.sum() == nb * (nb - 1))  # every other image allowed: a cheaper mask
+    allowed_ext = torch.cat([allowed, allowed.new_zeros(1, nb)])  # row nb: padded queries
+    for lists, bm, bq in ivf.buckets:
         cm = torch.arange(bm, device=device)
         cq = torch.arange(bq, device=device)
-        mvalid = cm[None] < msize[lists][:, None]
-        qvalid = cq[None] < qsize[lists][:, None]
-        mem = member_order[torch.where(mvalid, moff[lists][:, None] + cm[None], 0)]  # (L, bm)
-        qry = query_of[torch.where(qvalid, qoff[lists][:, None] + cq[None], 0)]  # (L, bq)
-        # padded members get an infinite norm, so their distances are infinite without a mask
+        mvalid = cm[None] < ivf.msize[lists][:, None]
+        qvalid = cq[None] < ivf.qsize[lists][:, None]
+        mem = ivf.member_order[torch.where(mvalid, ivf.moff[lists][:, None] + cm[None], 0)]  # (L, bm)
+        qry = ivf.query_of[torch.where(qvalid, ivf.qoff[lists][:, None] + cq[None], 0)]  # (L, bq)
+        # padded members: an infinite norm; padded queries: an image of their own (nb)
         sq_mem = torch.where(mvalid, sq[mem], float("inf"))
-        d2 = torch.baddbmm(sq[qry][:, :, None] + sq_mem[:, None, :], x[qry], x[mem].transpose(1, 2), alpha=-2)
+        qimg = torch.where(qvalid, img[qry], nb)
+        d2 = torch.baddbmm(sq[qry][:, :, None] + sq_mem[:, None, :], x[qry], x[mem].transpose(1, 2),
+                           alpha=-2 * _key_scale(options))
         if dense:
-            bad = img[qry][:, :, None] == img[mem][:, None, :]
+            bad = qimg[:, :, None] == img[mem][:, None, :]
         else:
-            bad = ~allowed.view(-1)[(img[qry] * len(allowed))[:, :, None] + img[mem][:, None, :]]
-        d2 = d2.clamp_min_(0).masked_fill_(bad, float("inf"))
-        kk = min(options.ivf_candidates, bm)
-        v, j = torch.topk(d2, kk, dim=2, largest=False)
-        q = qry[:, :, None].expand(-1, -1, kk)
-        keep = torch.isfinite(v) & qvalid[:, :, None]
-        out_q.append(q[keep])
-        out_c.append(mem.gather(1, j.reshape(len(lists), -1)).reshape(j.shape)[keep])
-        out_d.append(v[keep])
-    if not out_q:
-        z = torch.zeros(0, dtype=torch.long, device=device)
-        return z, z.clone(), torch.zeros(0, device=device)
-    return torch.cat(out_q), torch.cat(out_c), torch.cat(out_d)
+            bad = ~allowed_ext.view(-1)[(qimg * nb)[:, :, None] + img[mem][:, None, :]]
+        d2.floor_().clamp_(0, 2**_KEY_BITS - 1).masked_fill_(bad, float("inf"))
+        # float64 keys: exact integers below 2^53, so (distance, member) order is exact
+        key = torch.add(mem[:, None, :].to(torch.float64), d2.to(torch.float64), alpha=2.0**_KEY_BITS)
+        yield (torch.where(qvalid, qry, n) * nb)[:, :, None] + img[mem][:, None, :], key
 
 
-def _one_way_best(q: Tensor, c: Tensor, d2: Tensor, img: Tensor, num_images: int,
-                  options: DescriptorMatchOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """Per (query, image of the candidate): the nearest candidate if it passes COLMAP's tests.
-    Returns (query, candidate, ratio) of the passing ones."""
-    group = q * num_images + img[c]
-    o = torch.argsort(d2, stable=True)
-    o = o[torch.argsort(group[o], stable=True)]
-    group, q, c, d2 = group[o], q[o], c[o], d2[o]
-    first = torch.ones_like(group, dtype=torch.bool)
-    first[1:] = group[1:] != group[:-1]
-    fi = torch.nonzero(first).squeeze(1)
-    nxt = (fi + 1).clamp_max(len(group) - 1)
-    has_second = (fi + 1 < len(group)) & ~first[nxt]
-    second = torch.where(has_second, d2[nxt], torch.full_like(d2[fi], float("inf")))
-    best = d2[fi]
-    ok = _passes(best, second, options)
-    fi = fi[ok]
-    return q[fi], c[fi], (best[ok] / second[ok]).sqrt()
+def _key_scale(options: DescriptorMatchOptions) -> float:
+    """Squared distances are quantised to 2^24 levels up to (2 * descriptor_norm)^2 (beyond
+    saturates; max_distance is far below)."""
+    return (2**_KEY_BITS - 1) / (4.0 * options.descriptor_norm**2)
+
+
+def _ivf_proposals(x: Tensor, img: Tensor, allowed: Tensor, options: DescriptorMatchOptions,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Matches (q, c, ratio) by COLMAP's rules with the nearest and second-nearest descriptor of
+    each other image searched among the members of the query's probed lists, as COLMAP's own
+    inverted-file matcher searches them. Two passes of scatter-min into dense (descriptors x
+    images) tables of (distance, member) keys: the nearest, then the nearest but that one. A
+    row nb of the tables takes the padded queries."""
+    n, nb = len(x), len(allowed)
+    shift = 2.0**_KEY_BITS
+    ivf = _inverted_file(x, options, generator)
+    sq = (x * x).sum(1) * _key_scale(options)
+    best = torch.full(((n + 1) * nb,), float("inf"), dtype=torch.float64, device=x.device)
+    for index, key in _ivf_buckets(x, sq, img, allowed, ivf, options):
+        best.scatter_reduce_(0, index.reshape(-1), key.reshape(-1), "amin")
+    second = torch.full_like(best, float("inf"))
+    for index, key in _ivf_buckets(x, sq, img, allowed, ivf, options):
+        key.masked_fill_(key == best[index], float("inf"))
+        second.scatter_reduce_(0, index.reshape(-1), key.reshape(-1), "amin")
+    best, second = best.view(n + 1, nb)[:n], second.view(n + 1, nb)[:n]
+    d_best, d_second = torch.floor(best / shift), torch.floor(second / shift)  # inf stays inf
+    scale = _key_scale(options)
+    ok = torch.isfinite(best) & _passes(d_best / scale, d_second / scale, options)
+    q, j = torch.nonzero(ok, as_tuple=True)
+    c = (best[q, j] - d_best[q, j] * shift).long()
+    ratio = (d_best[q, j] / d_second[q, j]).sqrt().to(x.dtype)
+    if options.cross_check:
+        back = best[c, img[q]]
+        keep = ok[c, img[q]] & ((back - d_best[c, img[q]] * shift).long() == q) & (img[q] < img[c])  # mutual, once
+    else:
+        keep = torch.ones_like(q, dtype=torch.bool)
+    return q[keep], c[keep], ratio[keep]
 
 
 def match_ivf_block(desc: Tensor, offsets: Tensor, images: Tensor, pairs: Tensor, pair_index: Tensor,
@@ -298,24 +335,16 @@ def match_ivf_block(desc: Tensor, offsets: Tensor, images: Tensor, pairs: Tensor
     allowed = torch.zeros(nb, nb, dtype=torch.bool, device=device)
     allowed[li, lj] = True
     allowed[lj, li] = True
-    q, c, d2 = _ivf_candidates(x, img, allowed, options, generator)
-    q, c, ratio = _one_way_best(q, c, d2, img, nb, options)
-    if options.cross_check:
-        fwd = q * total + c
-        key = torch.sort(fwd).values
-        back = c * total + q
-        pos = torch.searchsorted(key, back).clamp_max(max(len(key) - 1, 0))
-        mutual = key[pos] == back if len(key) else torch.zeros_like(back, dtype=torch.bool)
-        q, c, ratio = q[mutual], c[mutual], ratio[mutual]
-        first_side = img[q] < img[c]  # each mutual match once, from the lower local image
-        # keep the larger ratio of the two directions (COLMAP's match passes both tests)
-        q, c, ratio = q[first_side], c[first_side], ratio[first_side]
-    if options.ivf_exact_check:
-        q, c, ratio = _exact_recheck(x, img, start, q, c, options)
+    q, c, ratio = _ivf_proposals(x, img, allowed, options, generator)
     # pair index of (image q, image c), oriented as given
     pid = torch.full((nb, nb), -1, dtype=torch.long, device=device)
     pid[li, lj] = pair_index
     pid[lj, li] = pair_index
+    if not options.cross_check:  # one-way matching: from each pair's first image only
+        first = local[pairs[pid[img[q], img[c]].clamp_min(0), 0]] == img[q]
+        q, c, ratio = q[first], c[first], ratio[first]
+    if options.ivf_exact_check:
+        q, c, ratio = _exact_recheck(x, img, start, q, c, options)
     p = pid[img[q], img[c]]
     forward = local[pairs[p.clamp_min(0), 0]] == img[q]
     kq = rows[q] - offsets[images[img[q]]]

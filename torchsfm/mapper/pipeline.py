@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from ..ba.bundle_adjustment import BundleAdjustmentOptions, bundle_adjust
 from ..config import to_dict
@@ -50,6 +51,9 @@ from .triangulation import (
     triangulate_tracks,
 )
 from .calibration_check import CalibrationCheckOptions, check_calibration
+from .image_keeping import ImageKeepingOptions, complete_weak_images, keep_far_cameras
+from .intrinsics_selection import IntrinsicsSelectionOptions, describe, select_intrinsics
+from .track_merging import TrackMergingOptions, merge_tracks
 from .view_graph_calibration import ViewGraphCalibrationOptions, calibrate_view_graph
 
 log = logging.getLogger(__name__)
@@ -85,12 +89,6 @@ class MapperOptions:
     # a BA round is skipped when the last BA converged and its filters since removed at most this
     # share of the observations: it would not move the model (the final BA follows anyway)
     ba_round_skip_max_removed: float = 0.001
-    refine_principal_point: str = "auto"  # auto | always | never (see _principal_point_step)
-    min_images_for_principal_point: int = 10
-    principal_point_min_gain: float = 10.0  # likelihood-ratio threshold per freed parameter
-    principal_point_min_relative_gain: float = 0.003  # and the BA cost must fall by this fraction
-    principal_point_test_iterations: int = 100  # BA iterations of the test (the refinement converges)
-    max_principal_point_offset: float = 0.2
     normalize_extent: float = 10.0  # scene scaled so that the 10-90% camera box has this diagonal
     # a stage giving non-finite values for more than this share of the images is an error
     max_nonfinite_fraction: float = 0.5
@@ -103,6 +101,12 @@ class MapperOptions:
     bundle_adjustment: BundleAdjustmentOptions = field(default_factory=BundleAdjustmentOptions)
     retriangulation_tracks: TrackOptions = field(default_factory=_retriangulation_tracks)
     triangulation: TriangulationOptions = field(default_factory=TriangulationOptions)
+    # retriangulated points that a match joins and one point explains are merged (track_merging)
+    track_merging: TrackMergingOptions = field(default_factory=TrackMergingOptions)
+    # weak or far images repaired before any is dropped (image_keeping)
+    image_keeping: ImageKeepingOptions = field(default_factory=ImageKeepingOptions)
+    # each camera's principal point / distortion model, chosen after the last BA (intrinsics_selection)
+    intrinsics: IntrinsicsSelectionOptions = field(default_factory=IntrinsicsSelectionOptions)
     degeneracy: DegeneracyOptions = field(default_factory=DegeneracyOptions)
     memory: MemoryFallbackOptions = field(default_factory=MemoryFallbackOptions)
 
@@ -303,10 +307,15 @@ def _positioning_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstructio
         rec = run.solve(st, gp, rec)
     rec = run.check(rec, "global positioning")
     far = outlier_cameras(rec, run.opt.degeneracy)
+    if bool(far.any()) and run.opt.image_keeping.enabled:
+        # far is not wrong: a camera is dropped only when no position explains its observations
+        with run.report.stage(f"{tag}far_cameras", run.dev) as st:
+            rec, far, counts = keep_far_cameras(rec, far, run.opt.image_keeping)
+            st.counts.update(counts)
     if bool(far.any()):
         names = [rec.images.name[i] for i in torch.nonzero(far)[:, 0].tolist()]
-        run.warn(f"global positioning placed {len(names)} camera(s) far from all others; dropped as outliers: "
-                 f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+        run.warn(f"global positioning placed {len(names)} camera(s) far from all others, and no position explains "
+                 f"their observations; dropped as outliers: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
         rec = _deregister(rec, far, REASON_OUTLIER_POSITION)
     return rec
 
@@ -372,100 +381,74 @@ def _retriangulation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstru
         tracked, _ = establish_tracks(rec, run.opt.retriangulation_tracks)
         rec, counts = triangulate_tracks(tracked, tracked.tracks, run.opt.triangulation)
         st.counts.update(counts)
+        rec, counts = merge_tracks(rec, run.opt.track_merging)  # split tracks that one point explains
+        st.counts.update(counts)
     return run.check(rec, "retriangulation")
 
 
-def _principal_point_ok(rec: Reconstruction, max_offset: float) -> bool:
-    from ..cameras.models import principal_point
+def _intrinsics_step(out: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    """After the last BA, each camera's intrinsics model is chosen by cross-validation over tracks
+    (`intrinsics_selection`): the principal point is freed where that predicts held-out tracks
+    better, and the model is refitted with the choice."""
+    with run.report.stage(f"{tag}intrinsics_selection", run.dev) as st:
+        res = {}
 
-    size = torch.stack([rec.cameras.width, rec.cameras.height], 1).to(rec.dtype)
-    off = (principal_point(rec.cameras) - size / 2).abs() / size
-    return bool((off <= max_offset).all())
+        def fn(r, o):
+            res["out"], res["report"] = select_intrinsics(r, o.bundle_adjustment, o.intrinsics)
+            return res["out"]
+
+        out = run.solve(st, fn, out)
+        st.counts.update(res["report"])
+    if "intrinsics" not in run.report.summary:  # the largest component's (it is mapped first)
+        run.report.summary["principal_point_refined"] = res["report"]["principal_point_refined"]
+        run.report.summary["intrinsics"] = describe(res["report"])
+    return run.check(out, "intrinsics selection")
 
 
-def _principal_point_step(out: Reconstruction, run: _Run, tag: str) -> Reconstruction:
-    """After the last BA the principal points are freed when the data constrain them.
+def _weak_images(rec: Reconstruction, run: _Run) -> Tensor:
+    """(I,) registered images with fewer observations than a registered image needs."""
+    n_obs = torch.bincount(rec.tracks.image, minlength=len(rec.images))
+    return rec.images.registered & (n_obs < run.opt.degeneracy.min_camera_observations)
 
-    "auto" frees them only when every camera is seen by enough registered images, and keeps the
-    result only when it is significant. The test compares nested models on the same
-    observations: the model with fixed principal points, converged (cost C0), against the model
-    refined from there with them free (C1, up to `principal_point_test_iterations` BA
-    iterations). It must pass a likelihood-ratio test (2 (C0 - C1) / sigma^2 >
-    principal_point_min_gain per freed parameter, sigma^2 estimated from the residuals), the
-    cost must also fall by `principal_point_min_relative_gain`, and the principal points must
-    stay near the image centre. The likelihood ratio alone assumes a perfect model: on synthetic
-    scenes with a centred principal point (ring50, turntable200, pycolmap's rendered sphere) it
-    reaches 4-60 at cost changes of 0.01-0.09%, while the real offsets of templeRing, DTU and
-    kitchen give 0.7-0.9% (ratios 390-950; measured before the noise-capped filter). On a ring
-    fixating one point a principal-point shift is nearly a rotation of every camera, so an
-    untested refinement trades pose accuracy for noise. Both costs must be converged: the
-    principal point moves along a shallow valley (on DTU one LM step shows 0.05% of a 0.7% gain),
-    and a reference that is not converged credits the gain of merely re-fitting after a filter to
-    the principal point (13% on the sphere).
 
-    The test runs last, after the noise-capped filter and its BA; templeRing, DTU and kitchen
-    still gain 1.0-2.1% there. The reference is converged with the same solver settings as the
-    refinement (little damping): the default start stops early in shallow valleys, and on a
-    mildly symmetric object the refinement's mere further convergence (1.4%) once passed for a
-    principal-point gain. An accepted refinement is the final model; a rejected one leaves the
-    reference.
-    """
-    opt, report, dev = run.opt, run.report, run.dev
-    mode = opt.refine_principal_point
-    per_cam = torch.bincount(out.images.camera[out.images.registered], minlength=len(out.cameras))
-    used = per_cam > 0
-    if mode == "never" or opt.bundle_adjustment.refine_principal_point or (
-            mode == "auto" and not bool((per_cam[used] >= opt.min_images_for_principal_point).all())):
-        return out
-    res = {}
+def _image_keeping_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
+    """Images left with too few observations get what their matches support (image_keeping),
+    then one bundle adjustment; what is still too weak is dropped by the finish step."""
+    weak = _weak_images(rec, run)
+    if not run.opt.image_keeping.enabled or not bool(weak.any()):
+        return rec
+    with run.report.stage(f"{tag}image_keeping", run.dev) as st:
+        rec, counts = complete_weak_images(rec, weak, run.opt.image_keeping)
 
-    def test_ba(free: bool):
         def ba(r, o):
-            b = copy.deepcopy(o.bundle_adjustment)
-            b.refine_principal_point = free
-            b.solver.max_iterations = min(b.solver.max_iterations, o.principal_point_test_iterations)
-            # little damping: the default start crawls along shallow valleys and stops early
-            b.solver.initial_trust_region_radius = max(b.solver.initial_trust_region_radius, 1e6)
-            res[free] = bundle_adjust(r, b)
-            return res[free][0]
-        return ba
+            with solver_progress(o.bundle_adjustment, st.name) as bao:
+                return bundle_adjust(r, bao)[0]
 
-    # the reference: the model with fixed principal points, converged the same way
-    with report.stage(f"{tag}principal_point_reference_bundle_adjustment", dev) as st:
-        out = run.check(run.solve(st, test_ba(False), out), "principal point reference bundle adjustment")
-        ref = res[False][1]
-        st.counts.update({"initial_cost": ref.initial_cost, "final_cost": ref.final_cost,
-                          "iterations": ref.iterations, "termination": ref.termination})
-    with report.stage(f"{tag}principal_point_bundle_adjustment", dev) as st:
-        pp = run.solve(st, test_ba(True), out)
-        summary = res[True][1]
-        c0 = summary.initial_cost
-        sigma2 = max(c0 / max(1, len(out.tracks)), 1e-12)  # per coordinate
-        stat = 2 * (c0 - summary.final_cost) / sigma2
-        k = 2 * int(used.sum())
-        plausible = _principal_point_ok(pp, opt.max_principal_point_offset)
-        gain = 1 - summary.final_cost / max(c0, 1e-300)
-        accept = mode == "always" or (stat > opt.principal_point_min_gain * k and plausible
-                                      and gain >= opt.principal_point_min_relative_gain)
-        st.counts.update({"initial_cost": c0, "final_cost": summary.final_cost, "iterations": summary.iterations,
-                          "likelihood_ratio": stat, "relative_gain": gain, "parameters": k, "plausible": plausible,
-                          "accepted": accept})
-    report.summary["principal_point_refined"] = accept
-    if not accept:
-        return out
-    return run.check(pp, "principal point bundle adjustment")
+        rec = run.solve(st, ba, rec)
+        n_obs = torch.bincount(rec.tracks.image, minlength=len(rec.images))
+        for name, c in counts.items():
+            c["observations_after"] = int(n_obs[rec.images.name.index(name)])
+        st.counts["images"] = counts
+    rec.meta["image_detail"] = {**rec.meta.get("image_detail", {}), **counts}  # a copy: clones share meta
+    return run.check(rec, "image keeping")
 
 
 def _finish_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
     """Drop images left with too few observations, then normalise the scene."""
     rec.meta.pop(_CONVERGED_AT, None)  # the BA-round bookkeeping does not belong in the model
     reg = rec.images.registered
-    n_obs = torch.bincount(rec.tracks.image, minlength=len(rec.images))
-    few = reg & (n_obs < run.opt.degeneracy.min_camera_observations)
+    few = _weak_images(rec, run)
     if bool(few.any()) and int((reg & ~few).sum()) >= 2:
-        names = [rec.images.name[i] for i in torch.nonzero(few)[:, 0].tolist()]
+        n_obs = torch.bincount(rec.tracks.image, minlength=len(rec.images))
+        rows = torch.nonzero(few)[:, 0].tolist()
+        names = [f"{rec.images.name[i]} ({int(n_obs[i])})" for i in rows]
         run.warn(f"{len(names)} registered image(s) kept fewer than {run.opt.degeneracy.min_camera_observations} "
-                 f"observations after the last filtering and are dropped: {', '.join(names[:10])}")
+                 f"observations (their count in brackets) after the last filtering and after completing their tracks "
+                 f"from their matches, and are dropped: {', '.join(names[:10])}")
+        details = dict(rec.meta.get("image_detail", {}))  # a copy: clones share meta
+        for i in rows:
+            details[rec.images.name[i]] = {**details.get(rec.images.name[i], {}), "observations": int(n_obs[i])}
+        rec.meta["image_detail"] = details
         rec = _deregister(rec, few, REASON_FEW_OBSERVATIONS)
     with run.report.stage(f"{tag}normalize", run.dev) as st:
         rec = normalize(rec, run.opt.normalize_extent)
@@ -486,7 +469,8 @@ def component_steps(opt: MapperOptions, rotation_only: bool) -> list[tuple[str, 
     steps += [(f"final_bundle_adjustment_{k + 1}", _ba_step(k, "final_")) for k in range(n)]
     # the tightest filter (noise-capped threshold), then the model adjusted once more to what it kept
     steps += [("noise_filter", _noise_filter_step), (f"final_bundle_adjustment_{n + 1}", _ba_step(n, "final_", False))]
-    steps += [("principal_point", _principal_point_step), ("finish", _finish_step)]
+    steps += [("image_keeping", _image_keeping_step), ("intrinsics_selection", _intrinsics_step),
+              ("finish", _finish_step)]
     return steps
 
 
@@ -499,8 +483,7 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
     With `checkpoints`, the state is saved after every step and the run resumes from the latest
     valid checkpoint of the store (giving the same models as an uninterrupted run)."""
     opt = options or MapperOptions()
-    if opt.refine_principal_point not in ("auto", "always", "never"):
-        raise ValueError(f"refine_principal_point must be auto, always or never, not {opt.refine_principal_point!r}")
+    opt.intrinsics.validate()
     if opt.dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be float64 or float32, not {opt.dtype!r}")
     report = report or RunReport(command="map")
@@ -592,6 +575,7 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
     })
     # images in no model, with the reason the largest model recorded (or why their component was not mapped)
     reasons = image_reasons(best.meta, len(best.images))
+    details = best.meta.get("image_detail", {})
     comp_size = torch.zeros(len(rec.images), dtype=torch.long, device=rec.device)
     comp_size[in_graph] = sizes[torch.searchsorted(comp_ids, labels[in_graph])]
     for i in torch.nonzero(~in_model)[:, 0].tolist():
@@ -601,5 +585,6 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
             why = ("in no verified image pair" if n == 0 else
                    f"its connected component of the view graph ({n} images) was not reconstructed"
                    + (f": fewer than min_component_size={opt.min_component_size}" if n < opt.min_component_size else ""))
-        report.skipped.append({"image": best.images.name[i], "reason": why})
+        name = best.images.name[i]
+        report.skipped.append({"image": name, "reason": why, **({"detail": details[name]} if name in details else {})})
     return models, report

@@ -17,7 +17,8 @@ removed for every supported model) and gathered per match. Two ways to a pose, p
   and given to PoseLib with PINHOLE(f, f, 0, 0) cameras, so `max_epipolar_error` is in pixels as
   in GLOMAP. PoseLib releases the GIL, so the pairs run on a thread pool.
 
-Filters (GLOMAP's): at least `min_num_inliers` inliers and an inlier ratio of at least
+Filters: at least `min_num_inliers` inliers (15, COLMAP 4.2's global mapper; GLOMAP's 30 cut the only pairs
+that join some sparse captures) and an inlier ratio of at least
 `min_inlier_ratio`. Then only the largest connected component of the surviving pairs is kept.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ class RelativePoseOptions:
     max_iterations: int = 10000
     success_prob: float = 0.9999
     refine: bool = True  # PoseLib's non-linear refinement on the inliers
-    min_num_inliers: int = 30
+    min_num_inliers: int = 15  # COLMAP 4.2 global mapper: min_num_matches 15 (GLOMAP: 30)
     min_inlier_ratio: float = 0.25
     keep_inlier_matches_only: bool = True  # replace each estimated pair's matches by its inliers
     keep_largest_component: bool = True

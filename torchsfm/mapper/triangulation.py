@@ -318,24 +318,32 @@ class FilterOptions:
     min_reprojection_error: float = 0.5  # pixels
 
 
-def reprojection_threshold(err: Tensor, point: Tensor, num_points: int, opt: FilterOptions) -> float:
-    """min(max_reprojection_error, max(min_reprojection_error, noise_sigmas * sigma)).
+def noise_sigma(err: Tensor, point: Tensor, num_points: int) -> float:
+    """Per-coordinate keypoint noise from reprojection errors `err` of observations of `point`,
+    NaN without any finite error on a track of 2+ views.
 
-    sigma is the per-coordinate keypoint noise, from the median error: for Gaussian noise the 2D
-    error norm is Rayleigh, median = 1.1774 sigma, and P(|e| > k sigma) = exp(-k^2/2) (k = 4:
-    0.03%). A point fitted to its track absorbs 3 of its 2L coordinates, so the errors of a track
-    of length L are scaled by sqrt(2L / (2L - 3)) first (x2 for two views). Precise keypoints
-    (rendered images: sigma 0.27 px) then get a ~1 px threshold instead of a fixed 2 px, which
-    keeps their heavy tail out of the final adjustment.
-    """
-    if opt.noise_sigmas <= 0:
-        return opt.max_reprojection_error
+    For Gaussian noise the 2D error norm is Rayleigh, median = 1.1774 sigma. A point fitted to its
+    track absorbs 3 of its 2L coordinates, so the errors of a track of length L are scaled by
+    sqrt(2L / (2L - 3)) first (x2 for two views)."""
     L = torch.bincount(point, minlength=num_points)[point].to(err.dtype)
     ok = torch.isfinite(err) & (L >= 2)
     if not bool(ok.any()):
-        return opt.max_reprojection_error
+        return math.nan
     scaled = err[ok] * (2 * L[ok] / (2 * L[ok] - 3)).sqrt()
-    sigma = float(scaled.median()) / 1.1774
+    return float(scaled.median()) / 1.1774
+
+
+def reprojection_threshold(err: Tensor, point: Tensor, num_points: int, opt: FilterOptions) -> float:
+    """min(max_reprojection_error, max(min_reprojection_error, noise_sigmas * sigma)), sigma the
+    keypoint noise (`noise_sigma`). For Gaussian noise P(|e| > k sigma) = exp(-k^2/2) (k = 4:
+    0.03%). Precise keypoints (rendered images: sigma 0.27 px) then get a ~1 px threshold instead
+    of a fixed 2 px, which keeps their heavy tail out of the final adjustment.
+    """
+    if opt.noise_sigmas <= 0:
+        return opt.max_reprojection_error
+    sigma = noise_sigma(err, point, num_points)
+    if not math.isfinite(sigma):
+        return opt.max_reprojection_error
     return min(opt.max_reprojection_error, max(opt.min_reprojection_error, opt.noise_sigmas * sigma))
 
 

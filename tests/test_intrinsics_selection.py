@@ -1,0 +1,132 @@
+"""Intrinsics model selection (mapper/intrinsics_selection.py, mapper/intrinsics_uncertainty.py):
+known answers on synthetic scenes with a known principal point, dense and sparse, and the
+marginal uncertainty against an explicit dense Jacobian."""
+import math
+
+import pytest
+import torch
+
+from torchsfm import metrics
+from torchsfm.ba.bundle_adjustment import BundleAdjustmentOptions, ReprojectionProblem
+from torchsfm.mapper.intrinsics_selection import (
+    IntrinsicsSelectionOptions,
+    candidate_mask,
+    describe,
+    select_intrinsics,
+)
+from torchsfm.mapper.intrinsics_uncertainty import intrinsics_std, model_noise_sigma
+from torchsfm.mapper.pipeline import MapperOptions, global_mapping
+from torchsfm.synthetic import SyntheticOptions, synthesize
+
+# dense: a sphere of 20 cameras, 1,500 points, tracks of ~6 views; sparse: a ring of 16 cameras
+# matched only to their neighbours (tracks of ~4 views). 0.25 px noise (SIFT-like), a principal
+# point 12 / -8 px off the centre, which the mapper starts from.
+DENSE = dict(num_images=20, num_points=1500, layout="sphere", pixel_noise=0.25, outlier_ratio=0.1, seed=3)
+SPARSE = dict(num_images=16, num_points=1500, layout="ring", pixel_noise=0.25, seed=3, match_graph="sequential",
+              sequential_overlap=1)
+OFFSET = (12.0, -8.0)
+
+
+def _camera_report(rep):
+    st = next(s for s in rep.stages if s.name.endswith("intrinsics_selection"))
+    return next(iter(st.counts["cameras"].values()))
+
+
+def _median_rotation_error(m, gt):
+    ev = metrics.relative_pose_errors(m.images.rotation, m.images.trans, m.images.registered, gt.images.rotation,
+                                      gt.images.trans)
+    return float(ev.rotation.median()), float(ev.translation.median())
+
+
+def test_marginal_std_equals_the_dense_jacobian_inverse():
+    s = synthesize(SyntheticOptions(num_images=8, num_points=200, layout="ring", pixel_noise=0.5, seed=2,
+                                    principal_point_offset=(10, -5)))
+    rec = s.gt
+    ba = BundleAdjustmentOptions(refine_principal_point=True)
+    sigma = model_noise_sigma(rec)
+    std = intrinsics_std(rec, ba, sigma)
+    # the full Jacobian over [reduced camera unknowns | points], its information, marginalised
+    pr = ReprojectionProblem(rec, ba)
+    lin = pr.linearize().as_rows()
+    O, n = lin.jac_cam.shape[0], int(pr.cam_param_map.max()) + 1
+    J = torch.zeros(2 * O, n + 3 * pr.num_points, dtype=torch.float64)
+    idx = pr.cam_param_map[pr.cam_index]
+    rows = torch.arange(2 * O).view(O, 2)
+    for j in range(idx.shape[1]):
+        ok = idx[:, j] >= 0
+        J[rows[ok], idx[ok, j][:, None].expand(-1, 2)] += lin.jac_cam[ok, :, j]
+    for c in range(3):
+        J[rows, (n + 3 * pr.point_index + c)[:, None].expand(-1, 2)] = lin.jac_point[:, :, c]
+    H = J.T @ J
+    cov = torch.linalg.pinv(H, hermitian=True, rtol=1e-13)  # the gauge: 7 null directions
+    k = pr.intr_unknown_col
+    dense = cov.diagonal()[pr.n_pose:n].sqrt() * sigma
+    assert torch.allclose(std[0, k], dense, rtol=1e-3)
+    assert bool(torch.isnan(std[0, 3:]).all()) is False  # k1 is refined too
+    assert math.isnan(float(std[0, 4]))  # a column the model does not have
+
+
+def test_principal_point_is_freed_and_recovered_on_dense_tracks():
+    s = synthesize(SyntheticOptions(**DENSE, principal_point_offset=OFFSET))
+    models, rep = global_mapping(s.mapper_input(), MapperOptions())
+    m, cam = models[0], _camera_report(rep)
+    assert rep.summary["principal_point_refined"] is True and cam["model"].startswith("principal point")
+    err = (m.cameras.params[0, 1:3] - s.gt.cameras.params[0, 1:3]).abs()
+    assert float(err.max()) < 1.0  # 12 / -8 px off at the start
+    assert max(cam["principal_point_std_px"]) < 1.2 and cam["shift_sigmas"] > 3
+    held = cam["held_out"]
+    assert set(held) >= {"current", "principal point", "principal point, distortion: none"}
+    assert held["principal point"]["relative_gain"] > 0.01 and held["principal point"]["z"] > 3
+    assert "freed" in rep.summary["intrinsics"] and "camera" in describe({"cameras": {1: cam}})
+    assert _median_rotation_error(m, s.gt)[0] < 0.1
+
+
+def test_principal_point_stays_centred_on_sparse_short_tracks():
+    s = synthesize(SyntheticOptions(**SPARSE, principal_point_offset=OFFSET))
+    models, rep = global_mapping(s.mapper_input(), MapperOptions())
+    m, cam = models[0], _camera_report(rep)
+    assert rep.summary["principal_point_refined"] is False and cam["model"] == "current"
+    centre = torch.stack([m.cameras.width, m.cameras.height], 1)[0].to(torch.float64) / 2
+    assert torch.equal(m.cameras.params[0, 1:3], centre)
+    assert cam["principal_point_std_deg"] > MapperOptions().intrinsics.max_principal_point_std_deg
+    assert "determined only to" in cam["reason"] and "held_out" not in cam  # no fits were needed
+
+
+def test_a_centred_principal_point_is_not_freed():
+    s = synthesize(SyntheticOptions(**DENSE))
+    models, rep = global_mapping(s.mapper_input(), MapperOptions())
+    cam = _camera_report(rep)
+    assert cam["model"] == "current" and cam["shift_sigmas"] < 3  # determined, but where it was
+    assert "sigma" in cam["reason"]
+    assert torch.equal(models[0].cameras.params[0, 1:3], s.gt.cameras.params[0, 1:3])
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_modes_never_and_always_skip_the_test(mode):
+    s = synthesize(SyntheticOptions(num_images=12, num_points=600, layout="sphere", pixel_noise=0.3, seed=1,
+                                    principal_point_offset=OFFSET))
+    rec = s.gt.clone()
+    rec.cameras = s.mapper_input().cameras
+    ba = BundleAdjustmentOptions()
+    out, rep = select_intrinsics(rec, ba, IntrinsicsSelectionOptions(principal_point=mode))
+    cam = rep["cameras"][1]
+    assert "held_out" not in cam and mode in cam["reason"]
+    moved = not torch.equal(out.cameras.params[0, 1:3], rec.cameras.params[0, 1:3])
+    assert moved == (mode == "always") == rep["principal_point_refined"]
+
+
+def test_candidate_masks_and_a_camera_with_few_images():
+    s = synthesize(SyntheticOptions(num_images=12, num_points=400, layout="sphere", seed=1, num_cameras=2))
+    rec = s.gt
+    ba = BundleAdjustmentOptions()
+    sel = torch.tensor([True, False])
+    m = candidate_mask(rec, ba, "none", sel)
+    # camera 0: focal + principal point, no distortion; camera 1: the mapper's own (focal + k)
+    assert m[0, :4].tolist() == [True, True, True, False] and m[1, :4].tolist() == [True, False, False, True]
+    out, rep = select_intrinsics(rec, ba, IntrinsicsSelectionOptions(min_images=7))
+    for cam in rep["cameras"].values():  # 6 images each
+        assert cam["model"] == "current" and "not tested" in cam["reason"]
+    assert torch.equal(out.cameras.params[:, 1:3], rec.cameras.params[:, 1:3])  # centred as they were
+    assert rep["reference"]["iterations"] >= 1 and not rep["principal_point_refined"]
+    with pytest.raises(ValueError):
+        IntrinsicsSelectionOptions(distortion_levels=("two terms",)).validate()
