@@ -152,6 +152,7 @@ def run_ours(data, method: str, loss: str, scale: float, device: str, dtype: str
         "initial_cost": s.initial_cost, "final_cost": s.final_cost, "iterations": s.iterations,
         "successful_steps": s.successful_steps, "termination": s.termination, "total_time_s": s.total_time_s,
         "wall_s": wall, "setup_s": s.setup_time_s, "cg_iterations": s.linear_iterations,
+        "cg_iterations_run": s.linear_iterations_run,
         "breakdown_s": {k: round(v, 4) for k, v in s.time_s.items()},
         "trace": [{"iter": r.iteration, "cost": r.cost, "t": s.setup_time_s + r.time_s} for r in s.trace],
     }
@@ -272,6 +273,8 @@ def main(argv=None) -> int:
                                              "solver", "final_cost", "rel_to_ceres", "iterations", "total_time_s",
                                              "t_target", "ratio", "termination")}), flush=True)
                 rows.append(r)
+            # rewritten after every problem and loss: a run cut off by a time limit keeps what it measured
+            args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     md = markdown(rows, meta)
     args.md.write_text(md)

@@ -125,6 +125,24 @@ def test_synthetic_ba_with_outliers_converges_to_ground_truth(model, device):
     assert _pose_errors(huber, gt)[1] < 5e-2
 
 
+@pytest.mark.parametrize("method", ["dense", "pcg"])
+def test_ba_device_dtype_matrix(device, dtype, method):
+    """Known answer on every device and in both precisions: from a perturbed start, BA reaches
+    the ground truth up to the noise, and float32 the float64 minimum to 1e-4 of the cost."""
+    from conftest import tol
+
+    gt = scene("SIMPLE_RADIAL", num_images=10, num_points=300, noise=0.3, device=device)
+    rec = perturbed(gt)
+    o = BundleAdjustmentOptions(gauge="two_cams", solver=SolverOptions(linear_solver=method, loss="huber"))
+    out, s = bundle_adjust(rec.to(device, dtype), o)
+    assert s.converged, s.termination
+    assert out.dtype == dtype and out.device.type == device.type
+    rot, ctr = _pose_errors(out.to(device, torch.float64), gt)
+    assert rot < 1e-2 and ctr < 5e-2, (rot, ctr)
+    ref = bundle_adjust(rec, o)[1].final_cost
+    assert abs(s.final_cost - ref) <= tol(dtype, 1e-9, 1e-4) * ref, (s.final_cost, ref)
+
+
 def test_shared_and_per_image_intrinsics_reach_the_same_answer_as_ceres():
     for num_cameras in (1, 3, 10):
         rec = perturbed(scene("RADIAL", num_cameras=num_cameras, seed=2))

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import tol
 from torchsfm import metrics
 from torchsfm.mapper.global_positioning import GlobalPositioningOptions, global_positioning
 from torchsfm.mapper.tracks import establish_tracks
@@ -18,13 +19,15 @@ def posed_input(layout: str, seed: int, **kw):
 
 
 @pytest.mark.parametrize("layout", ["ring", "random"])
-def test_convex_start_is_exact_on_noiseless_data_and_bata_has_little_left(layout, device):
+def test_convex_start_is_exact_on_noiseless_data_and_bata_has_little_left(layout, device, dtype):
     sc, rec = posed_input(layout, seed=7)
-    out, counts = global_positioning(rec.to(device), GlobalPositioningOptions())
-    ev = metrics.evaluate(out.to("cpu"), sc.gt)
+    out, counts = global_positioning(rec.to(device, dtype), GlobalPositioningOptions())
+    assert out.dtype == dtype
+    ev = metrics.evaluate(out.to("cpu", torch.float64), sc.gt)
     assert ev["num_registered"] == 12
-    assert ev["median_translation_error_deg"] < 1e-4
-    assert counts["iterations"] <= 5 and counts["observations_dropped"] == 0
+    assert ev["median_translation_error_deg"] < tol(dtype, 1e-4, 1e-2)
+    # float32: at a noiseless optimum the cost is rounding noise, so the function tolerance fires later
+    assert counts["iterations"] <= tol(dtype, 5, 12) and counts["observations_dropped"] == 0
 
 
 def test_random_start_glomap_style_still_available():

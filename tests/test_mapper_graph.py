@@ -12,7 +12,6 @@ from torchsfm.mapper.graph import (
     largest_component,
     mark_images,
     maximum_spanning_tree,
-    pcg,
 )
 
 
@@ -76,27 +75,6 @@ def test_maximum_spanning_tree_and_composition(device):
     local = R @ R[parent].transpose(-1, -2)
     A = compose_along_tree(tree.parent, local) @ R[tree.root]
     assert torch.allclose(A, R, atol=1e-10)
-
-
-def test_pcg_solves_pinned_laplacian(device):
-    g = torch.Generator().manual_seed(3)
-    n = 60
-    i = torch.randint(0, n, (400,), generator=g)
-    j = torch.randint(0, n, (400,), generator=g)
-    keep = i != j
-    i, j = torch.cat([i[keep], torch.arange(n - 1)]), torch.cat([j[keep], torch.arange(1, n)])
-    w = torch.rand(i.numel(), generator=g, dtype=torch.float64) + 0.1
-    L = torch.zeros(n, n, dtype=torch.float64)
-    L.index_put_((i, i), w, accumulate=True).index_put_((j, j), w, accumulate=True)
-    L.index_put_((i, j), -w, accumulate=True).index_put_((j, i), -w, accumulate=True)
-    b = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    b[0] = 0
-    ref = torch.zeros(n, 3, dtype=torch.float64)
-    ref[1:] = torch.linalg.solve(L[1:, 1:], b[1:])
-    Ld, free = L.to(device), torch.ones(n, 1, dtype=torch.float64, device=device)
-    free[0] = 0
-    x = pcg(lambda v: (Ld @ (v * free)) * free, b.to(device), free / Ld.diagonal()[:, None], 500, 1e-12)
-    assert torch.allclose(x.cpu(), ref, atol=1e-8)
 
 
 def test_image_reasons_first_wins_and_copy_on_write():

@@ -15,20 +15,21 @@ def _max_rot_err(model, gt):
     return float(ev.rotation.max())
 
 
-def test_noiseless_scene_is_exact(device):
+def test_noiseless_scene_is_exact(device, dtype):
     s = synthesize(SyntheticOptions(num_images=15, num_points=600, layout="ring", seed=2))
-    models, rep = global_mapping(s.mapper_input(), MapperOptions(device=str(device)))
+    models, rep = global_mapping(s.mapper_input(), MapperOptions(device=str(device), dtype=str(dtype)[6:]))
     assert len(models) == 1
-    m = models[0].to("cpu")
+    assert models[0].dtype == dtype
+    m = models[0].to("cpu", torch.float64)
     assert bool(m.images.registered.all())
     assert _max_rot_err(m, s.gt) < 0.01
 
 
-def test_noisy_scene_with_outlier_matches(device):
+def test_noisy_scene_with_outlier_matches(device, dtype):
     s = synthesize(SyntheticOptions(num_images=20, num_points=1000, layout="ring", pixel_noise=0.5,
                                     outlier_ratio=0.2, seed=4))
-    models, _ = global_mapping(s.mapper_input(), MapperOptions(device=str(device)))
-    m = models[0].to("cpu")
+    models, _ = global_mapping(s.mapper_input(), MapperOptions(device=str(device), dtype=str(dtype)[6:]))
+    m = models[0].to("cpu", torch.float64)
     assert int(m.images.registered.sum()) == 20
     ev = metrics.relative_pose_errors(m.images.rotation, m.images.trans, m.images.registered,
                                       s.gt.images.rotation, s.gt.images.trans)

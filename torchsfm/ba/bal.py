@@ -209,9 +209,9 @@ class BALProblem:
             self.R, self.t, self.intr, self.X = self._retract(step)
         self._trial = None
 
-    def parameter_norm(self) -> float:
-        return float(torch.sqrt(self.R.square().sum() + self.t.square().sum() + self.intr.square().sum()
-                                + self.X.square().sum()))
+    def parameter_norm(self) -> Tensor:
+        return torch.sqrt(self.R.square().sum() + self.t.square().sum() + self.intr.square().sum()
+                          + self.X.square().sum())
 
     def to_data(self) -> BALData:
         cams = torch.cat([so3.log(self.R), self.t, self.intr], 1).cpu().double().numpy()

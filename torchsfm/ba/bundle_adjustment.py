@@ -17,13 +17,14 @@ Parameters in the solver (torchsfm.solver):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..cameras.models import param_mask, used_mask
+from ..cameras.models import model_groups, param_mask, used_mask
 from ..cameras.projection import project_world
 from ..data.model import Reconstruction
 from ..geometry import se3, so3
@@ -97,6 +98,7 @@ class ReprojectionProblem:
         self.params = rec.cameras.params.clone()
         self.X = rec.points3D.xyz[self.points].clone()
         self.camera_of_block = imgs.camera[self.images]
+        self.groups = model_groups(rec.cameras, self.camera_of_block[self.cam_index])  # once, not per iteration
 
         # intrinsics: refined columns per camera, padded to m
         cams = rec.cameras
@@ -159,7 +161,7 @@ class ReprojectionProblem:
                               cams.has_prior_focal_length)
         ci = self.cam_index
         cam = self.camera_of_block[ci]
-        proj = project_world(cams, cam, R[ci], t[ci], X[self.point_index], jacobian=jacobian)
+        proj = project_world(cams, cam, R[ci], t[ci], X[self.point_index], jacobian=jacobian, groups=self.groups)
         valid = proj.valid
         r = torch.where(valid[:, None], proj.uv - self.xy, torch.zeros_like(self.xy))
         if not jacobian:
@@ -197,41 +199,50 @@ class ReprojectionProblem:
             self.R, self.t, self.params, self.X = self._retract(step)
         self._trial = None
 
-    def parameter_norm(self) -> float:
+    def parameter_norm(self) -> Tensor:
         # Ceres' |x| over the parameter blocks: unit quaternions, translations, intrinsics, points
-        return float(torch.sqrt(self.num_cams + self.t.square().sum() + self.params.square().sum()
-                                + self.X.square().sum()))
+        return torch.sqrt(self.num_cams + self.t.square().sum() + self.params.square().sum() + self.X.square().sum())
 
     # -- results ----------------------------------------------------------------------------
     def cost(self) -> float:
         return 0.5 * float(self.residuals().to(torch.float64).square().sum())
 
     def write(self, rec: Reconstruction | None = None) -> Reconstruction:
-        """A copy of the input with the adjusted poses, intrinsics, points and point errors."""
-        out = (rec or self.rec).clone()
+        """The input with the adjusted poses, intrinsics, points and point errors.
+
+        Copy-on-write: new image, camera and point containers (their adjusted tensors are new);
+        keypoints, tracks and the view graph are shared with the input, since no stage modifies
+        its input in place. A BA round so copies O(images + points), never the matches."""
+        src = rec or self.rec
         moved = (self.cam_param_map[:, :6] >= 0).any(1)  # constant poses keep their exact quaternion
-        out.images.quat[self.images[moved]] = so3.matrix_to_quat(self.R[moved])
-        out.images.trans[self.images[moved]] = self.t[moved]
-        out.cameras.params = self.params.clone()
-        out.points3D.xyz[self.points] = self.X
+        quat, trans = src.images.quat.clone(), src.images.trans.clone()
+        quat[self.images[moved]] = so3.matrix_to_quat(self.R[moved]).to(quat.dtype)
+        trans[self.images[moved]] = self.t[moved].to(trans.dtype)
+        xyz, error = src.points3D.xyz.clone(), src.points3D.error.clone()
+        xyz[self.points] = self.X.to(xyz.dtype)
         r = self.residuals()
         err = torch.zeros(self.num_points, dtype=r.dtype, device=r.device).index_add_(0, self.point_index, r.norm(dim=1))
         cnt = torch.bincount(self.point_index, minlength=self.num_points).clamp_min(1)
-        out.points3D.error[self.points] = (err / cnt).to(out.points3D.error.dtype)
-        return out
+        error[self.points] = (err / cnt).to(error.dtype)
+        return Reconstruction(dataclasses.replace(src.cameras, params=self.params.clone()),
+                              dataclasses.replace(src.images, quat=quat, trans=trans), src.keypoints,
+                              dataclasses.replace(src.points3D, xyz=xyz, error=error), src.tracks, src.view_graph,
+                              dict(src.meta))
 
 
 def bundle_adjust(rec: Reconstruction, options: BundleAdjustmentOptions | None = None
                   ) -> tuple[Reconstruction, SolverSummary]:
     """Jointly refine poses, intrinsics and points of `rec`; returns (adjusted copy, summary).
 
-    Runs on rec's device and dtype. The input is not modified.
+    Runs on rec's device and dtype. The input is not modified (the result shares its unchanged
+    tensors: keypoints, tracks, view graph).
     """
     o = options or BundleAdjustmentOptions()
     problem = ReprojectionProblem(rec, o)
     if problem.num_cams == 0 or problem.obs.numel() == 0:
         summary = SolverSummary(termination="no_parameters", message="no observations to adjust")
-        return rec.clone(), summary
+        return Reconstruction(rec.cameras, rec.images, rec.keypoints, rec.points3D, rec.tracks, rec.view_graph,
+                              dict(rec.meta)), summary
     summary = solve(problem, o.solver)
     logger.info("bundle adjustment: %s", summary.brief())
     return problem.write(), summary

@@ -295,13 +295,21 @@ def _groups(cameras: Cameras, cam: Tensor):
             yield int(m), idx
 
 
+def model_groups(cameras: Cameras, cam: Tensor) -> list[tuple[int, Tensor | None]]:
+    """[(model id, rows of `cam` with that model, or None for all rows), ...]: finding them reads
+    the model ids on the host, so iterative solvers compute them once and pass `groups`."""
+    return list(_groups(cameras, cam))
+
+
 def project_cameras(
-    cameras: Cameras, cam: Tensor, p_cam: Tensor, jacobian: bool = False, check_cheirality: bool = True
+    cameras: Cameras, cam: Tensor, p_cam: Tensor, jacobian: bool = False, check_cheirality: bool = True,
+    groups: list | None = None,
 ):
     """`project` for observations of mixed-model cameras: cam (N,) rows into `cameras`.
 
     Returns uv (N, 2), or (uv, J_point (N, 2, 3), J_params (N, 2, MAX_CAMERA_PARAMS)) with the
-    columns beyond each model's parameter count zero.
+    columns beyond each model's parameter count zero. `groups`: `model_groups(cameras, cam)`,
+    precomputed (no host read here then).
     """
     params = cameras.params[cam]
     n = p_cam.shape[0]
@@ -309,7 +317,7 @@ def project_cameras(
     if jacobian:
         J_point = p_cam.new_zeros(n, 2, 3)
         J_params = p_cam.new_zeros(n, 2, MAX_CAMERA_PARAMS)
-    for m, idx in _groups(cameras, cam):
+    for m, idx in (_groups(cameras, cam) if groups is None else groups):
         k = MODELS_BY_ID[m].num_params
         sel = slice(None) if idx is None else idx
         out = project(m, params[sel], p_cam[sel], jacobian, check_cheirality)

@@ -33,19 +33,21 @@ def project_world(
     X_world: Tensor,
     jacobian: bool = False,
     check_cheirality: bool = True,
+    groups: list | None = None,
 ) -> WorldProjection:
     """Project world points through cam_from_world poses (one pose per row).
 
     cam: (N,) rows into `cameras`; R: (N, 3, 3) rotation or (N, 4) w-first quaternion;
     t: (N, 3); X_world: (N, 3). Gather per-image poses to observations before calling.
+    groups: `models.model_groups(cameras, cam)`, precomputed by iterative callers (no host read).
     """
     if R.shape[-1] == 4 and R.dim() == X_world.dim():
         R = so3.quat_to_matrix(R)
     p_cam = (R @ X_world[..., None])[..., 0] + t
     valid = valid_depth(p_cam, check_cheirality)
     if not jacobian:
-        return WorldProjection(project_cameras(cameras, cam, p_cam, False, check_cheirality), p_cam, valid)
-    uv, J_point, J_params = project_cameras(cameras, cam, p_cam, True, check_cheirality)
+        return WorldProjection(project_cameras(cameras, cam, p_cam, False, check_cheirality, groups), p_cam, valid)
+    uv, J_point, J_params = project_cameras(cameras, cam, p_cam, True, check_cheirality, groups)
     J_pose = torch.cat([-J_point @ so3.skew(p_cam), J_point], -1)
     J_X = J_point @ R
     return WorldProjection(uv, p_cam, valid, J_pose, J_X, J_params)

@@ -11,6 +11,8 @@ from .options import Flag, add_options
 
 MAPPER_FLAGS = [
     Flag("device", "--device", help="auto (the GPU when there is one), cpu, cuda or cuda:N", metavar="DEVICE"),
+    Flag("dtype", "--dtype", help="precision of the model and every solver: float32 is what GPUs run fast (the "
+         "solvers keep their cost sums in float64)", choices=("float64", "float32")),
     Flag("seed", "--seed", help="random seed of every stage; the same seed on the same device gives identical files"),
     Flag("intrinsics.principal_point", "--refine-principal-point",
          help="principal points: auto = freed only where the data determine them (marginal standard deviation, "

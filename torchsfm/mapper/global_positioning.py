@@ -110,8 +110,8 @@ class PositioningProblem:
         self.s = self._trial_s if self._trial_s is not None else self._optimal_scales(self.c, self.X)
         self._trial_s = None
 
-    def parameter_norm(self) -> float:
-        return float(torch.sqrt(self.c.square().sum() + self.X.square().sum() + self.s.square().sum()))
+    def parameter_norm(self) -> Tensor:
+        return torch.sqrt(self.c.square().sum() + self.X.square().sum() + self.s.square().sum())
 
 
 class ConvexInitProblem(PositioningProblem):

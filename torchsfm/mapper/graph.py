@@ -8,8 +8,6 @@
 - `maximum_spanning_tree`: scipy on the CPU (spanning tree + breadth-first rooting). The graph
   has a node per image and an edge per pair, so the host round trip is small; `compose_along_tree`
   then propagates transforms down the tree in torch by pointer doubling.
-- `pcg`: Jacobi-preconditioned conjugate gradient for the graph-structured normal equations of
-  rotation averaging and view-graph calibration (matrix-free, batched right-hand sides).
 - `stage_copy`: the copy-on-write a stage makes of its input (no stage mutates its input).
 - Image bookkeeping: `Reconstruction.meta["image_reason"]` is a list with one string per image,
   "" while the image is still in play, otherwise why the mapper dropped it (the first reason
@@ -235,31 +233,6 @@ def compose_along_tree(parent: Tensor, local: Tensor) -> Tensor:
             return A
         A = A @ A[anc]
         anc = nxt
-
-
-def pcg(apply, rhs: Tensor, inv_diag: Tensor, max_iterations: int = 1000, tolerance: float = 1e-10) -> Tensor:
-    """Solve A x = rhs for SPD A given as `apply(x)`; columns of rhs (n, k) are independent systems.
-
-    Stops when every column's residual norm is below `tolerance` times its right-hand side's.
-    """
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    z = inv_diag * r
-    p = z.clone()
-    rz = (r * z).sum(0)
-    b_norm = (rhs * rhs).sum(0).sqrt().clamp_min(1e-300)
-    for _ in range(max_iterations):
-        Ap = apply(p)
-        alpha = rz / (p * Ap).sum(0).clamp_min(1e-300)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        if bool(((r * r).sum(0).sqrt() <= tolerance * b_norm).all()):
-            break
-        z = inv_diag * r
-        rz_new = (r * z).sum(0)
-        p = z + (rz_new / rz.clamp_min(1e-300)) * p
-        rz = rz_new
-    return x
 
 
 def stage_copy(rec: Reconstruction, *fields: str) -> Reconstruction:

@@ -71,6 +71,9 @@ def _retriangulation_tracks() -> TrackOptions:
 class MapperOptions:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda[:N]
+    # precision of the model and every solver (float32: what GPUs run fast; the solvers keep
+    # their cost sums in float64; PoseLib estimates the relative poses in float64 either way)
+    dtype: str = "float64"  # float64 | float32
     min_component_size: int = 3  # images; smaller components are not reconstructed
     max_num_models: int = 10
     skip_view_graph_calibration: bool = False
@@ -481,6 +484,8 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
     valid checkpoint of the store (giving the same models as an uninterrupted run)."""
     opt = options or MapperOptions()
     opt.intrinsics.validate()
+    if opt.dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype must be float64 or float32, not {opt.dtype!r}")
     report = report or RunReport(command="map")
     dev = resolve_device(opt.device)
     report.device, report.seed = str(dev), opt.seed
@@ -495,7 +500,7 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
         else:
             rec, common_done, run.base_seq = latest.base, len(COMMON_STEPS) - 1, latest.base_seq
     else:
-        rec = rec.to(dev, torch.float64)
+        rec = rec.to(dev, getattr(torch, opt.dtype))
         with report.stage("input_check", dev) as st:
             rec = run.check(rec, "input", st)
         common_done = -1

@@ -13,17 +13,25 @@ Method (GLOMAP's, vectorised over edges):
 4. Drop edges whose residual exceeds `max_rotation_error_deg` (10 deg) and keep the largest
    component; repeat the estimation `num_rounds` times (GLOMAP runs it twice).
 
-Linear solver: "cholesky" factorises the Laplacian with scipy's SuperLU on the host (exact; the
-system is N x N with N the number of images, so only O(E) weights and O(N) right-hand sides
-cross to the host per iteration); "cg" is a Jacobi-preconditioned conjugate gradient in torch
-that stays on the input's device. "auto" is cholesky on every device: on chain-like graphs
-(video) the Laplacian's condition number grows like N^2 and CG needs thousands of iterations
-(3,000-image chain: 1.2 s direct vs 30 s CG on one CPU thread).
+Linear solver: "dense" is a dense Cholesky in torch on the input's device; "cholesky" factorises
+the sparse Laplacian with scipy's SuperLU on the host (exact; the system is N x N with N the
+number of images, so only O(E) weights and O(N) right-hand sides cross to the host per
+iteration, in one copy); "cg" is torchsfm's PCG (torchsfm.solver.pcg) on a torch sparse CSR
+Laplacian with a Jacobi preconditioner, on the input's device. "auto": dense up to
+`dense_max_images` (1000 on the CPU, where a scipy factorisation then pays; 8000 on CUDA, where a
+dense factorisation of that size takes milliseconds), then cholesky on the CPU and cg on CUDA.
+On chain-like graphs (video) the Laplacian's condition number grows like N^2 and CG needs
+thousands of iterations (3,000-image chain: 1.2 s direct vs 30 s CG on one CPU thread).
+
+Host synchronisation: one read per IRLS iteration (the step size, with the factorisation's
+status; the scipy path's single copy to the host is that read), plus one per further block of
+CG iterations on the cg path (PCG's convergence flag is read with the step size).
 """
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +40,8 @@ from torch import Tensor
 
 from ..data.model import Reconstruction
 from ..geometry import so3
+from ..runtime import host_read
+from ..solver import pcg
 from .graph import (
     REASON_COMPONENT,
     REASON_ROTATION,
@@ -40,7 +50,6 @@ from .graph import (
     largest_component,
     mark_images,
     maximum_spanning_tree,
-    pcg,
     stage_copy,
 )
 
@@ -56,11 +65,11 @@ class RotationAveragingOptions:
     gm_sigma_deg: float = 5.0
     step_tolerance: float = 1e-5  # radians: stop when the mean update is smaller (GLOMAP: 1e-3)
     weight_by_inliers: bool = False  # scale edge weights by sqrt(inlier matches)
-    # "auto": dense up to dense_max_images images, else cholesky | "dense" (torch) | "cholesky"
-    # (scipy, host) | "cg" (torch, on device). A scipy factorisation costs ~5 ms of set-up per
-    # IRLS step, most of rotation averaging's time on small graphs.
+    # "auto": dense up to dense_max_images images, then cholesky on the CPU, cg on CUDA | "dense"
+    # (torch) | "cholesky" (scipy, host) | "cg" (torch, on device). A scipy factorisation costs
+    # ~5 ms of set-up per IRLS step, most of rotation averaging's time on small graphs.
     linear_solver: str = "auto"
-    dense_max_images: int = 1000
+    dense_max_images: int | None = None  # default: 1000 on the CPU, 8000 on CUDA
     cg_max_iterations: int = 1000
     cg_tolerance: float = 1e-10
 
@@ -103,45 +112,100 @@ def initialize_from_spanning_tree(
     return compose_along_tree(tree.parent, local), tree.root, tree.in_tree
 
 
-def _solve_laplacian(n: int, i: Tensor, j: Tensor, w: Tensor, rhs: Tensor, root: int, solver: str,
-                     options: RotationAveragingOptions) -> Tensor:
-    """Solve L x = rhs with x[root] = 0, L the Laplacian of edges (i, j) with weights w."""
-    if solver == "dense":  # small graphs: one dense Cholesky in torch, on any device
-        L = torch.zeros(n, n, dtype=w.dtype, device=w.device)
-        L.index_put_((i, i), w, accumulate=True).index_put_((j, j), w, accumulate=True)
-        L.index_put_((i, j), -w, accumulate=True).index_put_((j, i), -w, accumulate=True)
-        keep = torch.ones(n, dtype=torch.bool, device=w.device)
+class _Laplacian:
+    """The IRLS normal equations L d = rhs with d[root] = 0 (L: weighted graph Laplacian of the
+    edges (i, j) over n nodes), for changing weights. Index sets are built once per refinement;
+    `solve` returns (d (n, 3), the mean step size as a float): the one host read."""
+
+    def __init__(self, n: int, i: Tensor, j: Tensor, root: int, solver: str, options: RotationAveragingOptions):
+        self.n, self.i, self.j, self.root, self.solver, self.options = n, i, j, root, solver, options
+        dev = i.device
+        keep = torch.ones(n, dtype=torch.bool, device=dev)
         keep[root] = False
-        x = torch.zeros_like(rhs)
-        x[keep] = torch.cholesky_solve(rhs[keep], torch.linalg.cholesky(L[keep][:, keep]))
-        return x
-    if solver == "cholesky":
+        self.keep = torch.nonzero(keep)[:, 0]  # the unknowns: every node but the root
+        # node -> unknown (the root -> n - 1, a dropped slot)
+        self.unknown = torch.full((n,), n - 1, dtype=torch.long, device=dev)
+        self.unknown[self.keep] = torch.arange(n - 1, device=dev)
+        self.expected_cg = 0
+        if solver == "cholesky":
+            self.ii, self.jj, self.keep_np = i.numpy(force=True), j.numpy(force=True), keep.numpy(force=True)
+        elif solver == "cg":
+            # CSR pattern of the unknowns' block (root row and column dropped): the diagonal, then
+            # (i, j) and (j, i) per edge; duplicates merged, values gathered by `slot`
+            ui, uj = self.unknown[i], self.unknown[j]
+            diag = torch.arange(n - 1, device=dev)
+            rows = torch.cat([diag, ui, uj])
+            cols = torch.cat([diag, uj, ui])
+            live = (rows < n - 1) & (cols < n - 1)
+            key = torch.where(live, rows * n + cols, n * n)  # dropped entries -> a last slot
+            ukey, self.slot = torch.unique(key, return_inverse=True)
+            self.num_slots = ukey.numel()
+            self.nnz = int((ukey < n * n).sum())
+            r_, c_ = ukey[: self.nnz] // n, ukey[: self.nnz] % n
+            self.crow = torch.cat([r_.new_zeros(1), torch.cumsum(torch.bincount(r_, minlength=n - 1), 0)]).to(torch.int32)
+            self.col = c_.to(torch.int32)
+
+    def solve(self, w: Tensor, rhs: Tensor) -> tuple[Tensor, float]:
+        n, i, j = self.n, self.i, self.j
+        if self.solver == "cholesky":
+            return self._solve_host(w, rhs)
+        if self.solver == "dense":  # small graphs: one dense Cholesky in torch, on any device
+            L = torch.zeros(n, n, dtype=w.dtype, device=w.device)
+            L.index_put_((i, i), w, accumulate=True).index_put_((j, j), w, accumulate=True)
+            L.index_put_((i, j), -w, accumulate=True).index_put_((j, i), -w, accumulate=True)
+            Lk = L.index_select(0, self.keep).index_select(1, self.keep)
+            C, info = torch.linalg.cholesky_ex(Lk)
+            d = torch.zeros_like(rhs).index_copy_(0, self.keep, torch.cholesky_solve(rhs.index_select(0, self.keep), C))
+            step, bad = host_read(_mean_step(d, n), info != 0)
+            if bad:
+                raise RuntimeError("rotation averaging: the weighted view-graph Laplacian is not positive definite")
+            return d, step
+        return self._solve_cg(w, rhs)
+
+    def _solve_host(self, w: Tensor, rhs: Tensor) -> tuple[Tensor, float]:
         from scipy.sparse import coo_matrix
         from scipy.sparse.linalg import splu
 
-        ii, jj, ww = i.cpu().numpy(), j.cpu().numpy(), w.detach().cpu().numpy()
+        n, E = self.n, w.numel()
+        host = torch.cat([w.detach().reshape(-1), rhs.detach().reshape(-1)]).to(torch.float64).numpy(force=True)  # 1 read
+        ww, b = host[:E], host[E:].reshape(n, -1)
+        ii, jj, keep = self.ii, self.jj, self.keep_np
         rows = np.concatenate([ii, jj, ii, jj])
         cols = np.concatenate([ii, jj, jj, ii])
         vals = np.concatenate([ww, ww, -ww, -ww])
-        keep = np.ones(n, dtype=bool)
-        keep[root] = False
         L = coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsc()[keep][:, keep]
-        x = np.zeros((n, rhs.shape[1]))
-        x[keep] = splu(L.tocsc()).solve(rhs.detach().cpu().numpy()[keep])
-        return torch.from_numpy(x).to(device=rhs.device, dtype=rhs.dtype)
-    # Jacobi-preconditioned CG, matrix-free: L x = deg * x - sum_neighbours w x; root pinned.
-    deg = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, i, w).index_add_(0, j, w)
-    free = torch.ones(n, 1, dtype=rhs.dtype, device=rhs.device)
-    free[root] = 0
+        x = np.zeros((n, b.shape[1]))
+        x[keep] = splu(L.tocsc()).solve(b[keep])
+        step = float(np.linalg.norm(x, axis=1).sum() / max(n - 1, 1))
+        return torch.as_tensor(x, dtype=rhs.dtype, device=rhs.device), step  # an upload, not a read
 
-    def apply(x: Tensor) -> Tensor:
-        x = x * free
-        y = deg[:, None] * x
-        y = y.index_add(0, i, -w[:, None] * x[j]).index_add_(0, j, -w[:, None] * x[i])
-        return y * free
+    def _solve_cg(self, w: Tensor, rhs: Tensor) -> tuple[Tensor, float]:
+        n, o = self.n, self.options
+        deg = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, self.i, w).index_add_(0, self.j, w)
+        vals = torch.zeros(self.num_slots, dtype=w.dtype, device=w.device)
+        vals.index_add_(0, self.slot, torch.cat([deg.index_select(0, self.keep), -w, -w]))
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            L = torch.sparse_csr_tensor(self.crow, self.col, vals[: self.nnz], size=(n - 1, n - 1),
+                                        check_invariants=False)
+        inv_diag = 1.0 / deg.index_select(0, self.keep).clamp_min(torch.finfo(w.dtype).tiny)[:, None]
+        rtol = max(o.cg_tolerance, 100 * torch.finfo(w.dtype).eps)  # float32 cannot reach 1e-10
+        cg = pcg.PCG(lambda x: L @ x, lambda r: inv_diag * r, rhs.index_select(0, self.keep),
+                     max_iterations=o.cg_max_iterations, rtol=rtol)
+        block = pcg.next_block(0, self.expected_cg)
+        while True:  # PCG's convergence flag is read with the step size
+            cg.run(block)
+            d = torch.zeros_like(rhs).index_copy_(0, self.keep, cg.x)
+            step, active, its = host_read(_mean_step(d, n), cg.active.any(), cg.its.max())
+            if not active or cg.exhausted:
+                break
+            block = pcg.next_block(cg.done)
+        self.expected_cg = int(its)
+        return d, step
 
-    inv_diag = free / deg.clamp_min(1e-300)[:, None]
-    return pcg(apply, rhs * free, inv_diag, options.cg_max_iterations, options.cg_tolerance)
+
+def _mean_step(d: Tensor, n: int) -> Tensor:
+    return d.norm(dim=-1).sum() / max(n - 1, 1)
 
 
 def refine_rotations(
@@ -150,9 +214,6 @@ def refine_rotations(
 ) -> tuple[Tensor, int]:
     """Robust IRLS refinement of rotations R (I, 3, 3) over the edges in `mask`. Returns the
     rotations and the number of iterations run."""
-    solver = options.linear_solver
-    if solver == "auto":
-        solver = "dense" if int(torch.unique(pairs[mask]).numel()) <= options.dense_max_images else "cholesky"
     eidx = torch.nonzero(mask, as_tuple=True)[0]
     Rr = R_rel[eidx]
     base_w = None if edge_weight is None else edge_weight[eidx]
@@ -160,9 +221,17 @@ def refine_rotations(
     nodes, compact = torch.unique(pairs[eidx], return_inverse=True)
     i, j = compact[:, 0], compact[:, 1]
     n = nodes.numel()
+    solver = options.linear_solver
+    if solver == "auto":
+        cuda = R.device.type == "cuda"
+        dense_max = options.dense_max_images or (8000 if cuda else 1000)
+        solver = "dense" if n <= dense_max else ("cg" if cuda else "cholesky")
+    if solver not in ("dense", "cholesky", "cg"):
+        raise ValueError(f"rotation averaging: linear_solver must be auto, dense, cholesky or cg, not {solver!r}")
     root_c = int(torch.searchsorted(nodes, torch.tensor(root, device=nodes.device)))
     if root_c >= n or int(nodes[root_c]) != root:
         raise ValueError("the gauge image is not part of the refined edges")
+    lap = _Laplacian(n, i, j, root_c, solver, options)
     Rn = R[nodes]
     sigma2 = math.radians(options.gm_sigma_deg) ** 2
     total = options.l1_iterations + options.irls_iterations
@@ -179,10 +248,9 @@ def refine_rotations(
             w = w * base_w
         rhs = torch.zeros(n, 3, dtype=R.dtype, device=R.device)
         rhs.index_add_(0, i, -w[:, None] * r_world).index_add_(0, j, w[:, None] * r_world)
-        d = _solve_laplacian(n, i, j, w, rhs, root_c, solver, options)
+        d, step = lap.solve(w, rhs)
         Rn = Rn @ so3.exp(d)
-        step = d.norm(dim=-1).sum() / max(n - 1, 1)
-        if it > options.l1_iterations and float(step) < options.step_tolerance:
+        if it > options.l1_iterations and step < options.step_tolerance:
             break
     R = R.clone()
     R[nodes] = Rn

@@ -88,9 +88,10 @@ def triangulate(R: Tensor, t: Tensor, rays: Tensor, obs_image: Tensor, obs_track
     AA = torch.where(finite[:, None, None], AA, eye.expand_as(AA))
     bb = torch.where(finite[:, None], bb, torch.zeros_like(bb))
     ev = torch.linalg.eigvalsh(AA)
-    ok = finite & (ev[:, 0] > 1e-9 * ev[:, 2].clamp_min(1e-300))
-    X = torch.linalg.solve(torch.where(ok[:, None, None], AA, eye.expand_as(AA)), bb)
-    return X, ok
+    rcond = max(1e-9, 100 * torch.finfo(A.dtype).eps)  # what float32 can still solve
+    ok = finite & (ev[:, 0] > rcond * ev[:, 2].clamp_min(torch.finfo(A.dtype).tiny))
+    X, info = torch.linalg.solve_ex(torch.where(ok[:, None, None], AA, eye.expand_as(AA)), bb)
+    return X, ok & (info == 0)
 
 
 def reprojection_errors(rec: Reconstruction, xyz: Tensor, tracks: Tracks) -> tuple[Tensor, Tensor]:

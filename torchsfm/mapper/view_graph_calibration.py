@@ -14,10 +14,12 @@ comparable across pairs, smooth (unlike the gap itself, which has a cone at its 
 free of the 0/0 of closed-form (Bougnoux / Fetzer) focal formulas near degenerate geometry.
 It plays the role of GLOMAP's Fetzer residuals; thresholds are therefore not GLOMAP's numbers.
 
-Solver. Levenberg-Marquardt over the log focal of every free camera at once, with Cauchy IRLS
-weights; analytic Jacobians (two directional derivatives of the residual per pair); normal
-equations applied matrix-free and solved by Jacobi-PCG, so nothing scales with cameras^2 and it
-runs on any device. Cameras with `has_prior_focal_length` are held fixed (`fix_prior_focal`).
+Solver. torchsfm's one Levenberg-Marquardt solver (torchsfm.solver) over the log focal of every
+free camera at once, with the Cauchy loss; analytic Jacobians (two directional derivatives of the
+residual per pair). Each pair is a residual block whose camera-side block is (theta_i, theta_j),
+mapped by `cam_param_map` onto the free cameras' unknowns; nothing is eliminated. The solver's
+trust region, float32 and device handling and its one host read per iteration apply here too.
+Cameras with `has_prior_focal_length` are held fixed (`fix_prior_focal`).
 
 Degeneracy. When optical axes meet in one point (cameras on a sphere looking at its centre, a
 ring looking at its centre) F does not determine the focal lengths (Sturm; Newsam): the
@@ -31,6 +33,7 @@ initial focal is kept and the others are re-solved with it fixed.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +41,8 @@ from torch import Tensor
 
 from ..cameras.models import calibration_matrix, focal_mask, focal_length
 from ..data.model import TWO_VIEW_CALIBRATED, TWO_VIEW_UNCALIBRATED, Reconstruction
-from .graph import active_images, pcg, stage_copy
+from ..solver import Linearization, SolverOptions, Step, solve
+from .graph import active_images, stage_copy
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +60,14 @@ class ViewGraphCalibrationOptions:
     fix_prior_focal: bool = True  # cameras with has_prior_focal_length keep their focal
     loss_scale: float = 0.01  # Cauchy scale on the pair residual (relative singular-value gap)
     max_iterations: int = 100
-    step_tolerance: float = 1e-8  # stop when the largest log-focal update is smaller
+    step_tolerance: float = 1e-8  # stop when |log-focal update| <= this * |focal ratios| (LM parameter tolerance)
     function_tolerance: float = 1e-10  # or when the robust cost falls by less than this fraction
     min_focal_ratio: float = 0.1  # new / initial focal outside [min, max]: keep the initial one
     max_focal_ratio: float = 10.0
     max_pair_error: float = 0.4  # pairs whose final residual norm exceeds this become invalid
     max_focal_std: float = 0.05  # predicted relative focal std above this: degenerate camera
     min_residual_sigma: float = 2e-3  # floor of the residual noise level used for that prediction
-    cg_max_iterations: int = 200
-    cg_tolerance: float = 1e-12
+    linear_solver: str = "auto"  # of the LM solver (torchsfm.solver.SolverOptions.linear_solver)
 
 
 @dataclass
@@ -149,58 +152,70 @@ def _robust(sq: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return s2 * torch.log1p(sq / s2), 1.0 / (1.0 + sq / s2)
 
 
+class _FocalProblem:
+    """The pair residuals as a `torchsfm.solver.SparseProblem` over the free cameras' theta.
+
+    Residual block e = pair e (9 values); its camera-side block is (theta_ci, theta_cj), sent by
+    `cam_param_map` to the unknowns of the free cameras (-1 for fixed ones; both columns name
+    one unknown when the two images share a camera). Nothing is eliminated: point_dim 0, one
+    empty block per pair. Pairs whose residual or Jacobian is not finite count zero (a step
+    that makes a pair degenerate is not rewarded: the cost is then that of a perfect pair, as
+    the former `nansum` did). theta stays within +-bound (the retraction clamps).
+    """
+
+    cam_dim = 2
+    point_dim = 0
+
+    def __init__(self, prob: _PairProblem, theta: Tensor, free: Tensor, bound: float):
+        self.prob, self.theta, self.bound = prob, theta, bound
+        E, dev = prob.ci.numel(), theta.device
+        self.num_cams = self.num_points = E
+        self.cam_index = self.point_index = torch.arange(E, device=dev)
+        self.free_cams = torch.nonzero(free)[:, 0]
+        unknown = torch.full_like(prob.ci, -1)
+        unknown[self.free_cams] = torch.arange(self.free_cams.numel(), device=dev)
+        self.cam_param_map = torch.stack([unknown[prob.ci], unknown[prob.cj]], 1)
+        self._trial: tuple[Step, Tensor] | None = None
+
+    def _move(self, step: Step) -> Tensor:
+        return self.theta.index_add(0, self.free_cams, step.reduced).clamp(-self.bound, self.bound)
+
+    @staticmethod
+    def _finite_rows(*xs: Tensor) -> Tensor:
+        return torch.stack([torch.isfinite(x).flatten(1).all(1) for x in xs]).all(0)
+
+    def linearize(self) -> Linearization:
+        r, Ji, Jj = self.prob.linearize(self.theta)
+        ok = self._finite_rows(r, Ji, Jj)[:, None]
+        Jc = torch.where(ok[:, :, None], torch.stack([Ji, Jj], -1), 0.0)
+        return Linearization(torch.where(ok, r, 0.0), Jc, Jc.new_zeros(*Jc.shape[:2], 0))
+
+    def residuals(self, step: Step | None = None) -> Tensor:
+        theta = self.theta
+        if step is not None:
+            theta = self._move(step)
+            self._trial = (step, theta)
+        r = self.prob.residuals(theta)
+        return torch.where(self._finite_rows(r)[:, None], r, 0.0)
+
+    def accept(self, step: Step) -> None:
+        self.theta = self._trial[1] if self._trial is not None and self._trial[0] is step else self._move(step)
+        self._trial = None
+
+    def parameter_norm(self) -> Tensor:
+        return self.theta.index_select(0, self.free_cams).exp().norm()  # |focal ratios|
+
+
 def _solve(prob: _PairProblem, theta: Tensor, free: Tensor, options: ViewGraphCalibrationOptions):
-    """LM over theta[free]. Returns theta, iterations, initial cost, final cost."""
-    C = theta.numel()
-    ci, cj = prob.ci, prob.cj
-    freef = free.to(theta.dtype)
-    bound = float(torch.log(torch.tensor(options.max_focal_ratio * 2.0)))
-    lam = 1e-4
-    r = prob.residuals(theta)
-    cost = _robust((r * r).sum(-1), options.loss_scale)[0].nansum()
-    cost0 = float(cost)
-    it = 0
-    for it in range(1, options.max_iterations + 1):
-        r, Ji, Jj = prob.linearize(theta)
-        _, w = _robust((r * r).sum(-1), options.loss_scale)
-        ok = torch.isfinite(r).all(-1) & torch.isfinite(Ji).all(-1) & torch.isfinite(Jj).all(-1)
-        w = torch.where(ok, w, torch.zeros_like(w))
-        r, Ji, Jj = (torch.where(ok[:, None], x, torch.zeros_like(x)) for x in (r, Ji, Jj))
-        g = torch.zeros(C, dtype=theta.dtype, device=theta.device)
-        g.index_add_(0, ci, w * (Ji * r).sum(-1)).index_add_(0, cj, w * (Jj * r).sum(-1))
-        g = g * freef
-        a, b, c = w * (Ji * Ji).sum(-1), w * (Ji * Jj).sum(-1), w * (Jj * Jj).sum(-1)
-        diag = torch.zeros(C, dtype=theta.dtype, device=theta.device)
-        diag.index_add_(0, ci, a).index_add_(0, cj, c).index_add_(0, ci, torch.where(ci == cj, 2 * b, 0 * b))
-        diag = diag * freef
-
-        def apply(v: Tensor, damp: float) -> Tensor:
-            v = v[:, 0] * freef
-            Jv = Ji * v[ci][:, None] + Jj * v[cj][:, None]
-            out = torch.zeros_like(v)
-            out.index_add_(0, ci, w * (Ji * Jv).sum(-1)).index_add_(0, cj, w * (Jj * Jv).sum(-1))
-            return ((out + damp * diag * v) * freef)[:, None]
-
-        accepted = False
-        while lam < 1e10:
-            damp_diag = (diag * (1 + lam)).clamp_min(1e-12)
-            inv = (freef / damp_diag)[:, None]
-            delta = -pcg(lambda v: apply(v, lam), g[:, None], inv, options.cg_max_iterations,
-                         options.cg_tolerance)[:, 0]
-            new = (theta + delta * freef).clamp(-bound, bound)
-            rn = prob.residuals(new)
-            new_cost = _robust((rn * rn).sum(-1), options.loss_scale)[0].nansum()
-            if bool(new_cost <= cost):
-                step = float((new - theta).abs().max())
-                decrease = float(cost - new_cost)
-                small = step < options.step_tolerance or decrease <= options.function_tolerance * float(cost)
-                theta, cost, accepted = new, new_cost, True
-                lam = max(lam / 10, 1e-12)
-                break
-            lam *= 10
-        if not accepted or small:
-            break
-    return theta, it, cost0, float(cost)
+    """LM over theta[free]. Returns theta, iterations, initial cost, final cost (sum of Cauchy
+    costs, twice the solver's 0.5 * sum)."""
+    problem = _FocalProblem(prob, theta, free, math.log(options.max_focal_ratio * 2.0))
+    summary = solve(problem, SolverOptions(
+        loss="cauchy", loss_scale=options.loss_scale, max_iterations=options.max_iterations,
+        function_tolerance=options.function_tolerance, parameter_tolerance=options.step_tolerance,
+        linear_solver=options.linear_solver))
+    log.debug("view-graph calibration: %s", summary.brief())
+    return problem.theta, summary.iterations, 2 * summary.initial_cost, 2 * summary.final_cost
 
 
 def _camera_information(prob: _PairProblem, theta: Tensor, free: Tensor, scale: float) -> tuple[Tensor, Tensor]:

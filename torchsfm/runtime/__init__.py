@@ -1,5 +1,5 @@
-"""Process-wide runtime settings: threads, device choice, seeds (`memory`: out-of-memory fallbacks,
-`signals`: SIGTERM as Ctrl-C)."""
+"""Process-wide runtime settings: threads, device choice, seeds, batched host reads (`memory`:
+out-of-memory fallbacks, `signals`: SIGTERM as Ctrl-C)."""
 from __future__ import annotations
 
 import os
@@ -67,3 +67,12 @@ def tune_cpu_allocator() -> bool:
         ok = False
     _ALLOCATOR_TUNED = ok
     return ok
+
+
+def host_read(*values) -> list[float]:
+    """Several () tensors (or numbers) as floats in one device -> host copy: an iterative solver's
+    one read per iteration, instead of a stall per value."""
+    dev = next((v.device for v in values if torch.is_tensor(v)), None)
+    if dev is None:
+        return [float(v) for v in values]
+    return torch.stack([torch.as_tensor(v, device=dev).to(torch.float64).reshape(()) for v in values]).tolist()

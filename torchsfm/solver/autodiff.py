@@ -57,5 +57,5 @@ class AutodiffProblem:
         self.cams = self.cams + step.cams
         self.points = self.points + step.points
 
-    def parameter_norm(self) -> float:
-        return float(torch.sqrt(self.cams.square().sum() + self.points.square().sum()))
+    def parameter_norm(self) -> Tensor:
+        return torch.sqrt(self.cams.square().sum() + self.points.square().sum())

@@ -10,6 +10,21 @@ The loop follows ceres::TrustRegionMinimizer with the LEVENBERG_MARQUARDT strate
 - the gradient tolerance is tested at every new linearisation.
 One difference: when the function tolerance fires on a candidate that lowers the cost, the
 candidate is kept (Ceres reports the previous point).
+
+Host synchronisation. Everything an iteration computes stays on the problem's device; the host
+reads one small status vector per iteration (step validity, model and candidate cost, step and
+parameter norms, CG iterations, and the gradient norm of the linearisation the step came from)
+and makes every decision from it: acceptance, radius, termination. The gradient test of a new
+linearisation is therefore read with the next iteration's status; when it fires, that
+iteration's step is discarded uncounted (one wasted step at termination, instead of a second
+read per iteration). Timing uses CUDA events, read once at the end, not synchronisations.
+
+PCG runs in blocks of iterations (pcg.next_block: the first as long as the last step's solve
+and an eighth, then half the iterations so far). The first block's "still running?" flag is
+read with the status, so a step whose PCG converges within it costs that one read. Otherwise
+the candidate is discarded and PCG goes on in blocks, reading only its flag after each, and the
+final candidate is evaluated once with a second status read: reads = blocks + 1 then, and at
+most two candidate evaluations per step.
 """
 from __future__ import annotations
 
@@ -20,8 +35,8 @@ from contextlib import contextmanager
 
 import torch
 
-from ..runtime import tune_cpu_allocator
-from . import losses
+from ..runtime import host_read, tune_cpu_allocator
+from . import losses, pcg
 from .options import LINEAR_SOLVERS, IterationRecord, SolverOptions, SolverSummary
 from .problem import SparseProblem
 from .schur import ReducedSystem
@@ -31,21 +46,39 @@ logger = logging.getLogger(__name__)
 
 
 class _Timer:
+    """Seconds per phase without stalling the device: perf_counter on the CPU; on CUDA, event
+    pairs recorded on the stream and read once, in `totals()`."""
+
     def __init__(self, device: torch.device):
         self.t: dict[str, float] = {}
-        self.cuda = device.type == "cuda"
+        self.device = device
+        self.events: list = []
 
     @contextmanager
     def __call__(self, key: str):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            try:
+                yield
+            finally:
+                end.record(stream)
+                self.events.append((key, start, end))
+            return
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if self.cuda:
-                torch.cuda.synchronize()
             self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+
+    def totals(self) -> dict[str, float]:
+        if self.events:
+            self.events[-1][2].synchronize()
+            for key, start, end in self.events:
+                self.t[key] = self.t.get(key, 0.0) + start.elapsed_time(end) / 1000.0
+            self.events.clear()
+        return dict(self.t)
 
 
 def choose_linear_solver(num_unknowns: int, device: torch.device, options: SolverOptions,
@@ -94,9 +127,10 @@ def _defaults(options: SolverOptions, device: torch.device) -> SolverOptions:
 
 
 def _linearize(problem: SparseProblem, st: SchurStructure, opt: SolverOptions, method: str):
+    """(cost as a () float64 tensor, the reduced system) at the problem's current parameters."""
     lin = problem.linearize().as_soa()
     r, Jc, Jp = lin.residuals, lin.jac_cam, lin.jac_point  # (d, N), (d, nc, N), (d, k, N)
-    cost = losses.cost(r.T, opt.loss, opt.loss_scale)
+    cost = losses.cost_tensor(r.T, opt.loss, opt.loss_scale)
     r, (Jc, Jp) = losses.robustify(r, [Jc, Jp], opt.loss, opt.loss_scale, soa=True)
     return cost, ReducedSystem(st, r, Jc, Jp, opt, method)
 
@@ -136,9 +170,9 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
         return time.perf_counter() - t0
 
     with tm("linearize"):
-        cost, system = _linearize(problem, st, opt, method)
+        cost_t, system = _linearize(problem, st, opt, method)
+    cost, gnorm = host_read(cost_t, system.gradient_max_norm())
     summary.initial_cost = summary.final_cost = cost
-    gnorm = system.gradient_max_norm()
     radius, nu = opt.initial_trust_region_radius, 2.0
     rec0 = IterationRecord(0, cost, cost, True, 0.0, radius, 0.0, gnorm, 0, now())
     summary.trace.append(rec0)
@@ -154,6 +188,8 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
 
     invalid_in_row = 0
     termination = "max_iterations"
+    gnorm_t = None  # gradient norm of a new linearisation, read with the next status
+    expected_cg = 0
     it = 0
     while it < opt.max_iterations:
         if now() + summary.setup_time_s > opt.max_time_s:
@@ -161,21 +197,46 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
             break
         it += 1
         with tm("linear_solve"):
-            step, info = system.step(radius)
-        summary.linear_iterations += info.get("linear_iterations", 0)
-        model_change = info.get("model_cost_change", -1.0)
-        if step is None or not (model_change > 0.0) or not math.isfinite(model_change):
+            solve_ = system.start(radius)
+            solve_.run(pcg.next_block(0, expected_cg))
+        while True:  # direct solvers: once; PCG: at most twice (see the module doc)
+            with tm("linear_solve"):
+                step, info = solve_.result()
+            with tm("evaluate"):
+                new_r = problem.residuals(step)
+                new_cost_t = losses.cost_tensor(new_r, opt.loss, opt.loss_scale)
+            with tm("status"):
+                ok, model_change, new_cost, step_norm, x_norm, cg_its, unfinished, g_new = host_read(
+                    info.ok, info.model_cost_change, new_cost_t, step.norm(), problem.parameter_norm(),
+                    info.linear_iterations, info.unfinished, gnorm_t if gnorm_t is not None else gnorm)
+            if not unfinished or (gnorm_t is not None and g_new <= opt.gradient_tolerance):
+                break
+            with tm("linear_solve"):  # PCG goes on, reading only its flag, until it is done
+                while True:
+                    solve_.run(pcg.next_block(solve_.iterations_run))
+                    if not host_read(solve_.running())[0]:
+                        break
+        cg_its = int(cg_its)
+        expected_cg = cg_its
+        summary.linear_iterations_run += solve_.iterations_run
+        if gnorm_t is not None:
+            gnorm, gnorm_t = g_new, None
+            if gnorm <= opt.gradient_tolerance:  # the last linearisation is stationary: this step is void
+                it -= 1
+                termination = "gradient_tolerance"
+                break
+        summary.linear_iterations += cg_its
+        if not ok or not (model_change > 0.0) or not math.isfinite(model_change):
             invalid_in_row += 1
             summary.invalid_steps += 1
             summary.unsuccessful_steps += 1
             radius, nu = radius / nu, nu * 2
-            rec = IterationRecord(it, cost, math.nan, False, math.nan, radius, 0.0, gnorm,
-                                  info.get("linear_iterations", 0), now())
+            rec = IterationRecord(it, cost, math.nan, False, math.nan, radius, 0.0, gnorm, cg_its, now())
             summary.trace.append(rec)
             if opt.callback:
                 opt.callback(rec)
             log("iter %3d: invalid step (%s), radius -> %.2e", it,
-                "linear solver failed" if step is None else "no model decrease", radius)
+                "linear solver failed" if not ok else "no model decrease", radius)
             if invalid_in_row > opt.max_consecutive_invalid_steps:
                 termination = "linear_solver_failure"
                 break
@@ -184,14 +245,9 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
                 break
             continue
         invalid_in_row = 0
-        with tm("evaluate"):
-            new_r = problem.residuals(step)
-            new_cost = losses.cost(new_r, opt.loss, opt.loss_scale)
         if not math.isfinite(new_cost):
             new_cost = math.inf
-        step_norm = step.norm()
         rho = (cost - new_cost) / model_change
-        x_norm = problem.parameter_norm()
         done = None
         if step_norm <= opt.parameter_tolerance * (x_norm + opt.parameter_tolerance):
             done = "parameter_tolerance"
@@ -210,23 +266,19 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
                 nu = 2.0
                 with tm("linearize"):
                     _, system = _linearize(problem, st, opt, method)
-                gnorm = system.gradient_max_norm()
+                    gnorm_t = system.gradient_max_norm()
         else:
             summary.unsuccessful_steps += 1
             if done is None:
                 radius, nu = radius / nu, nu * 2
-        rec = IterationRecord(it, cost, new_cost, accepted, rho, radius, step_norm, gnorm,
-                              info.get("linear_iterations", 0), now())
+        rec = IterationRecord(it, cost, new_cost, accepted, rho, radius, step_norm, gnorm, cg_its, now())
         summary.trace.append(rec)
         if opt.callback:
             opt.callback(rec)
         log("iter %3d: cost %.6e candidate %.6e rho %.3f radius %.2e |step| %.2e cg %d", it, cost, new_cost,
-            rho, radius, step_norm, info.get("linear_iterations", 0))
+            rho, radius, step_norm, cg_its)
         if done is not None:
             termination = done
-            break
-        if accepted and gnorm <= opt.gradient_tolerance:
-            termination = "gradient_tolerance"
             break
         if radius < opt.min_trust_region_radius:
             termination = "min_trust_region_radius"
@@ -238,7 +290,7 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
 
 
 def _finish(summary: SolverSummary, tm: _Timer, t_start: float) -> SolverSummary:
-    summary.time_s = dict(tm.t)
+    summary.time_s = tm.totals()
     summary.total_time_s = time.perf_counter() - t_start
     logger.debug("solver: %s", summary.brief())
     return summary

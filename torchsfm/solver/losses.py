@@ -46,12 +46,22 @@ def evaluate(s: Tensor, loss: str, scale: float = 1.0) -> tuple[Tensor, Tensor, 
     raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
-def cost(residuals: Tensor, loss: str, scale: float = 1.0) -> float:
-    """0.5 * sum rho(|r_i|^2) for residual blocks (N, d), accumulated in float64."""
+# Losses whose rho'' is never positive: their Corrector is plain IRLS (no second-order term).
+_CONCAVE = ("trivial", "huber", "cauchy", "soft_l1")
+
+
+def cost_tensor(residuals: Tensor, loss: str, scale: float = 1.0) -> Tensor:
+    """0.5 * sum rho(|r_i|^2) for residual blocks (N, d), accumulated in float64: a () tensor on
+    the residuals' device (the solver reads it with its per-iteration status)."""
     s = residuals.to(torch.float64).square().sum(-1)
     if loss == "trivial":
-        return 0.5 * float(s.sum())
-    return 0.5 * float(evaluate(s, loss, scale)[0].sum())
+        return 0.5 * s.sum()
+    return 0.5 * evaluate(s, loss, scale)[0].sum()
+
+
+def cost(residuals: Tensor, loss: str, scale: float = 1.0) -> float:
+    """`cost_tensor` as a float."""
+    return float(cost_tensor(residuals, loss, scale))
 
 
 def robustify(r: Tensor, jacobians: list[Tensor], loss: str, scale: float = 1.0, soa: bool = False
@@ -59,7 +69,7 @@ def robustify(r: Tensor, jacobians: list[Tensor], loss: str, scale: float = 1.0,
     """Ceres' Corrector: returns (r~, [J~...]).
 
     Layout rows: r (N, d), each J (N, d, n); soa: r (d, N), each J (d, n, N).
-    With sqrt_rho1 = sqrt(rho'(s)): if rho'' <= 0 (every loss here) the model is plain IRLS,
+    With sqrt_rho1 = sqrt(rho'(s)): if rho'' <= 0 (every loss in LOSSES) the model is plain IRLS,
     r~ = sqrt_rho1 r, J~ = sqrt_rho1 J. Otherwise the second-order (Triggs) correction is used,
     J~ = sqrt_rho1 (I - alpha r r^T / s) J and r~ = sqrt_rho1 / (1 - alpha) r with
     alpha = 1 - sqrt(1 + 2 s rho'' / rho').
@@ -72,9 +82,9 @@ def robustify(r: Tensor, jacobians: list[Tensor], loss: str, scale: float = 1.0,
     # views that broadcast a per-block scalar against r and J
     vr = (lambda x: x[None, :]) if soa else (lambda x: x[:, None])
     vj = (lambda x: x[None, None, :]) if soa else (lambda x: x[:, None, None])
-    second = (rho2 > 0) & (s > 0)
-    if not bool(second.any()):
+    if loss in _CONCAVE:  # known without looking at the values (no host read)
         return r * vr(sq1), [J * vj(sq1) for J in jacobians]
+    second = (rho2 > 0) & (s > 0)
     d = (1 + 2 * s * rho2 / rho1).clamp_min(0)
     alpha = torch.where(second, 1 - d.sqrt(), torch.zeros_like(s))
     rscale = torch.where(second, sq1 / (1 - alpha), sq1)

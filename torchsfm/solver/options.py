@@ -65,7 +65,7 @@ class IterationRecord:
     relative_decrease: float
     trust_region_radius: float
     step_norm: float
-    gradient_max_norm: float
+    gradient_max_norm: float  # of the linearisation this iteration's step was computed from
     linear_iterations: int
     time_s: float  # since solve() started
 
@@ -83,6 +83,9 @@ class SolverSummary:
     message: str = ""
     linear_solver: str = ""
     linear_iterations: int = 0  # CG iterations, all steps together
+    # CG iterations executed: PCG runs in blocks between host reads, so a block may go on past
+    # convergence (those iterations change nothing); the difference is the price of few reads
+    linear_iterations_run: int = 0
     num_reduced_unknowns: int = 0
     setup_time_s: float = 0.0
     total_time_s: float = 0.0

@@ -14,6 +14,14 @@ local ones, which the solver assembles from the per-block quantities.
 
 Parameters live on manifolds: the solver only produces tangent steps, the problem retracts them
 (e.g. R <- Exp(dw) R).
+
+A problem with nothing to eliminate (every residual block touches camera-side parameters only,
+e.g. view-graph calibration's pair residuals) uses point_dim = 0 with one empty eliminated block
+per residual block (point_index = arange(N)).
+
+The methods are called once or twice per LM iteration: they must not read device values back to
+the host (`.item()`, `float(t)`, `bool(t)`, boolean-mask indexing, `nonzero`, ...), because the
+solver's budget is one host read per iteration (see lm.py); precompute index sets in __init__.
 """
 from __future__ import annotations
 
@@ -62,8 +70,9 @@ class Step:
     points: Tensor  # (num_points, point_dim)
     reduced: Tensor  # (num_reduced,) the reduced-system unknowns, in cam_param_map's numbering
 
-    def norm(self) -> float:
-        return float(torch.sqrt(self.reduced.square().sum() + self.points.square().sum()))
+    def norm(self) -> Tensor:
+        """|step| as a () tensor on the step's device (no host read)."""
+        return torch.sqrt(self.reduced.square().sum() + self.points.square().sum())
 
 
 @runtime_checkable
@@ -86,8 +95,9 @@ class SparseProblem(Protocol):
     def accept(self, step: Step) -> None:
         """Move the current parameters by `step` (the last one passed to `residuals`)."""
 
-    def parameter_norm(self) -> float:
-        """|x| in Ceres' sense, for the parameter tolerance test."""
+    def parameter_norm(self) -> Tensor:
+        """|x| in Ceres' sense, for the parameter tolerance test: a () tensor, so that the solver
+        reads it with its other per-iteration status rather than on its own."""
 
 
 def identity_param_map(num_cams: int, cam_dim: int, device=None) -> Tensor:

@@ -16,6 +16,10 @@ long contiguous vectors; the pairwise sums are batched GEMMs over pre-built pair
 
 Damping follows Ceres' LM: the diagonal D = clamp(diag(J^T J), min_lm_diagonal, max_lm_diagonal)
 of the full (reduced-numbering) system is scaled by 1/radius and added to U and V.
+
+Nothing here reads a value back to the host (the CPU-only `sparse` solver aside): a failed
+factorisation, a non-finite step or a PCG breakdown is a flag in `StepInfo`, which the LM loop
+reads together with its own status once per iteration. The radius is a device tensor.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ import logging
 
 import torch
 from torch import Tensor
+
+import warnings
+from dataclasses import dataclass
 
 from . import layout, pcg
 from .problem import Step
@@ -40,6 +47,8 @@ def _gram_segments(rows: Tensor, segments, out: Tensor, h: int, chunk_bytes: int
     go to buffers reused across chunks (fresh multi-MB allocations page-fault on the CPU).
     """
     m = rows.shape[1]
+    if m == 0 or h == 0:  # no eliminated coordinates (point_dim 0): nothing to add
+        return
     w = m // h
     for seg in segments:
         if pairs:
@@ -72,6 +81,8 @@ def _chol_inv_factor(V: Tensor, k: int, tol: float) -> Tensor:
     unchanged rather than sent to infinity.
     """
     P = V.shape[1]
+    if k == 0:
+        return V.new_zeros(0, 0, P)
     zero = V.new_zeros(P)
 
     def inv_sqrt(piv, diag):
@@ -98,12 +109,20 @@ def _chol_inv_factor(V: Tensor, k: int, tol: float) -> Tensor:
     Vb = V.T.reshape(P, k, k)
     L, info = torch.linalg.cholesky_ex(Vb)
     bad = info != 0
-    if bool(bad.any()):
-        eye = torch.eye(k, dtype=V.dtype, device=V.device)
-        L = torch.where(bad[:, None, None], eye.expand_as(Vb), L)
+    L = torch.where(bad[:, None, None], torch.eye(k, dtype=V.dtype, device=V.device).expand_as(Vb), L)
     T = torch.linalg.solve_triangular(L, torch.eye(k, dtype=V.dtype, device=V.device).expand_as(Vb), upper=False)
     T = torch.where(bad[:, None, None], torch.zeros_like(T), T)
     return T.transpose(1, 2).permute(1, 2, 0).contiguous()  # M = T^T, as (k, k, P)
+
+
+@dataclass
+class StepInfo:
+    """What the LM loop needs to judge a step, all on the device (read once per iteration)."""
+
+    ok: Tensor  # () bool: the linear solve succeeded and the step is finite
+    model_cost_change: Tensor  # () float64: decrease of the linear model's cost
+    linear_iterations: Tensor  # () int64: CG iterations (0 for direct solvers)
+    unfinished: Tensor  # () bool: PCG has not converged yet (run further)
 
 
 class ReducedSystem:
@@ -147,7 +166,7 @@ class ReducedSystem:
         # their step is exactly zero instead of 0/0.
         self.empty_points = dV.abs().sum(0) == 0
         # U = sum Jc^T Jc per camera (C, nc, nc): per-camera segment GEMMs over Jacobian rows
-        self.Jrows = torch.empty(N + 1, d * nc, dtype=dt, device=dev)
+        self.Jrows = st.buffer("Jrows", (N + 1, d * nc), dt)  # reused: one linearisation lives at a time
         layout.transpose(Jc.reshape(d * nc, N), out=self.Jrows[:N])
         self.Jrows[N] = 0
         self.U = torch.zeros(C, nc, nc, dtype=dt, device=dev)
@@ -157,24 +176,25 @@ class ReducedSystem:
         self.g_reduced = st.to_reduced(self.gc)
 
     # ------------------------------------------------------------------------------------------
-    def gradient_max_norm(self) -> float:
-        m = self.g_reduced.abs().max() if self.g_reduced.numel() else self.g_reduced.new_zeros(())
+    def gradient_max_norm(self) -> Tensor:
+        """max |g_i| over the free parameters, a () tensor on the device."""
+        m = self.g_reduced.abs().amax() if self.g_reduced.numel() else self.g_reduced.new_zeros(())
         if self.gp.numel():
-            m = torch.maximum(m, self.gp.abs().max())
-        return float(m)
+            m = torch.maximum(m, self.gp.abs().amax())
+        return m
 
-    def _eliminate(self, lam: float):
-        """Point-block factors for damping lam: M (k, k, P), K (d, k, N), z (k, P), Y rows."""
+    def _eliminate(self, lam: Tensor):
+        """Point-block factors for damping lam: M (k, k, P), K (d, k, N), z (k, P)."""
         st, k, d = self.st, self.k, self.d
         Vd = self.V.clone()
         Vd[:: k + 1] += lam * self.DV
-        if bool(self.empty_points.any()):
-            eye = torch.eye(k, dtype=self.dtype, device=Vd.device).reshape(k * k, 1)
-            Vd = torch.where(self.empty_points[None, :], eye, Vd)
+        eye = torch.eye(k, dtype=self.dtype, device=Vd.device).reshape(k * k, 1)
+        Vd = torch.where(self.empty_points[None, :], eye, Vd)
         tol = 1e-12 if self.dtype == torch.float64 else 1e-6
         M = _chol_inv_factor(Vd, k, tol)  # (k, k, P) upper
-        Mrows = layout.transpose(M.reshape(k * k, -1)).index_select(0, st.point_index)
-        Mo = layout.transpose(Mrows).reshape(k, k, -1)  # (k, k, N)
+        N = st.num_obs
+        Mrows = layout.transpose(M.reshape(k * k, st.num_points)).index_select(0, st.point_index)
+        Mo = layout.transpose(Mrows).reshape(k, k, N)  # (k, k, N)
         # K[:, c] = sum_{j<=c} Jp[:, j] M[j, c]   (M is upper triangular)
         K = torch.empty(d, k, Mo.shape[-1], dtype=self.dtype, device=Mo.device)
         for c in range(k):
@@ -191,7 +211,7 @@ class ReducedSystem:
         Ys = K[0][:, None, :] * self.Jc[0][None]  # (k, nc, N)
         for dd in range(1, self.d):
             Ys.addcmul_(K[dd][:, None, :], self.Jc[dd][None])
-        Y = torch.empty(N + 1, self.k * self.nc, dtype=self.dtype, device=K.device)
+        Y = self.st.buffer("Yrows", (N + 1, self.k * self.nc), self.dtype)
         layout.transpose(Ys.reshape(self.k * self.nc, N), out=Y[:N])
         Y[N] = 0
         return Y
@@ -211,43 +231,34 @@ class ReducedSystem:
         return (self.Jc * xo[None]).sum(1)
 
     # ------------------------------------------------------------------------------------------
-    def step(self, radius: float) -> tuple[Step | None, dict]:
+    def start(self, radius: Tensor | float) -> "StepSolve":
+        """The linear solve of the LM step for trust-region radius `radius`, to be advanced by
+        the caller (iterative solvers run in blocks: `StepSolve.run`, then `StepSolve.result`)."""
+        return StepSolve(self, radius)
+
+    def step(self, radius: Tensor | float) -> tuple[Step, StepInfo]:
+        """The step, solved to convergence (one host read per CG block): tests, simple callers."""
+        s = self.start(radius)
+        while True:
+            s.run(pcg.next_block(s.iterations_run))
+            if not bool(s.running()):
+                return s.result()
+
+    def _back_substitute(self, x: Tensor, M: Tensor, K: Tensor, z: Tensor) -> tuple[Step, Tensor]:
+        """(Step for reduced unknowns x, the linear model's cost decrease as a () float64)."""
         st = self.st
-        lam = 1.0 / radius
-        M, K, z = self._eliminate(lam)
-        rhs_c = self._rhs(K, z)  # (C, nc)
-        b = st.to_reduced(rhs_c)  # (n,)
-        damp = lam * self.DC
-        info = {"linear_iterations": 0}
-        if self.method in ("dense", "sparse", "pcg_explicit"):
-            Yrows = self._y_rows(K)
-            blocks = self._explicit_blocks(Yrows)
-            if self.method == "dense":
-                x = self._solve_dense(blocks, b, damp)
-            elif self.method == "sparse":
-                x = self._solve_sparse(blocks, b, damp)
-            else:
-                x, it = self._solve_pcg_explicit(blocks, b, damp)
-                info["linear_iterations"] = it
-        elif self.method == "pcg":
-            x, it = self._solve_pcg_implicit(K, b, damp)
-            info["linear_iterations"] = it
-        else:
-            raise ValueError(f"unknown linear solver {self.method!r}")
-        if x is None or not bool(torch.isfinite(x).all()):
-            return None, info
         dc = st.from_reduced(x)  # (C, nc)
         e = self._cam_apply(dc)  # (d, N) = Jc dc
         u = (K * e[:, None, :]).sum(0)  # (k, N) = K^T Jc dc
         w = z.clone().index_add_(1, st.point_index, u)
         dp = -(M * w[None, :, :]).sum(1)  # (k, P): dp_j = -sum_c M[j, c] w_c
-        if not bool(torch.isfinite(dp).all()):
-            return None, info
-        # linear model: f = J delta per residual block, cost change = -(r.f + |f|^2/2)
+        # linear model: f = J delta per residual block, cost change = -(r.f + |f|^2/2), summed in
+        # float64 (in float32 it is a small difference of large sums)
         dpT = layout.transpose(dp)  # (P, k)
         f = e + (self.Jp * layout.gather_soa(dpT, st.point_index)[None]).sum(1)
-        info["model_cost_change"] = float(-((self.r * f).sum() + 0.5 * f.square().sum()))
-        return Step(cams=dc, points=dpT, reduced=x), info
+        f64 = torch.float64
+        change = -((self.r * f).sum(dtype=f64) + 0.5 * f.square().sum(dtype=f64))
+        return Step(cams=dc, points=dpT, reduced=x), change
 
     # ------------------------------------------------------------------------------------------
     def _explicit_blocks(self, Yrows: Tensor) -> Tensor:
@@ -257,36 +268,32 @@ class ReducedSystem:
         _gram_segments(Yrows, st.pair_segments, blocks, self.k, self.chunk_bytes, alpha=-1.0, pairs=True)
         diag = self.U.clone()  # U_c - sum_{a in c} Y_a^T Y_a: the (a, a) pairs, by camera segments
         _gram_segments(Yrows, st.cam_segments, diag, self.k, self.chunk_bytes, alpha=-1.0)
-        has = st.cam_diag_block >= 0
-        blocks.index_add_(0, st.cam_diag_block[has], diag[has])
+        blocks.index_add_(0, st.diag_blocks_of, diag.index_select(0, st.diag_cams))
         return blocks
 
     def _dense_matrix(self, blocks: Tensor, damp: Tensor) -> Tensor:
         st = self.st
         n1 = st.n + 1
         S = torch.zeros(n1 * n1, dtype=self.dtype, device=blocks.device)
-        nb = blocks.shape[0]
         per = max(1, self.chunk_bytes // (self.nc * self.nc * 16))
-        for s0 in range(0, nb, per):
-            s1 = min(nb, s0 + per)
+        for s0, s1, strict in st.dense_chunks(per):
             br, bc = st.block_row[s0:s1], st.block_col[s0:s1]
             S.index_put_((st.dense_index(br, bc).reshape(-1),), blocks[s0:s1].reshape(-1), accumulate=True)
-            off = br != bc  # mirror the strict upper blocks: entry (i, j) also lands at (col j, row i)
-            if bool(off.any()):
-                idx = st.dense_index(bc[off], br[off]).transpose(1, 2)
-                S.index_put_((idx.reshape(-1),), blocks[s0:s1][off].reshape(-1), accumulate=True)
+            # mirror the strict upper blocks: entry (i, j) also lands at (col j, row i)
+            idx = st.dense_index(bc[strict], br[strict]).transpose(1, 2)
+            S.index_put_((idx.reshape(-1),), blocks[s0:s1][strict].reshape(-1), accumulate=True)
         S = S.view(n1, n1)[: st.n, : st.n]
         S.diagonal().add_(damp)
         return S
 
-    def _solve_dense(self, blocks: Tensor, b: Tensor, damp: Tensor) -> Tensor | None:
+    def _solve_dense(self, blocks: Tensor, b: Tensor, damp: Tensor) -> tuple[Tensor, Tensor]:
         S = self._dense_matrix(blocks, damp)
         L, info = torch.linalg.cholesky_ex(S)
-        if int(info) != 0:  # not numerically SPD (gauge freedom + tiny damping): reject the step
-            return None
-        return torch.cholesky_solve(b[:, None], L)[:, 0]
+        # not numerically SPD (gauge freedom + tiny damping): the LM loop rejects the step
+        return torch.cholesky_solve(b[:, None], L)[:, 0], info == 0
 
-    def _solve_sparse(self, blocks: Tensor, b: Tensor, damp: Tensor) -> Tensor | None:
+    def _solve_sparse(self, blocks: Tensor, b: Tensor, damp: Tensor) -> tuple[Tensor, Tensor]:
+        """scipy's SuperLU on the host: CPU only (chosen only there), outside the sync budget."""
         import numpy as np
         import scipy.sparse as sp
         import scipy.sparse.linalg as spl
@@ -308,12 +315,13 @@ class ReducedSystem:
         vals = torch.cat([blocks.reshape(-1), blocks[strict].reshape(-1)]).cpu().numpy()
         data = np.bincount(inv, weights=np.concatenate([vals[keep], damp.cpu().numpy()]), minlength=uniq.size)
         A = sp.csc_matrix((data, (ur, uc)), shape=(n, n))
+        ok = True
         try:
             x = spl.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                          options={"SymmetricMode": True}).solve(b.cpu().numpy())
         except RuntimeError:  # exactly singular
-            return None
-        return torch.as_tensor(x, dtype=self.dtype, device=b.device)
+            x, ok = np.zeros(n), False
+        return torch.as_tensor(x, dtype=self.dtype, device=b.device), torch.tensor(ok, device=b.device)
 
     # ------------------------------------------------------------------------------------------
     def _precond_blocks(self, diag_blocks: Tensor, damp: Tensor) -> Tensor:
@@ -328,10 +336,9 @@ class ReducedSystem:
         diag = diag.view(ng, bsz) + st.precond_pad.to(self.dtype)  # unused slots: identity
         B.diagonal(dim1=1, dim2=2).add_(diag)
         L, info = torch.linalg.cholesky_ex(B)
-        bad = info != 0
-        if bool(bad.any()):  # fall back to the diagonal for blocks that are not numerically SPD
-            dd = torch.diag_embed(B.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(self.dtype).tiny).sqrt())
-            L = torch.where(bad[:, None, None], dd, L)
+        # blocks that are not numerically SPD fall back to their diagonal
+        dd = torch.diag_embed(B.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(self.dtype).tiny).sqrt())
+        L = torch.where((info != 0)[:, None, None], dd, L)
         return torch.cholesky_inverse(L)
 
     def _apply_precond(self, Minv: Tensor, r: Tensor) -> Tensor:
@@ -342,95 +349,123 @@ class ReducedSystem:
         y = torch.bmm(Minv, v.view(ng, bsz, 1)).view(-1)
         return y.index_select(0, st.unknown_slot)
 
-    def _solve_pcg_explicit(self, blocks: Tensor, b: Tensor, damp: Tensor):
+    def _pcg(self, matvec, Minv: Tensor, b: Tensor) -> pcg.PCG:
+        o = self.opt
+        return pcg.PCG(matvec, lambda r: self._apply_precond(Minv, r), b, max_iterations=o.pcg_max_iterations,
+                       eta=o.pcg_eta, rtol=1e-12, min_iterations=o.pcg_min_iterations)
+
+    def _pcg_explicit(self, blocks: Tensor, b: Tensor, damp: Tensor) -> pcg.PCG:
         st = self.st
-        has = st.cam_diag_block >= 0
         diag_blocks = torch.zeros_like(self.U)
-        diag_blocks[has] = blocks[st.cam_diag_block[has]]
+        diag_blocks[st.diag_cams] = blocks[st.diag_blocks_of]
         Minv = self._precond_blocks(diag_blocks, damp)
         br, bc, strict = st.block_row, st.block_col, st.block_strict
         Bs = blocks[strict]
+        brs, bcs = br[strict], bc[strict]
 
         def matvec(x):
             xc = st.from_reduced(x)  # (C, nc)
             y = torch.zeros_like(xc)
             y.index_add_(0, br, torch.bmm(blocks, xc[bc][:, :, None])[..., 0])
-            y.index_add_(0, bc[strict], torch.bmm(Bs.transpose(1, 2), xc[br[strict]][:, :, None])[..., 0])
+            y.index_add_(0, bcs, torch.bmm(Bs.transpose(1, 2), xc[brs][:, :, None])[..., 0])
             return st.to_reduced(y) + damp * x
 
-        return pcg.solve(matvec, lambda r: self._apply_precond(Minv, r), b, self.opt)
+        return self._pcg(matvec, Minv, b)
 
-    def _solve_pcg_implicit(self, K: Tensor, b: Tensor, damp: Tensor):
-        st = self.st
-        k, nc, d = self.k, self.nc, self.d
+    def _pcg_implicit(self, K: Tensor, b: Tensor, damp: Tensor) -> pcg.PCG:
         # Schur-Jacobi preconditioner: U_c - sum_{a in c} Y_a^T Y_a
         Yrows = self._y_rows(K)
         diag_blocks = self.U.clone()
-        _gram_segments(Yrows, st.cam_segments, diag_blocks, k, self.chunk_bytes, alpha=-1.0)
+        _gram_segments(Yrows, self.st.cam_segments, diag_blocks, self.k, self.chunk_bytes, alpha=-1.0)
         Minv = self._precond_blocks(diag_blocks, damp)
-        precond = lambda r: self._apply_precond(Minv, r)  # noqa: E731
-        if Yrows.device.type == "cpu":
-            return pcg.solve(self._implicit_matvec_cpu(Yrows, damp), precond, b, self.opt)
-        del Yrows
-        return pcg.solve(self._implicit_matvec_torch(K, damp), precond, b, self.opt)
+        return self._pcg(self._implicit_matvec(Yrows, damp), Minv, b)
 
-    def _implicit_matvec_cpu(self, Yrows: Tensor, damp: Tensor):
-        """S x = U x - E^T Q^T Q E x with scipy sparse products (CPU).
+    def _implicit_matvec(self, Yrows: Tensor, damp: Tensor):
+        """S x = U x - E^T Q^T Q E x with sparse CSR products (any device).
 
         E (k*N x C*nc) has one row per (observation a, coordinate) holding Y_a: its values are the
-        Y rows as they are (no copy) and its column pattern is fixed; Q (P x N) sums observations
-        per point. One CG step is two sparse matvecs over 2 * k * nc * N entries, ~2x faster than
-        the elementwise torch form on the CPU.
+        Y rows as they are (no copy) and its pattern is fixed (structure.py); Q (P x N) sums
+        observations per point. One CG step is two sparse matvecs over 2 * k * nc * N entries
+        (MKL on the CPU with int32 indices, as fast as scipy; cuSPARSE on CUDA).
         """
-        import numpy as np
-        import scipy.sparse as sp
-
         st = self.st
+        pat = st.implicit_pattern
         k, nc, N, C, P = self.k, self.nc, st.num_obs, st.num_cams, st.num_points
-        if not hasattr(st, "_implicit_cpu"):
-            ci = st.cam_index.cpu().numpy()
-            cols = (ci[:, None] * nc + np.arange(nc)[None, :]).astype(np.int32)  # (N, nc)
-            cols = np.repeat(cols[:, None, :], k, axis=1).reshape(-1)  # rows (a, kk): same columns
-            indptr = np.arange(0, N * k * nc + 1, nc, dtype=np.int64)
-            pi = st.point_index.cpu().numpy()
-            Q = sp.csr_matrix((np.ones(N), (pi, np.arange(N))), shape=(P, N))
-            st._implicit_cpu = (cols, indptr, Q)
-        cols, indptr, Q = st._implicit_cpu
-        pi = st.point_index
-        E = sp.csr_matrix((Yrows[:N].numpy().reshape(-1), cols, indptr), shape=(N * k, C * nc), copy=False)
-        ET = E.T.tocsr()  # one transpose per LM step; CSR matvecs are the fastest scipy kernel
-        U = self.U
+        vals = Yrows[:N].reshape(-1)
+        tvals = st.buffer("ET_values", (vals.numel(),), self.dtype)
+        torch.index_select(vals, 0, pat["ET"][2], out=tvals)
+        ones = st.buffer("Q_values", (N,), self.dtype).fill_(1)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            E = torch.sparse_csr_tensor(*pat["E"], vals, size=(N * k, C * nc), check_invariants=False)
+            ET = torch.sparse_csr_tensor(*pat["ET"][:2], tvals, size=(C * nc, N * k), check_invariants=False)
+            Q = torch.sparse_csr_tensor(*pat["Q"], ones, size=(P, N), check_invariants=False)
+        pi, U = st.point_index, self.U
 
         def matvec(x: Tensor) -> Tensor:
             xc = st.from_reduced(x)  # (C, nc)
-            t = E @ xc.numpy().reshape(-1)  # (N*k,)
-            s = torch.from_numpy(Q @ t.reshape(N, k))  # (P, k) per-point sums
-            u = ET @ s.index_select(0, pi).numpy().reshape(-1)  # (C*nc,)
-            y = torch.bmm(U, xc[:, :, None])[..., 0] - torch.from_numpy(u).view(C, nc)
+            t = E @ xc.reshape(-1)  # (N*k,)
+            s = Q @ t.view(N, k)  # (P, k) per-point sums
+            u = ET @ s.index_select(0, pi).reshape(-1)  # (C*nc,)
+            y = torch.bmm(U, xc[:, :, None])[..., 0] - u.view(C, nc)
             return st.to_reduced(y) + damp * x
 
         return matvec
 
-    def _implicit_matvec_torch(self, K: Tensor, damp: Tensor):
-        st = self.st
-        k, nc, d = self.k, self.nc, self.d
-        N = st.num_obs
-        per = max(1, self.chunk_bytes // (8 * (d * (nc + k) + nc + k) * self.Jc.element_size()))
-        chunks = [(s, min(N, s + per)) for s in range(0, N, per)]
-        ci, pi = st.cam_index, st.point_index
 
-        def matvec(x):
-            xc = st.from_reduced(x)  # (C, nc)
-            xT = xc.T.contiguous()
-            s = x.new_zeros(k, st.num_points)
-            for a0, a1 in chunks:  # t_a = K_a^T Jc_a x_c, summed per point
-                e = (self.Jc[:, :, a0:a1] * xT.index_select(1, ci[a0:a1])[None]).sum(1)
-                s.index_add_(1, pi[a0:a1], (K[:, :, a0:a1] * e[:, None, :]).sum(0))
-            corr = x.new_zeros(nc, st.num_cams)
-            for a0, a1 in chunks:  # Jc_a^T K_a s_p, summed per camera
-                h = (K[:, :, a0:a1] * s.index_select(1, pi[a0:a1])[None]).sum(1)
-                corr.index_add_(1, ci[a0:a1], (self.Jc[:, :, a0:a1] * h[:, None, :]).sum(0))
-            y = torch.bmm(self.U, xc[:, :, None])[..., 0] - corr.T
-            return st.to_reduced(y) + damp * x
+class StepSolve:
+    """One LM step's linear solve: direct solvers finish at once; PCG advances in blocks of
+    iterations (`run`), and `result` gives the step from the iterate so far, with
+    `StepInfo.unfinished` telling whether PCG is still running (the LM loop reads that flag with
+    its status)."""
 
-        return matvec
+    def __init__(self, system: ReducedSystem, radius: Tensor | float):
+        self.system = system
+        st = system.st
+        lam = 1.0 / torch.as_tensor(radius, dtype=system.dtype, device=system.r.device)
+        self.M, self.K, self.z = system._eliminate(lam)
+        b = st.to_reduced(system._rhs(self.K, self.z))  # (n,)
+        damp = lam * system.DC
+        self.cg: pcg.PCG | None = None
+        method = system.method
+        if method in ("dense", "sparse", "pcg_explicit"):
+            blocks = system._explicit_blocks(system._y_rows(self.K))
+            if method == "dense":
+                self.x, self.ok = system._solve_dense(blocks, b, damp)
+            elif method == "sparse":
+                self.x, self.ok = system._solve_sparse(blocks, b, damp)
+            else:
+                self.cg = system._pcg_explicit(blocks, b, damp)
+        elif method == "pcg":
+            self.cg = system._pcg_implicit(self.K, b, damp)
+        else:
+            raise ValueError(f"unknown linear solver {method!r}")
+
+    @property
+    def iterations_run(self) -> int:
+        return 0 if self.cg is None else self.cg.done
+
+    def run(self, iterations: int) -> None:
+        """Up to `iterations` more CG iterations (nothing for direct solvers)."""
+        if self.cg is not None:
+            self.cg.run(iterations)
+
+    def running(self) -> Tensor:
+        """() bool on the device: PCG has iterations left and has not converged."""
+        cg = self.cg
+        if cg is None or cg.exhausted:
+            return torch.zeros((), dtype=torch.bool, device=self.system.r.device)
+        return cg.active.any()
+
+    def result(self) -> tuple[Step, StepInfo]:
+        """The step from the solution (or PCG's iterate) so far, and how to judge it."""
+        cg = self.cg
+        if cg is None:
+            x, ok = self.x, self.ok
+            its = torch.zeros((), dtype=torch.int64, device=x.device)
+        else:
+            res = cg.result()
+            x, ok, its = res.x, res.ok, res.iterations
+        step, change = self.system._back_substitute(x, self.M, self.K, self.z)
+        ok = ok & torch.isfinite(x).all() & torch.isfinite(step.points).all()
+        return step, StepInfo(ok, change, its, self.running())

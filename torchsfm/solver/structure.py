@@ -1,7 +1,9 @@
-"""Sparsity bookkeeping for the Schur complement, computed once per problem (numpy, vectorised).
+"""Sparsity bookkeeping for the Schur complement, computed once per problem on its device.
 
 Everything here depends only on which camera block and which eliminated block each residual
-block touches, never on values, so it is built once and reused by every LM iteration.
+block touches, never on values, so it is built once (torch ops on the problem's device; the
+host reads sizes only here) and reused by every LM iteration, which then needs no host
+decision about the structure.
 
 - Camera segments: the residual blocks of each camera, padded to fixed-length segments, so that
   per-camera sums of outer products (U = sum J^T J, the Schur-Jacobi diagonal) are batched GEMMs
@@ -9,18 +11,20 @@ block touches, never on values, so it is built once and reused by every LM itera
 - Pair segments (explicit Schur complement only): every pair (a, b) of residual blocks on the same
   point with cam[a] <= cam[b], grouped by their camera-pair block and padded into segments the
   same way. Only the upper block triangle is formed; the strict upper part is mirrored on
-  assembly.
+  assembly (`dense_chunks`: the flat indices of both, in chunks).
 - Reduced-system numbering: `param_map` sends local camera parameters to reduced unknowns (-1 =
   constant; repeated = shared); `pmap` is the same with constants sent to a trash slot n.
 - Preconditioner groups: reduced unknowns owned by one camera block form that block's group;
   unknowns shared by several blocks (a camera's intrinsics shared by many images) form one group
   per first owner.
+- Implicit Schur complement (`implicit_pattern`): the fixed CSR patterns of E (one row per
+  observation and point coordinate, holding Y_a = K_a^T Jc_a), its transpose, and Q (the sum of
+  observations per point), whose values are gathered from the Y rows each LM step.
 """
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,39 +33,40 @@ logger = logging.getLogger(__name__)
 
 def count_pairs(cam_index: Tensor, point_index: Tensor, num_points: int) -> int:
     """Upper-triangle observation pairs of the explicit Schur complement: sum_p k_p (k_p + 1) / 2."""
-    k = torch.bincount(point_index.detach().cpu(), minlength=num_points).to(torch.float64)
+    k = torch.bincount(point_index, minlength=num_points).to(torch.float64)
     return int((k * (k + 1) / 2).sum())
 
 
-def _segments(group: np.ndarray, num_groups: int, length: int, small: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def _segments(group: Tensor, num_groups: int, length: int, small: int) -> list[tuple[Tensor, Tensor, int]]:
     """Cut the items of each group (items sorted by group) into segments.
 
     Returns [(item_index (nseg*L,) with -1 for padding, segment_group (nseg,), L), ...]: first
     full segments of `length`, then the remainders in segments of `small` (less padding).
     """
-    n = group.size
-    counts = np.bincount(group, minlength=num_groups)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(n) - starts[group]
+    dev = group.device
+    n = group.numel()
+    counts = torch.bincount(group, minlength=num_groups)
+    rank = torch.arange(n, device=dev) - _exclusive_cumsum(counts)[group]
     nbig = counts // length
-    out = []
     big = rank < (nbig * length)[group]
-    if big.any():
-        seg_first = np.concatenate([[0], np.cumsum(nbig)[:-1]])
-        pos = seg_first[group[big]] * length + rank[big]
-        idx = np.full(int(nbig.sum()) * length, -1, dtype=np.int64)
-        idx[pos] = np.nonzero(big)[0]
-        out.append((idx, np.repeat(np.arange(num_groups), nbig), length))
-    rest = ~big
-    if rest.any():
-        rem = counts - nbig * length
-        nsm = (rem + small - 1) // small
-        seg_first = np.concatenate([[0], np.cumsum(nsm)[:-1]])
-        g = group[rest]
-        pos = seg_first[g] * small + (rank[rest] - (nbig * length)[g])
-        idx = np.full(int(nsm.sum()) * small, -1, dtype=np.int64)
-        idx[pos] = np.nonzero(rest)[0]
-        out.append((idx, np.repeat(np.arange(num_groups), nsm), small))
+    out = []
+    groups = torch.arange(num_groups, device=dev)
+    rest = counts - nbig * length
+    parts = ((big, nbig, length, torch.zeros_like(counts)), (~big, (rest + small - 1) // small, small, nbig * length))
+    for sel, nseg, L, offset in parts:  # (items, segments per group, segment length, ranks before)
+        items = torch.nonzero(sel)[:, 0]
+        if items.numel() == 0:
+            continue
+        total = int(nseg.sum())
+        g = group[items]
+        pos = _exclusive_cumsum(nseg)[g] * L + rank[items] - offset[g]
+        idx = torch.full((total * L,), -1, dtype=torch.int64, device=dev)
+        idx[pos] = items
+        out.append((idx, torch.repeat_interleave(groups, nseg, output_size=total), L))
     return out
 
 
@@ -80,125 +85,194 @@ class SchurStructure:
         segment_length: int,
         device: torch.device,
     ):
-        ci = cam_index.detach().cpu().numpy().astype(np.int64)
-        pi = point_index.detach().cpu().numpy().astype(np.int64)
-        N = ci.size
+        ci = cam_index.detach().to(device=device, dtype=torch.int64)
+        pi = point_index.detach().to(device=device, dtype=torch.int64)
+        N = ci.numel()
         C, P, nc = int(num_cams), int(num_points), int(cam_dim)
         self.num_obs, self.num_cams, self.num_points = N, C, P
         self.cam_dim, self.point_dim = nc, int(point_dim)
         self.device = device
         L = int(segment_length)
         Ls = max(1, L // 4)
-        as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
-        pad = lambda a: np.where(a < 0, N, a)  # noqa: E731  (row N of per-observation rows is zero)
+        self.cam_index = ci
+        self.point_index = pi
+        self._buffers: dict[str, Tensor] = {}  # work tensors reused across LM iterations
+        self._chunks: dict[int, list] = {}
 
-        self.cam_index = as_t(ci)
-        self.point_index = as_t(pi)
+        def pad(a: Tensor) -> Tensor:  # padding -> row N of per-observation rows, which is zero
+            return torch.where(a < 0, N, a)
 
         # --- reduced numbering --------------------------------------------------------------
         if param_map is None:
-            pm = np.arange(C * nc, dtype=np.int64).reshape(C, nc)
+            pm = torch.arange(C * nc, device=device).reshape(C, nc)
         else:
-            pm = param_map.detach().cpu().numpy().astype(np.int64).reshape(C, nc)
-        n = int(pm.max()) + 1 if pm.size and pm.max() >= 0 else 0
-        used = np.zeros(n, dtype=bool)
+            pm = param_map.detach().to(device=device, dtype=torch.int64).reshape(C, nc)
+        n = int(pm.max()) + 1 if pm.numel() and int(pm.max()) >= 0 else 0
+        used = torch.zeros(n, dtype=torch.bool, device=device)
         used[pm[pm >= 0]] = True
-        if not used.all():
+        if not bool(used.all()):
             raise ValueError("cam_param_map must number the reduced unknowns 0..n-1 without gaps")
         self.n = n
-        self.param_map = as_t(pm)
-        self.pmap = as_t(np.where(pm < 0, n, pm))  # constants -> trash slot n
-        self.identity_map = param_map is None or (
-            bool((pm == np.arange(C * nc).reshape(C, nc)).all()) and n == C * nc
-        )
+        self.param_map = pm
+        self.pmap = torch.where(pm < 0, n, pm)  # constants -> trash slot n
 
         # --- camera segments (per-camera Gram matrices) ---------------------------------------
-        order_c = np.argsort(ci, kind="stable")
+        order_c = torch.argsort(ci, stable=True)
         self.cam_segments = [
-            (as_t(pad(np.where(idx < 0, -1, order_c[np.maximum(idx, 0)]))), as_t(sg), ln)
+            (pad(torch.where(idx < 0, -1, order_c[idx.clamp_min(0)])), sg, ln)
             for idx, sg, ln in _segments(ci[order_c], C, L, Ls)
         ]
 
         # --- preconditioner groups ------------------------------------------------------------
-        owners = np.bincount(pm[pm >= 0], minlength=n)
-        first = np.full(n, C, dtype=np.int64)
-        cam_of = np.repeat(np.arange(C), nc).reshape(C, nc)
-        np.minimum.at(first, pm[pm >= 0], cam_of[pm >= 0])
-        key = np.where(owners > 1, C, 0) + first
-        ukeys, grp = np.unique(key, return_inverse=True)
-        ng = ukeys.size
-        gorder = np.argsort(grp, kind="stable")
-        gcount = np.bincount(grp, minlength=ng)
-        gstart = np.concatenate([[0], np.cumsum(gcount)[:-1]])
-        gpos = np.empty(n, dtype=np.int64)
-        gpos[gorder] = np.arange(n) - gstart[grp[gorder]]
+        free = pm >= 0
+        owners = torch.bincount(pm[free], minlength=n)
+        cam_of = torch.arange(C, device=device)[:, None].expand(C, nc)
+        first = torch.full((n,), C, dtype=torch.int64, device=device)
+        first.scatter_reduce_(0, pm[free], cam_of[free], "amin")
+        key = torch.where(owners > 1, C, 0) + first
+        ukeys, grp = torch.unique(key, return_inverse=True)
+        ng = ukeys.numel()
+        gorder = torch.argsort(grp, stable=True)
+        gcount = torch.bincount(grp, minlength=ng)
+        gpos = torch.empty(n, dtype=torch.int64, device=device)
+        gpos[gorder] = torch.arange(n, device=device) - _exclusive_cumsum(gcount)[grp[gorder]]
         bmax = int(gcount.max()) if n else 1
         self.num_groups, self.group_size = ng, bmax
-        self.unknown_slot = as_t(grp * bmax + gpos)  # (n,) row in the (ng*bmax) flattening
+        self.unknown_slot = grp * bmax + gpos  # (n,) row in the (ng*bmax) flattening
         # local (c, i, j) of a camera's diagonal block -> flat index in (ng+1, bmax, bmax); trash ng
-        safe = np.maximum(pm, 0) if n else np.zeros_like(pm)
-        grp_, gpos_ = (grp, gpos) if n else (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
-        gi = np.where(pm >= 0, grp_[safe], -1)
-        pi_ = np.where(pm >= 0, gpos_[safe], 0)
+        if n:
+            safe = pm.clamp_min(0)
+            gi = torch.where(free, grp[safe], -1)
+            pi_ = torch.where(free, gpos[safe], 0)
+        else:
+            gi, pi_ = torch.full_like(pm, -1), torch.zeros_like(pm)
         same = (gi[:, :, None] == gi[:, None, :]) & (gi[:, :, None] >= 0)
         flat = (gi[:, :, None] * bmax + pi_[:, :, None]) * bmax + pi_[:, None, :]
-        self.precond_index = as_t(np.where(same, flat, ng * bmax * bmax).reshape(-1))
-        pad_slots = np.ones((ng, bmax), dtype=bool)
+        self.precond_index = torch.where(same, flat, ng * bmax * bmax).reshape(-1)
+        pad_slots = torch.ones(ng, bmax, dtype=torch.bool, device=device)
         pad_slots[grp, gpos] = False
-        self.precond_pad = as_t(pad_slots)
+        self.precond_pad = pad_slots
 
         # --- explicit Schur complement: pair segments ---------------------------------------
         self.explicit = bool(explicit)
         self.num_pairs = 0
         self.num_blocks = 0
         if explicit:
-            self._build_pairs(ci, pi, C, P, L, Ls, as_t, pad)
+            self._build_pairs(ci, pi, C, P, L, Ls, pad)
+        self._implicit: dict | None = None
 
-    def _build_pairs(self, ci, pi, C, P, L, Ls, as_t, pad):
-        order = np.argsort(pi, kind="stable")
-        cnt = np.bincount(pi, minlength=P)
-        start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
-        k2 = cnt * cnt
-        tot = int(k2.sum())
-        pt = np.repeat(np.arange(P), k2)
-        local = np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(k2) - k2, k2)
-        kk = cnt[pt]
-        ia = order[start[pt] + local // kk]
-        ib = order[start[pt] + local % kk]
-        ca, cb = ci[ia], ci[ib]
-        # Upper block triangle: off the diagonal one orientation suffices (the block is mirrored);
-        # within a diagonal block every ordered pair a != b (a camera may see a point twice). The
-        # pairs (a, a) are left to the camera segments (one gather per observation, not two).
-        keep = (ca < cb) | ((ca == cb) & (ia != ib))
-        ia, ib, ca, cb = ia[keep], ib[keep], ca[keep], cb[keep]
+    def _build_pairs(self, ci, pi, C, P, L, Ls, pad):
+        dev = ci.device
+
+        def sel(t: Tensor, i: Tensor) -> Tensor:
+            return torch.index_select(t, 0, i)
+
+        # every unordered pair (r1 < r2) of each point's observations, by triangular unranking
+        order = torch.argsort(pi, stable=True)
+        cnt = torch.bincount(pi, minlength=P)
+        npair = cnt * (cnt - 1) // 2
+        tot = int(npair.sum())
+        pt = torch.repeat_interleave(torch.arange(P, device=dev), npair, output_size=tot)
+        t = torch.arange(tot, device=dev) - sel(_exclusive_cumsum(npair), pt)  # = r2 (r2 - 1) / 2 + r1
+        r2 = ((1 + torch.sqrt(1 + 8 * t.to(torch.float64))) / 2).floor().to(torch.int64)
+        r2 -= (r2 * (r2 - 1) // 2 > t).to(torch.int64)  # exact despite the rounding of the root
+        r2 += ((r2 + 1) * r2 // 2 <= t).to(torch.int64)
+        base = sel(_exclusive_cumsum(cnt), pt)
+        x, y = sel(order, base + t - r2 * (r2 - 1) // 2), sel(order, base + r2)
+        del pt, t, r2, base
+        # Upper block triangle: off the diagonal one orientation, cam[a] < cam[b], suffices (the
+        # block is mirrored); within a diagonal block every ordered pair a != b (a camera may see
+        # a point twice). The pairs (a, a) are left to the camera segments.
+        cx, cy = sel(ci, x), sel(ci, y)
+        swap = cx > cy
+        ia, ib = torch.where(swap, y, x), torch.where(swap, x, y)
+        key = torch.minimum(cx, cy) * C + torch.maximum(cx, cy)
+        same = torch.nonzero(cx == cy)[:, 0]
+        ia, ib = torch.cat([ia, sel(ib, same)]), torch.cat([ib, sel(ia, same)])
+        key = torch.cat([key, sel(key, same)])
         # every camera with observations gets its diagonal block, even without pairs
-        has_obs = np.unique(ci)
-        key = np.concatenate([ca * C + cb, has_obs * C + has_obs])
-        ia = np.concatenate([ia, np.full(has_obs.size, -1)])
-        ib = np.concatenate([ib, np.full(has_obs.size, -1)])
-        ukey, blk = np.unique(key, return_inverse=True)
-        real = ia >= 0
-        ia, ib, blk = ia[real], ib[real], blk[real]
-        srt = np.argsort(blk, kind="stable")
-        ia, ib, blk = ia[srt], ib[srt], blk[srt]
-        self.num_pairs = int(ia.size) + int(ci.size)  # + the (a, a) pairs of the camera segments
-        self.num_blocks = int(ukey.size)
+        has_obs = torch.nonzero(torch.bincount(ci, minlength=C))[:, 0]
+        perm = torch.argsort(torch.cat([key, has_obs * (C + 1)]), stable=True)  # one sort: blocks in order
+        ukey, counts = torch.unique_consecutive(sel(torch.cat([key, has_obs * (C + 1)]), perm), return_counts=True)
+        blk = torch.repeat_interleave(torch.arange(ukey.numel(), device=dev), counts, output_size=perm.numel())
+        real = torch.nonzero(perm < key.numel())[:, 0]
+        ia, ib, blk = sel(ia, sel(perm, real)), sel(ib, sel(perm, real)), sel(blk, real)
+        self.num_pairs = int(ia.numel()) + int(ci.numel())  # + the (a, a) pairs of the camera segments
+        self.num_blocks = int(ukey.numel())
         br, bc = ukey // C, ukey % C
-        self.block_row = as_t(br)
-        self.block_col = as_t(bc)
-        self.block_strict = as_t(np.nonzero(br < bc)[0])
-        diag = np.full(C, -1, dtype=np.int64)
-        isd = br == bc
-        diag[br[isd]] = np.nonzero(isd)[0]
-        self.cam_diag_block = as_t(diag)
+        self.block_row, self.block_col = br, bc
+        self.block_strict = torch.nonzero(br < bc)[:, 0]
+        diag = torch.full((C,), -1, dtype=torch.int64, device=dev)
+        isd = torch.nonzero(br == bc)[:, 0]
+        diag[br[isd]] = isd
+        self.cam_diag_block = diag
+        self.diag_cams = torch.nonzero(diag >= 0)[:, 0]  # cameras with a diagonal block, and theirs
+        self.diag_blocks_of = diag[self.diag_cams]
         self.pair_segments = []
-        it = np.int32 if self.num_obs < 2**31 - 1 else np.int64  # halves the largest index arrays
+        it = torch.int32 if self.num_obs < 2**31 - 1 else torch.int64  # halves the largest index arrays
         for idx, sg, ln in _segments(blk, self.num_blocks, L, Ls):
-            a = pad(np.where(idx < 0, -1, ia[np.maximum(idx, 0)])).astype(it)
-            b = pad(np.where(idx < 0, -1, ib[np.maximum(idx, 0)])).astype(it)
-            self.pair_segments.append((as_t(a), as_t(b), as_t(sg), ln))
+            a = pad(torch.where(idx < 0, -1, ia[idx.clamp_min(0)])).to(it)
+            b = pad(torch.where(idx < 0, -1, ib[idx.clamp_min(0)])).to(it)
+            self.pair_segments.append((a, b, sg, ln))
         padded = sum(int(s[0].numel()) for s in self.pair_segments)
         logger.debug("Schur structure: %d pairs (%d padded) in %d blocks", self.num_pairs, padded, self.num_blocks)
+
+    def dense_chunks(self, chunk_blocks: int) -> list[tuple[int, int, Tensor]]:
+        """[(first block, end block, positions of the strict upper blocks in the chunk), ...]:
+        the explicit blocks in chunks, with what the mirror needs known without a host read."""
+        if chunk_blocks not in self._chunks:
+            out = []
+            for s0 in range(0, self.num_blocks, chunk_blocks):
+                s1 = min(self.num_blocks, s0 + chunk_blocks)
+                out.append((s0, s1, torch.nonzero(self.block_row[s0:s1] < self.block_col[s0:s1])[:, 0]))
+            self._chunks[chunk_blocks] = out
+        return self._chunks[chunk_blocks]
+
+    @property
+    def implicit_pattern(self) -> dict:
+        """CSR patterns of E (N k x C nc), E^T and Q (P x N), and the gather of E^T's values
+        (built on first use)."""
+        if self._implicit is None:
+            self._implicit = self._build_implicit()
+        return self._implicit
+
+    def _build_implicit(self) -> dict:
+        N, C, P, k, nc, dev = self.num_obs, self.num_cams, self.num_points, self.point_dim, self.cam_dim, self.device
+        it = torch.int64 if N * k * nc >= 2**31 - 1 else torch.int32  # int32 takes MKL's kernels on the CPU
+        ci, pi = self.cam_index, self.point_index
+        # E: row (a, i) holds Y_a[i, :] in columns ci[a] * nc + j; values are the Y rows as stored
+        cols = (ci[:, None, None] * nc + torch.arange(nc, device=dev)).expand(N, k, nc).reshape(-1).to(it)
+        crow = torch.arange(0, N * k * nc + 1, nc, device=dev).to(it)
+        # E^T: row (c, j) holds Y_a[i, j] for the observations a of camera c, (a, i) ascending.
+        # With m the rank of a in camera order (stable) and s_c, n_c camera c's first rank and
+        # count, entry (m, j, i) sits at (s_c nc + j n_c) k + (m - s_c) k + i: placed, not sorted.
+        order = torch.argsort(ci, stable=True)
+        count = torch.bincount(ci, minlength=C)
+        first = torch.cumsum(count, 0) - count
+        c = ci[order]
+        m = torch.arange(N, device=dev)
+        base = ((first[c] * (nc - 1) + m) * k)[:, None, None]  # s_c nc k + (m - s_c) k
+        jj = torch.arange(nc, device=dev)[None, :, None]
+        ii = torch.arange(k, device=dev)[None, None, :]
+        pos = (base + jj * (count[c] * k)[:, None, None] + ii).reshape(-1)
+        a = order[:, None, None]
+        tvals = torch.empty(N * nc * k, dtype=torch.int64, device=dev)
+        tvals[pos] = ((a * k + ii) * nc + jj).reshape(-1)  # index into E's values
+        tcols = torch.empty(N * nc * k, dtype=it, device=dev)
+        tcols[pos] = (a * k + ii).expand(N, nc, k).reshape(-1).to(it)
+        tcrow = torch.cat([count.new_zeros(1), torch.cumsum(count.repeat_interleave(nc, output_size=C * nc) * k, 0)])
+        # Q: row p holds a 1 for each observation of point p
+        qcrow = torch.cat([pi.new_zeros(1), torch.cumsum(torch.bincount(pi, minlength=P), 0)])
+        return {"E": (crow, cols), "ET": (tcrow.to(it), tcols, tvals),
+                "Q": (qcrow.to(it), torch.argsort(pi, stable=True).to(it))}
+
+    def buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> Tensor:
+        """A work tensor reused across LM iterations (contents undefined)."""
+        b = self._buffers.get(name)
+        if b is None or b.shape != torch.Size(shape) or b.dtype != dtype:
+            b = torch.empty(shape, dtype=dtype, device=self.device)
+            self._buffers[name] = b
+        return b
 
     # ------------------------------------------------------------------------------------------
     def to_reduced(self, v: Tensor) -> Tensor:
