@@ -32,7 +32,8 @@ def register(sub) -> argparse.ArgumentParser:
         "  torchsfm bench --datasets ring50,templeRing --methods glomap,torchsfm --json out/b.json --md out/b.md\n"
         "  torchsfm bench --datasets corridor2000 --device cuda --threads 16\n"
         "  torchsfm bench --from-json docs/bench_cpu.json docs/bench_gpu.json --md out/both.md\n"
-        "datasets: ringN, turntableN, corridorN, sphereN (synthetic, N images), colmapsphereN (pycolmap's synthetic\n"
+        "datasets: ringN, turntableN, corridorN, sphereN, loopsN (synthetic, N images; loopsN: unordered, retrieval\n"
+        "  pairs, loop closures), colmapsphereN (pycolmap's synthetic\n"
         "  scene rendered to images), templeRing, dtu_scan24, kitchen,\n"
         "  images:FOLDER[@GT_MODEL], database:DB[@GT_MODEL]; NAME=m1+m2 limits the methods for one dataset",
     )
