@@ -21,7 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/torchsfm demo
 
+# The import-linter contracts of pyproject.toml (layers only point down, no cycles), then the tests.
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torchsfm.ba import BundleAdjustmentOptions, ReprojectionProblem, bundle_adjust
-from torchsfm.cameras.registry import MODELS
+from torchsfm.data.camera_models import MODELS
 from torchsfm.geometry import so3
 from torchsfm.io.colmap_model import to_pycolmap
 from torchsfm.solver import SolverOptions, check_jacobians, losses

@@ -8,7 +8,7 @@ import torch
 
 from torchsfm.cameras import models as M
 from torchsfm.cameras.projection import project_world
-from torchsfm.cameras.registry import MODELS
+from torchsfm.data.camera_models import MODELS
 from torchsfm.data.model import MAX_CAMERA_PARAMS, Cameras
 from torchsfm.geometry import se3, so3
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from torchsfm.cameras.models import project_cameras, unproject_cameras
-from torchsfm.cameras.registry import model_id
+from torchsfm.data.camera_models import model_id
 from torchsfm.cli import main
 from torchsfm.export import (
     ExportError,

@@ -13,7 +13,7 @@ from torchsfm import metrics
 from torchsfm.cli import main
 from torchsfm.mapper import pipeline
 from torchsfm.mapper.pipeline import MapperOptions, _check_finite, global_mapping
-from torchsfm.reliability.memory import OutOfMemory, is_oom, run_with_memory_fallback
+from torchsfm.runtime.memory import OutOfMemory, is_oom, run_with_memory_fallback
 from torchsfm.solver import schur
 from torchsfm.synthetic import SyntheticOptions, synthesize, write_synthetic_database
 

@@ -13,7 +13,7 @@ from torchsfm import metrics
 from torchsfm.geometry import so3
 from torchsfm.mapper import pipeline
 from torchsfm.mapper.pipeline import REASON_FEW_OBSERVATIONS, REASON_OUTLIER_POSITION, MapperOptions, global_mapping
-from torchsfm.reliability.scenes import (
+from torchsfm.synthetic.degenerate import (
     add_outlier_pairs,
     planar_scene,
     pure_rotation_scene,

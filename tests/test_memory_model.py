@@ -10,7 +10,7 @@ import torch
 
 import torchsfm.io.database as database
 import torchsfm.mapper.pipeline as pipeline
-from torchsfm import peak_memory
+from torchsfm.runtime import peak_memory
 from torchsfm.api import load_mapper_input, map_database
 from torchsfm.data.model import INDEX_DTYPE, Tracks, storage_bytes, wide_indices
 from torchsfm.mapper.pipeline import MapperOptions

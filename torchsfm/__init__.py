@@ -7,7 +7,7 @@ import logging
 # Pillow was seen to abort the process ("free(): invalid pointer").
 import PIL.Image  # noqa: F401
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 logger = logging.getLogger("torchsfm")
 logger.addHandler(logging.NullHandler())

@@ -10,15 +10,12 @@ import importlib
 import logging
 import sys
 
-from . import __version__
+from ._version import __version__
+from .commands import CLIError
 from .runtime import configure_threads
 
 # Order is the order shown by --help; modules that do not exist yet are skipped.
 VERBS = ["demo", "extract", "match", "map", "run", "ba", "export", "view", "bench"]
-
-
-class CLIError(Exception):
-    """An error with an actionable message; printed without a traceback, exit code 2."""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(args.verbose, args.quiet)
     configure_threads(args.threads)
-    from .reliability.signals import interrupt_exit_code, terminate_as_interrupt
+    from .runtime.signals import interrupt_exit_code, terminate_as_interrupt
 
     try:
         with terminate_as_interrupt():  # SIGTERM takes the Ctrl-C path below

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import peak_memory
+from .runtime import peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _fmt_counts(counts: dict) -> str:
 def versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__}
     try:
-        from . import __version__
+        from ._version import __version__
 
         out["torchsfm"] = __version__
     except ImportError:  # pragma: no cover

@@ -227,7 +227,7 @@ def mirrored_poses(data: BALData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def to_reconstruction(data: BALData, dtype=torch.float64):
     """The BAL problem as a torchsfm Reconstruction with one RADIAL camera per image."""
-    from ..cameras.registry import model_id
+    from ..data.camera_models import model_id
     from ..data.model import MAX_CAMERA_PARAMS, Cameras, Images, Keypoints, Points3D, Reconstruction, Tracks, offsets_from_counts
 
     C, P, N = data.num_cameras, data.num_points, data.num_observations

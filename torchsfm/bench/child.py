@@ -6,7 +6,7 @@ is its own. Only the stdlib is imported at module level; each method imports wha
 
 Before mapping, the database's content hash is computed and must equal `--expected-hash` (the
 harness never compares runs on different inputs). The peak resident set is reset just before
-the mapper starts and read just after (torchsfm/peak_memory.py), so the recorded peak is the
+the mapper starts and read just after (torchsfm/runtime/peak_memory.py), so the recorded peak is the
 mapper's, on top of what the interpreter and libraries already hold (`rss_start_mb`); torchsfm's
 runs also record each stage's peak (`stage_memory`).
 
@@ -70,13 +70,13 @@ def database_hash(path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory: torchsfm/peak_memory.py, loaded by path (it imports only the standard library)
+# Memory: torchsfm/runtime/peak_memory.py, loaded by path (it imports only the standard library)
 
 
 def _load_peak_memory():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "peak_memory.py"
+    path = Path(__file__).resolve().parents[1] / "runtime" / "peak_memory.py"
     spec = importlib.util.spec_from_file_location("_torchsfm_peak_memory", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -184,7 +184,7 @@ def run_torchsfm(args, out: Path, result: dict):
         result["device_name"] = torch.cuda.get_device_name(dev)
     startup_peak(result)
     # the package's own instance of the module: the stages' windows must nest in this one
-    from torchsfm import peak_memory as package_peak_memory
+    from torchsfm.runtime import peak_memory as package_peak_memory
 
     mem = package_peak_memory.begin()
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Batched camera models with analytic Jacobians, numerically equal to COLMAP's.
 
-Supported models (COLMAP ids and parameter orders, see `registry.py`): SIMPLE_PINHOLE,
+Supported models (COLMAP ids and parameter orders, see `torchsfm.data.camera_models`): SIMPLE_PINHOLE,
 PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV, OPENCV_FISHEYE. Every function is batched over a
 leading dimension N, follows the inputs' device and dtype, and has no per-point Python loop.
 
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..data.model import MAX_CAMERA_PARAMS, Cameras
-from .registry import MODELS_BY_ID, ModelInfo, model_info
+from ..data.camera_models import MODELS_BY_ID, ModelInfo, model_info
 
 # COLMAP's IterativeUndistortion constants (src/colmap/sensor/models.h).
 UNDISTORT_MAX_ITERATIONS = 100
@@ -332,7 +332,7 @@ def unproject_cameras(cameras: Cameras, cam: Tensor, uv: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# Parameter layout helpers (built from registry.py).
+# Parameter layout helpers (built from torchsfm.data.camera_models).
 
 
 @lru_cache(maxsize=None)

@@ -61,7 +61,7 @@ def run(args) -> int:
     import torch
 
     from ..ba import BundleAdjustmentOptions, bundle_adjust
-    from ..cli import CLIError
+    from . import CLIError
     from ..io.colmap_model import read_model, write_model
     from ..runtime import resolve_device
     from ..solver import SolverOptions

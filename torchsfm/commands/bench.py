@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import CLIError
+from . import CLIError
 
 _DEFAULTS = {  # per suite: threads, per-run cap (s), per-run cap on the scaling curve (s), total budget (s)
     "smoke": (1, 300.0, None, None),

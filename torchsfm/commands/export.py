@@ -51,7 +51,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
+    from . import CLIError
     from ..export import ExportError, NerfstudioOptions, UndistortOptions, export_model
     from ..io.colmap_model import read_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cameras.registry import MODELS
+from ..data.camera_models import MODELS
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
+    from . import CLIError
     from ..frontend import ExtractOptions, IngestError, extract
     from ..frontend.colmap_db import DatabaseError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CLIError
+from . import CLIError
 from ..config import load, merge
 from ..mapper.pipeline import MapperOptions
 from ..report import format_summary

@@ -43,7 +43,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
+    from . import CLIError
     from ..frontend import IngestError, MatchOptions, match
     from ..frontend.colmap_db import DatabaseError
 

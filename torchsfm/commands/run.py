@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CLIError
+from . import CLIError
 from .map import add_mapper_arguments, mapper_options
 
 

@@ -34,7 +34,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
+    from . import CLIError
     from ..viewer import ViewerOptions, write_viewer
 
     if args.max_points < 0:

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from ..geometry import so3
+# CSR helpers of the data model's flat lists; they live below `geometry`, which uses them too
+from ..segments import group_pairs, offsets_from_counts, rows_of, spread_subset  # noqa: F401
 
 # Largest parameter count over the supported camera models (FULL_OPENCV-sized); params rows
 # are zero-padded to this width so that mixed-model cameras live in one tensor.
@@ -111,40 +113,6 @@ def wide_indices(rec: "Reconstruction") -> list[str]:
     return out
 
 
-def offsets_from_counts(counts: Tensor) -> Tensor:
-    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-
-
-def group_pairs(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
-    """All unordered pairs (a, b), a < b, of items in the same group; `group` must be sorted
-    (e.g. observations by track). Vectorised: each item pairs with the items after it."""
-    dev = group.device
-    length = torch.bincount(group, minlength=num_groups)
-    start = offsets_from_counts(length)[:-1]
-    pos = torch.arange(group.numel(), device=dev) - start[group]
-    partners = length[group] - 1 - pos
-    a = torch.repeat_interleave(torch.arange(group.numel(), device=dev), partners)
-    first = offsets_from_counts(partners)[:-1]
-    b = a + 1 + (torch.arange(a.numel(), device=dev) - first[a])
-    return a, b
-
-
-def spread_subset(group: Tensor, num_groups: int, max_per_group: int) -> Tensor:
-    """Bool mask keeping at most about `max_per_group` items of each group, evenly strided
-    (so a track keeps its first and far-apart views); `group` (M,) must be sorted."""
-    count = torch.bincount(group, minlength=num_groups)
-    start = torch.cumsum(count, 0) - count
-    rank = torch.arange(group.numel(), device=group.device) - start[group]
-    stride = (count + max_per_group - 1) // max_per_group
-    return rank % stride.clamp_min(1)[group] == 0
-
-
-def rows_of(offsets: Tensor) -> Tensor:
-    """For CSR offsets (N+1,), the row index of every item (offsets[-1],)."""
-    counts = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)
-
-
 @dataclass
 class Cameras(_TensorBag):
     camera_id: Tensor  # (C,) int64, COLMAP camera_id
@@ -159,7 +127,7 @@ class Cameras(_TensorBag):
 
     @property
     def model_names(self) -> list[str]:
-        from ..cameras.registry import model_name
+        from .camera_models import model_name
 
         return [model_name(int(m)) for m in self.model_id.tolist()]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..cameras.registry import model_info
+from ..data.camera_models import model_info
 from ..data.model import Reconstruction
 from ..geometry import so3
 from ..io.atomic import atomic_dir

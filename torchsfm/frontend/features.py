@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cameras.registry import model_info
+from ..data.camera_models import model_info
 from .colmap_db import FrontendDatabase
 from .ingest import IngestError, ImageRecord, SkippedFile, group_cameras, load_uint8, scan_images
 from .options import ExtractOptions

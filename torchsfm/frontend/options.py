@@ -48,7 +48,7 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         self.camera_mode = normalize_choice(self.camera_mode, CAMERA_MODES, "camera mode")
         self.device = normalize_choice(self.device, DEVICES, "device")
-        from ..cameras.registry import model_info
+        from ..data.camera_models import model_info
 
         self.camera_model = model_info(str(self.camera_model).upper()).name
         self.extensions = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..data.model import spread_subset
+from ..segments import spread_subset
 from . import so3
 
 

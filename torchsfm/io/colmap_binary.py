@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cameras.registry import model_info
+from ..data.camera_models import model_info
 from ..data.model import Reconstruction
 
 INVALID_POINT3D_ID = np.iinfo(np.uint64).max

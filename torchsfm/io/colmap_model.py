@@ -26,7 +26,7 @@ import numpy as np
 import pycolmap
 import torch
 
-from ..cameras.registry import model_info
+from ..data.camera_models import model_info
 from ..data.model import (
     MAX_CAMERA_PARAMS,
     Cameras,

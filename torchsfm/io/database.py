@@ -23,7 +23,7 @@ import pycolmap
 import torch
 from torch import Tensor
 
-from ..cameras.registry import model_info
+from ..data.camera_models import model_info
 from ..data.model import (
     MAX_CAMERA_PARAMS,
     TWO_VIEW_DEGENERATE,

@@ -125,7 +125,7 @@ def checkpoint_key(rec: Reconstruction, options: dict, device: str, extra: str =
     """Hash (hex, 24 characters) of the mapper's input content (cameras, images, keypoints, view
     graph; not the database file, whose bytes change whenever SQLite opens it for writing), the
     options, the device and the torchsfm version."""
-    from .. import __version__
+    from .._version import __version__
 
     h = hashlib.sha256()
     state = reconstruction_state(rec)

@@ -12,7 +12,7 @@ Reliability (see docs/fault-cases.md):
   averaging give a symmetry warning; cameras far from all others after positioning, or left
   with too few observations, are dropped with a warning;
 - global positioning and bundle adjustment retry out-of-memory failures with smaller chunks,
-  the implicit solver, then the CPU (`torchsfm.reliability.memory`);
+  the implicit solver, then the CPU (`torchsfm.runtime.memory`);
 - with a `CheckpointStore`, the state is saved after every major step and a rerun resumes from
   the latest one with an identical result (`torchsfm.mapper.checkpoint`).
 """
@@ -31,12 +31,12 @@ from ..ba.bundle_adjustment import BundleAdjustmentOptions, bundle_adjust
 from ..config import to_dict
 from ..data.model import Points3D, Reconstruction, Tracks
 from ..geometry import so3
-from ..reliability.degeneracy import DegeneracyOptions, detect_no_parallax, outlier_cameras, symmetry_warning
-from ..reliability.finite import check_finite
-from ..reliability.memory import MemoryFallbackOptions, OutOfMemory, run_with_memory_fallback
 from ..report import RunReport, StageReport, solver_progress
 from ..runtime import resolve_device
+from ..runtime.memory import MemoryFallbackOptions, OutOfMemory, run_with_memory_fallback
 from .checkpoint import Checkpoint, CheckpointStore, rng_state, set_rng_state
+from .degeneracy import DegeneracyOptions, detect_no_parallax, outlier_cameras, symmetry_warning
+from .finite import check_finite
 from .global_positioning import GlobalPositioningOptions, global_positioning
 from .graph import connected_components, image_reasons, mark_images
 from .relative_pose import RelativePoseOptions, estimate_relative_poses
@@ -106,7 +106,7 @@ class MapperOptions:
 def _check_finite(rec: Reconstruction, stage: str, max_fraction: float = 0.5,
                   report: RunReport | None = None) -> Reconstruction:
     """NaN/Inf after a stage: quarantine the cameras, keypoints, pairs, images and points
-    concerned, with a warning (`torchsfm.reliability.finite.check_finite`). Returns the cleaned
+    concerned, with a warning (`torchsfm.mapper.finite.check_finite`). Returns the cleaned
     reconstruction; raises NonFiniteError when more than `max_fraction` of the images are hit."""
     rec, warnings = check_finite(rec, stage, max_fraction)
     if warnings and report is not None:

@@ -1,4 +1,5 @@
-"""Process-wide runtime settings: threads, device choice, seeds."""
+"""Process-wide runtime settings: threads, device choice, seeds (`memory`: out-of-memory fallbacks,
+`signals`: SIGTERM as Ctrl-C)."""
 from __future__ import annotations
 
 import os

@@ -50,7 +50,7 @@ class DegeneracyOptions:
 def _bearings_of_matches(rec: Reconstruction, max_per_pair: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Unit bearings (M', 3) of both ends of the matches and their pair index (M',): all matches,
     or at most about `max_per_pair` of each pair, evenly spread."""
-    from ..mapper.triangulation import normalized_matches
+    from .triangulation import normalized_matches
 
     pm = rec.view_graph.pair_of_match()
     sub = None if not max_per_pair else spread_subset(pm, len(rec.view_graph), max_per_pair)

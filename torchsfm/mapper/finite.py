@@ -19,8 +19,8 @@ import logging
 import torch
 
 from ..data.model import Reconstruction, Tracks, offsets_from_counts
-from ..mapper.graph import active_images, mark_images
-from ..mapper.triangulation import compact_tracks
+from .graph import active_images, mark_images
+from .triangulation import compact_tracks
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Out-of-memory handling of the mapper stages: retry in smaller chunks, then on the CPU.
+"""Out-of-memory handling of solver stages: retry in smaller chunks, then on the CPU.
 
 A stage is a function `(rec, options) -> rec`. When it runs out of memory (a CUDA
 `torch.OutOfMemoryError`, the CPU allocator's "can't allocate memory", or a `MemoryError` from
@@ -15,6 +15,7 @@ logged as a warning and listed in the run report.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
@@ -46,12 +47,13 @@ class MemoryFallbackOptions:
 
 
 def _solver_options(opt) -> list:
-    """The SolverOptions inside a MapperOptions (bundle adjustment, global positioning)."""
+    """The solver options one level down in the options dataclass `opt`: the `solver` field of each
+    of its fields (in a MapperOptions: bundle adjustment's and global positioning's)."""
     out = []
-    for name in ("bundle_adjustment", "global_positioning"):
-        sub = getattr(opt, name, None)
-        if sub is not None and getattr(sub, "solver", None) is not None:
-            out.append(sub.solver)
+    for f in dataclasses.fields(opt):
+        solver = getattr(getattr(opt, f.name), "solver", None)
+        if solver is not None and hasattr(solver, "chunk_bytes"):
+            out.append(solver)
     return out
 
 
@@ -60,7 +62,7 @@ def _default_chunk(device: torch.device) -> int:
 
 
 def smaller(opt, device: torch.device, mf: MemoryFallbackOptions, implicit: bool):
-    """A copy of the mapper options with smaller solver chunks (and the implicit PCG)."""
+    """A copy of the stage options with smaller solver chunks (and the implicit PCG)."""
     new = copy.deepcopy(opt)
     for s in _solver_options(new):
         s.chunk_bytes = max(mf.min_chunk_bytes, (s.chunk_bytes or _default_chunk(device)) // mf.chunk_divisor)

@@ -1,5 +1,6 @@
 """Seeded synthetic scenes with known answers: true poses, points, tracks, noisy keypoints and a
-view graph of (optionally contaminated) matches.
+view graph of (optionally contaminated) matches. Degenerate scenes built from explicit poses and
+points (no parallax, a plane, a symmetric object) are in `torchsfm.synthetic.degenerate`.
 
 Everything is generated on the CPU in float64 from one torch.Generator, so a seed gives the
 same scene on every machine, then moved to the requested device/dtype. Projection goes through
@@ -42,9 +43,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cameras.models import calibration_matrix, default_params, project_cameras
-from .cameras.registry import model_info
-from .data.model import (
+from ..cameras.models import calibration_matrix, default_params, project_cameras
+from ..data.camera_models import model_info
+from ..data.model import (
     TWO_VIEW_CALIBRATED,
     TWO_VIEW_UNCALIBRATED,
     Cameras,
@@ -57,8 +58,8 @@ from .data.model import (
     group_pairs,
     offsets_from_counts,
 )
-from .geometry import se3, so3
-from .io.database import first_occurrence, write_database
+from ..geometry import se3, so3
+from ..io.database import first_occurrence, write_database
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..cameras.models import calibration_matrix, default_params, project_cameras
-from ..cameras.registry import model_info
+from ..data.camera_models import model_info
 from ..data.model import (
     TWO_VIEW_CALIBRATED,
     TWO_VIEW_PANORAMIC,
@@ -31,7 +31,7 @@ from ..data.model import (
     offsets_from_counts,
 )
 from ..geometry import se3, so3
-from ..synthetic import SyntheticOptions, SyntheticScene, _look_at
+from . import SyntheticOptions, SyntheticScene, _look_at
 
 
 def scene_from_geometry(R: Tensor, t: Tensor, X: Tensor, *, width: int = 640, height: int = 480,

@@ -1,7 +1,9 @@
 """Camera model metadata: COLMAP ids, names and parameter layouts.
 
 The numeric ids are COLMAP's `CameraModelId` values, so they go to and from COLMAP files
-unchanged. Projection code for each model lives in `torchsfm.cameras.models`.
+unchanged. The table is part of the data model (`Cameras.model_id` and the layout of
+`Cameras.params` are defined by it), so it sits in `data`, below the projection code of each
+model in `torchsfm.cameras.models`.
 """
 from __future__ import annotations
 
