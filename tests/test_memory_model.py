@@ -112,3 +112,18 @@ def test_peak_memory_windows_nest():
     big, small = (s.memory["peak_rss_mb"] for s in rep.stages)
     assert big - small > 250  # the second stage's window does not see the first's peak
     assert total["peak_rss_mb"] >= big - 0.1  # but the enclosing window does (stages round to 0.1 MB)
+
+
+def test_bundle_adjustment_evaluates_in_chunks_exactly():
+    """The reprojection problem's evaluation in observation chunks (bounded projection
+    temporaries) gives the same residuals and Jacobians as one pass."""
+    from torchsfm.ba.bundle_adjustment import BundleAdjustmentOptions, ReprojectionProblem
+
+    gt = synthesize(SyntheticOptions(num_images=8, num_points=300, pixel_noise=0.5, seed=2)).gt
+    whole = ReprojectionProblem(gt, BundleAdjustmentOptions())
+    chunked = ReprojectionProblem(gt, BundleAdjustmentOptions())
+    chunked.obs_chunk = 37  # not a divisor of the observation count
+    a, b = whole.linearize(), chunked.linearize()
+    for x, y in ((a.residuals, b.residuals), (a.jac_cam, b.jac_cam), (a.jac_point, b.jac_point)):
+        assert torch.equal(x, y)
+    assert torch.equal(whole.residuals(), chunked.residuals())

@@ -28,6 +28,7 @@ class StageReport:
     warnings: list[str] = field(default_factory=list)
     # peak_rss_mb / rss_mb (host), cuda_peak_mb / cuda_mb (device) over the stage (peak_memory)
     memory: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # the process's CPU time in the stage: comparable on a busy machine
 
 
 @dataclass
@@ -49,12 +50,13 @@ class RunReport:
         sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
         sync()
         mem = peak_memory.begin()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield rep
         finally:
             sync()
             rep.seconds = time.perf_counter() - t0
+            rep.cpu_seconds = time.process_time() - c0
             rep.memory = {k: round(v, 1) for k, v in peak_memory.end(mem).items() if v is not None}
             self.stages.append(rep)
             log.info("%-28s %7.2f s %s %s", name, rep.seconds, _fmt_memory(rep.memory), _fmt_counts(rep.counts))

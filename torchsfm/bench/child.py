@@ -187,9 +187,10 @@ def run_torchsfm(args, out: Path, result: dict):
     from torchsfm.runtime import peak_memory as package_peak_memory
 
     mem = package_peak_memory.begin()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     models, report = map_database(args.database, out, opt, image_dir=args.images)
     result["seconds"] = time.perf_counter() - t0
+    result["cpu_seconds"] = time.process_time() - c0
     peaks = package_peak_memory.end(mem)
     result["peak_rss_mb"] = peaks["peak_rss_mb"]
     if dev.type == "cuda":
@@ -197,6 +198,7 @@ def run_torchsfm(args, out: Path, result: dict):
     result["device"] = str(dev)
     result["stages"] = {s.name: s.seconds for s in report.stages}
     result["stage_memory"] = {s.name: s.memory for s in report.stages if s.memory}
+    result["stage_cpu_seconds"] = {s.name: s.cpu_seconds for s in report.stages}
     result["options"] = to_dict(opt)
     result["num_models"] = len(models)
     result["model"] = "sparse/0"
@@ -243,7 +245,9 @@ def main(argv=None) -> int:
         startup_peak(result)
         mem = peak_memory.begin()
         fn = run_colmap if args.method == "colmap" else run_glomap
+        c0 = time.process_time()
         recs, result["seconds"], result["options"] = fn(args, args.out, image_dir)
+        result["cpu_seconds"] = time.process_time() - c0
         result["peak_rss_mb"] = peak_memory.end(mem)["peak_rss_mb"]
         model, result["num_models"] = _pycolmap_best(recs, args.out)
         result["model"] = None if model is None else "model"

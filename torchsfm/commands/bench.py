@@ -12,6 +12,7 @@ _DEFAULTS = {  # per suite: threads, per-run cap (s), per-run cap on the scaling
     "smoke": (1, 300.0, None, None),
     "cpu": (1, 900.0, 300.0, None),
     "gpu": (16, 300.0, 300.0, 420.0),
+    "scale": (1, 7200.0, 7200.0, None),
 }
 
 
@@ -29,6 +30,7 @@ def register(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  torchsfm bench --suite cpu                      # docs/bench_cpu.{json,md}, docs/scaling.png\n"
+        "  torchsfm bench --suite scale                    # corridor300-10000, loops5000 (hours): docs/bench_scale.*\n"
         "  torchsfm bench --datasets ring50,templeRing --methods glomap,torchsfm --json out/b.json --md out/b.md\n"
         "  torchsfm bench --datasets corridor2000 --device cuda --threads 16\n"
         "  torchsfm bench --from-json docs/bench_cpu.json docs/bench_gpu.json --md out/both.md\n"
@@ -108,9 +110,10 @@ def run(args) -> int:
         prepare_threads=args.prepare_threads, note=args.note or "",
         keep_runs=args.keep_runs,
     )
-    out_json = args.json or (Path(f"docs/bench_{suite}.json") if suite in ("cpu", "gpu") else args.work_dir / "bench.json")
+    out_json = args.json or (Path(f"docs/bench_{suite}.json") if suite in ("cpu", "gpu", "scale")
+                             else args.work_dir / "bench.json")
     out_md = args.md or out_json.with_suffix(".md")
-    out_plot = args.plot or (Path("docs/scaling.png") if suite == "cpu" else None)
+    out_plot = args.plot or (Path("docs/scaling.png") if suite in ("cpu", "scale") else None)
     called = Path(sys.argv[0]).name in ("torchsfm", "__main__.py", "compare.py")
     command = ("torchsfm " + " ".join(shlex.quote(a) for a in sys.argv[1:])) if called else ""
     try:
