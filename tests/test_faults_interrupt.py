@@ -235,4 +235,5 @@ def test_torchsfm_run_twice_gives_identical_models(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["seed"] == 2
     extract = rep["stages"][0]
-    assert extract["name"] == "extract" and "0 extracted, 6 already done" in extract["counts"]["images"]
+    assert extract["name"] == "extract" and (extract["counts"]["num_extracted"], extract["counts"]["num_resumed"]) == (0, 6)
+    assert "0 extracted, 6 already done" in rep["summary"]["extract"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sqlite3
 import subprocess
@@ -17,10 +18,11 @@ from PIL import Image, ImageFilter
 
 from torchsfm.frontend import ExtractOptions, IngestError, MatchOptions, extract, match
 from torchsfm.frontend.colmap_db import DatabaseError, FrontendDatabase, pair_ids, pair_ids_to_images
-from torchsfm.frontend.features import make_extractor, sift_features
+from torchsfm.frontend.features import make_extractor
 from torchsfm.frontend.ingest import load_uint8
 from torchsfm.frontend.pairs import exhaustive_pairs, sequential_pairs, top_k_pairs
 from torchsfm.frontend.retrieval import kmeans, vlad
+from torchsfm.report import RunReport
 
 FAST = dict(num_workers=1, progress=False)
 TABLES = ["cameras", "images", "rigs", "rig_sensors", "frames", "frame_data", "keypoints", "descriptors",
@@ -101,7 +103,9 @@ def test_bad_inputs_are_skipped_and_reported(messy, tmp_path):
     assert cam.model_name == "SIMPLE_RADIAL" and not cam.has_prior_focal_length
     np.testing.assert_allclose(cam.params, [1.2 * 96, 48, 36, 0])
     assert len(frames) == len(kept)  # COLMAP 4 layout: a frame per image, a rig per camera
-    report_json = rep.write_json(tmp_path / "r.json").read_text(encoding="utf-8")
+    run = RunReport(command="extract")
+    run.skip_files(rep.skipped)
+    report_json = run.write_json(tmp_path / "r.json").read_text(encoding="utf-8")
     assert "truncated.jpg" in report_json and "decode_error" in report_json
 
 
@@ -127,7 +131,7 @@ def test_features_equal_pycolmap_extract_features(tmp_path):
     (tmp_path / "img").mkdir()
     Image.fromarray(blobs(120, 160, seed=7)).save(tmp_path / "img" / "a.png")
     for size in (3200, 100):
-        ours_k, ours_d = sift_features(make_extractor(ExtractOptions(max_image_size=size)), load_uint8(tmp_path / "img" / "a.png"), size)
+        ours_k, ours_d = make_extractor(ExtractOptions(max_image_size=size)).extract(load_uint8(tmp_path / "img" / "a.png"))
         ref_db = tmp_path / f"ref{size}.db"
         pycolmap.extract_features(ref_db, tmp_path / "img", extraction_options=pycolmap.FeatureExtractionOptions(
             num_threads=1, max_image_size=size), device=pycolmap.Device.cpu)
@@ -156,11 +160,11 @@ def test_resume_after_interrupt_equals_clean_run(messy, tmp_path, monkeypatch):
     calls = {"n": 0}
     orig = FrontendDatabase.write_descriptors
 
-    def flaky(self, image_id, descriptors):
+    def flaky(self, image_id, descriptors, *rest):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        orig(self, image_id, descriptors)
+        orig(self, image_id, descriptors, *rest)
 
     def interrupt(db):
         monkeypatch.setattr(FrontendDatabase, "write_descriptors", flaky)
@@ -182,11 +186,11 @@ def test_resume_after_hard_kill_equals_clean_run(messy, tmp_path):
         import os, signal, sys
         from torchsfm.frontend import colmap_db, extract, ExtractOptions
         orig, n = colmap_db.FrontendDatabase.write_descriptors, [0]
-        def killer(self, image_id, d):
+        def killer(self, image_id, d, *rest):
             n[0] += 1
             if n[0] == 4:
                 os.kill(os.getpid(), signal.SIGKILL)
-            orig(self, image_id, d)
+            orig(self, image_id, d, *rest)
         colmap_db.FrontendDatabase.write_descriptors = killer
         extract(sys.argv[1], sys.argv[2], ExtractOptions(num_workers=1, progress=False))
     """)
@@ -291,10 +295,12 @@ def _verified_shift(db, n1, n2):
         d.close()
 
 
-def test_match_verifies_known_shift_and_resumes(shifted, tmp_path):
+@pytest.mark.parametrize("verifier", ["torch", "colmap"])
+def test_match_verifies_known_shift_and_resumes(shifted, tmp_path, verifier):
+    """Both verifiers write what pycolmap reads back: the inliers give the known shift."""
     db = tmp_path / "db.db"
     extract(shifted, db, ExtractOptions(camera_mode="single", **FAST))
-    rep = match(db, MatchOptions(mode="exhaustive", num_threads=1, progress=False))
+    rep = match(db, MatchOptions(mode="exhaustive", num_threads=1, progress=False, verifier=verifier))
     assert (rep.num_candidate_pairs, rep.num_matched, rep.num_resumed) == (6, 6, 0)
     tvg, shift = _verified_shift(db, "a.png", "c.png")
     assert len(tvg.inlier_matches) >= 30 and tvg.config >= 2
@@ -305,7 +311,7 @@ def test_match_verifies_known_shift_and_resumes(shifted, tmp_path):
     tvg, _ = _verified_shift(db, "a.png", "other.png")
     assert len(tvg.inlier_matches) < 15
     assert rep.num_verified == 3
-    again = match(db, MatchOptions(mode="exhaustive", num_threads=1, progress=False))
+    again = match(db, MatchOptions(mode="exhaustive", num_threads=1, progress=False, verifier=verifier))
     assert (again.num_matched, again.num_resumed, again.num_verified) == (0, 6, 3)
 
 
@@ -313,12 +319,16 @@ def test_cli_extract_and_match(shifted, tmp_path, capsys):
     from torchsfm.cli import main
 
     db = tmp_path / "w" / "database.db"
-    assert main(["-q", "extract", str(shifted), "--database", str(db), "--workers", "1", "--camera-mode", "single"]) == 0
+    assert main(["-q", "extract", str(shifted), "--database", str(db), "--threads", "1", "--camera-mode", "single"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("extract: 4 images in 1 camera(s)") and (tmp_path / "w" / "database.extract.json").exists()
+    assert out.startswith("torchsfm extract: done in") and "extract: 4 images in 1 camera(s)" in out
+    rep = json.loads((tmp_path / "w" / "database.extract.json").read_text())
+    assert [s["name"] for s in rep["stages"]] == ["extract"] and rep["stages"][0]["counts"]["num_images"] == 4
     assert main(["-q", "match", "--database", str(db), "--mode", "sequential", "--overlap", "1",
                  "--no-quadratic-overlap", "--num-threads", "1"]) == 0
-    assert capsys.readouterr().out.startswith("match (sequential): 3 candidate pairs over 4 images")
+    assert "match (sequential): 3 candidate pairs over 4 images" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "w" / "database.match.json").read_text())
+    assert rep["stages"][0]["counts"]["mode"] == "sequential" and rep["stages"][0]["counts"]["num_verified"] >= 1
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["-q", "extract", str(empty), "--database", str(tmp_path / "x.db")]) == 2
@@ -326,32 +336,36 @@ def test_cli_extract_and_match(shifted, tmp_path, capsys):
     assert main(["-q", "match", "--database", str(tmp_path / "missing.db")]) == 2
 
 
-def test_match_resume_after_interrupt_equals_clean_run(shifted, tmp_path, monkeypatch):
-    import torchsfm.frontend.matching as matching
+@pytest.mark.parametrize("verifier", ["torch", "colmap"])
+def test_match_resume_after_interrupt_equals_clean_run(shifted, tmp_path, monkeypatch, verifier):
+    import torchsfm.frontend.colmap_matcher as colmap_matcher
+    import torchsfm.frontend.torch_matcher as torch_matcher
 
     features = tmp_path / "features.db"
     extract(shifted, features, ExtractOptions(camera_mode="single", **FAST))
-    opts = MatchOptions(mode="exhaustive", num_threads=1, progress=False, chunk_size=1)
+    opts = MatchOptions(mode="exhaustive", num_threads=1, progress=False, chunk_size=1, verifier=verifier)
     clean, resumed = tmp_path / "clean.db", tmp_path / "resumed.db"
     for p in (clean, resumed):
         p.write_bytes(features.read_bytes())
     match(clean, opts)
     calls = {"n": 0}
-    orig = matching._match_listed
+    module, name = (colmap_matcher, "_match_listed") if verifier == "colmap" else (torch_matcher, "write_pair_results")
+    orig = getattr(module, name)
 
-    def flaky(*args, **kwargs):
+    def flaky(*args, **kwargs):  # the second committed chunk is interrupted
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
         orig(*args, **kwargs)
 
-    monkeypatch.setattr(matching, "_match_listed", flaky)
+    monkeypatch.setattr(module, name, flaky)
     with pytest.raises(KeyboardInterrupt):
         match(resumed, opts)
-    monkeypatch.setattr(matching, "_match_listed", orig)
-    assert len(dump(resumed)["two_view_geometries"]) == 1
+    monkeypatch.setattr(module, name, orig)
+    done = len(dump(resumed)["two_view_geometries"])
+    assert 1 <= done < 6  # the first chunk is committed, the interrupted one is not
     rep = match(resumed, opts)
-    assert (rep.num_resumed, rep.num_matched) == (1, 5)
+    assert (rep.num_resumed, rep.num_matched) == (done, 6 - done)
     a, b = dump(clean), dump(resumed)
     assert a["matches"] == b["matches"]
     assert a["two_view_geometries"] == b["two_view_geometries"]  # seeded RANSAC: identical geometry

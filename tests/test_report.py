@@ -10,8 +10,8 @@ from torchsfm.api import map_database
 from torchsfm.ba.bundle_adjustment import BundleAdjustmentOptions
 from torchsfm.config import load
 from torchsfm.mapper.pipeline import MapperOptions
-from torchsfm.report import (RunReport, StageReport, coverage_hint, format_summary, log_to_file,
-                             progress_enabled, registered_fraction, solver_progress)
+from torchsfm.report import (RunReport, StageReport, format_summary, hints, log_to_file, progress_enabled,
+                             registered_fraction, solver_progress, stage_counts)
 from torchsfm.solver.options import IterationRecord
 from torchsfm.synthetic import SyntheticOptions, synthesize, write_synthetic_database
 
@@ -92,23 +92,76 @@ def test_log_to_file_keeps_console_level_and_restores(tmp_path, caplog):
     assert (pkg.level, pkg.propagate, list(pkg.handlers)) == before
 
 
-def _report(summary: dict) -> RunReport:
+def _report(summary: dict, match_mode: str | None = None, skipped: bool = False) -> RunReport:
     r = RunReport(command="map", device="cpu", summary=summary)
+    if match_mode is not None:
+        r.stages.append(StageReport("match", 1.0, {"mode": match_mode}))
     r.stages.append(StageReport("global_positioning", 1.5))
+    if skipped:
+        r.skipped.append({"image": "a.png", "reason": "no verified image pair"})
     return r
 
 
-def test_coverage_hint_in_summary():
-    low = format_summary(_report({"models": 1, "registered_images": "6 / 10"}))
+def test_coverage_hint_names_only_options_not_used():
+    # a database matched elsewhere (map): exhaustive matching is suggested conditionally
+    low = format_summary(_report({"models": 1, "registered_images": "6 / 10"}, skipped=True))
     assert "hint: only 60% of images registered (6 / 10)" in low
-    assert "--match-mode exhaustive" in low and "report.json" in low
+    assert "if the database was not matched exhaustively: `torchsfm match --mode exhaustive`" in low
+    assert "report.json" in low
+    # run with sequential matching: exhaustive is suggested; run with exhaustive matching: it is not
+    seq = hints(_report({"registered_images": "6 / 10"}, match_mode="sequential"))
+    assert len(seq) == 1 and "--match-mode exhaustive (this run matched sequential)" in seq[0]
+    exh = hints(_report({"registered_images": "6 / 10"}, match_mode="exhaustive"))
+    assert len(exh) == 1 and "exhaustive" not in exh[0] and "more overlap" in exh[0]
     # numbers instead of the "N / M" string
     assert "only 50%" in format_summary(_report({"registered_images": 5, "num_images": 10}))
     # good coverage (8 / 10 is the threshold), missing or unreadable values: no hint
     for summary in ({"registered_images": "8 / 10"}, {"registered_images": "10 / 10"}, {},
                     {"registered_images": "n/a"}, {"registered_images": "0 / 0"}):
-        assert coverage_hint(summary) is None, summary
+        assert hints(_report(summary)) == [], summary
         assert "hint:" not in format_summary(_report(summary))
+
+
+def test_summary_lists_every_model_and_the_images_in_none():
+    """Several models: the summary counts the images of all of them (8 + 6 + 4 of 20 is 90%: no
+    hint), names each model's size, and the images in no model."""
+    summary = {"models": 3, "registered_images": "8 / 20", "images_in_no_model": 2,
+               "model_sizes": [{"registered_images": 8, "points3D": 500}, {"registered_images": 6, "points3D": 300},
+                               {"registered_images": 4, "points3D": 90}]}
+    text = format_summary(_report(summary))
+    assert "3 (sparse/0: 8 images, 500 points; sparse/1: 6 images, 300 points; sparse/2: 4 images, 90 points)" in text
+    assert "18 of 20; 2 in no model (reasons in report.json)" in text
+    assert "8 / 20" not in text and "hint:" not in text
+    assert registered_fraction(summary) == (18, 20)
+    # fewer in any model: one hint, which says the models share no pair
+    summary.update(images_in_no_model=10)
+    (h,) = hints(_report(summary))
+    assert "only 64% of images registered (18 / 28), in 3 models that share no verified image pair" in h
+
+
+def test_stage_counts_is_the_one_serialisation_of_stage_results():
+    """Scalars are counts, JSON lists and dicts are details, tensors and private fields stay out."""
+    import dataclasses
+
+    import torch
+
+    @dataclasses.dataclass
+    class Result:
+        num_pairs: int = 3
+        ratio: float = 0.5
+        mode: str = "exhaustive"
+        rounds: list = dataclasses.field(default_factory=lambda: [{"dropped": 1}])
+        per_pair: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(3))
+        mixed: list = dataclasses.field(default_factory=lambda: [torch.zeros(1)])
+        _private: int = 1
+
+    counts, details = stage_counts(Result())
+    assert counts == {"num_pairs": 3, "ratio": 0.5, "mode": "exhaustive"}
+    assert details == {"rounds": [{"dropped": 1}]}
+    st = StageReport("x")
+    st.record(Result(), exclude=("mode",))
+    assert "mode" not in st.counts and st.details == {"rounds": [{"dropped": 1}]}
+    assert stage_counts({"a": 1, "b": [1, 2]}) == ({"a": 1}, {"b": [1, 2]})
 
 
 def test_solver_progress_chains_callback_and_leaves_options():

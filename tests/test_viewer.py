@@ -81,11 +81,13 @@ def test_components_and_default_paths(tmp_path):
     (sparse / "notes").mkdir()
     models = find_models([sparse])
     assert [m.name for m in models] == ["0", "1", "10"]
+    # next to the model, never inside it: MODEL.html, or viewer.html in the common folder of several
     assert default_output(models) == sparse.absolute() / "viewer.html"
-    assert default_output(models[:1]) == models[0] / "viewer.html"
+    assert default_output(models[:1]) == sparse.absolute() / "0.html"
+    assert default_output([sparse]) == sparse.absolute().parent / "sparse.html"
     out = write_viewer([sparse])
     s = scene_of(out.read_text())
-    assert out == sparse.absolute() / "viewer.html"
+    assert out == sparse.absolute().parent / "sparse.html"
     assert [c["name"] for c in s["components"]] == ["sparse/0", "sparse/1", "sparse/10"]
     assert [c["color"] for c in s["components"]] == PALETTE[:3]
     comp = decode(s["cameras"]["component"], "<u2")
@@ -134,7 +136,8 @@ def test_cli_view(tmp_path, capsys):
     model = tmp_path / "sparse" / "0"
     write_model(synthetic(rigs=1), model)
     assert main(["-q", "view", str(model)]) == 0
-    assert (model / "viewer.html").is_file() and "viewer.html" in capsys.readouterr().out
+    page = tmp_path / "sparse" / "0.html"
+    assert page.is_file() and "0.html" in capsys.readouterr().out and not (model / "viewer.html").exists()
     assert main(["-q", "view", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["-q", "view", str(model), "--output", str(tmp_path)]) == 2

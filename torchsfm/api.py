@@ -94,20 +94,21 @@ def write_outputs(models: list[Reconstruction], output: str | os.PathLike, repor
     atomic_write_text(out / "config.json", json.dumps(to_dict(options), indent=2))
     report.config = to_dict(options)
     report.summary.update(memory_summary(report))
-    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=str))
+    report.write_json(out / "report.json")
     return out
 
 
-def _write_failure_report(output, report: RunReport, options, error: BaseException) -> None:
-    """No model: still write report.json (what was skipped and why it failed), unless an earlier
-    run's model is there, whose report it would contradict."""
+def write_failure_report(output, report: RunReport, options, error: BaseException) -> None:
+    """No model: still write report.json (what was skipped, and why the run failed in
+    `summary.error`) next to torchsfm.log, unless an earlier run's model is there, whose report it
+    would contradict."""
     out = Path(output)
     if (out / "sparse").exists():
         return
     try:
         report.summary["error"] = str(error)
         report.config = to_dict(options)
-        atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=str))
+        report.write_json(out / "report.json")
     except OSError as e:  # the original error matters more
         log.warning("could not write %s: %s", out / "report.json", e)
 
@@ -132,23 +133,23 @@ def map_database(database: str | os.PathLike, output: str | os.PathLike, options
 
 def _map_database(database, output, opt: MapperOptions, image_dir, fmt: str, report: RunReport, resume: bool,
                   keep_checkpoints: bool) -> tuple[list[Reconstruction], RunReport]:
-    with report.stage("load_database") as st:
-        rec = load_mapper_input(database)
-        st.counts.update({"images": len(rec.images), "pairs": len(rec.view_graph), "keypoints": len(rec.keypoints)})
-    store = None
-    if resume:
-        key = checkpoint_key(rec, to_dict(opt), str(resolve_device(opt.device)))
-        store = CheckpointStore.for_output(output, key)
-        if store.remove_stale():
-            log.info("removed checkpoints of a different database or options from %s", store.root)
     try:
+        with report.stage("load_database") as st:
+            rec = load_mapper_input(database)
+            st.counts.update({"images": len(rec.images), "pairs": len(rec.view_graph), "keypoints": len(rec.keypoints)})
+        store = None
+        if resume:
+            key = checkpoint_key(rec, to_dict(opt), str(resolve_device(opt.device)))
+            store = CheckpointStore.for_output(output, key)
+            if store.remove_stale():
+                log.info("removed checkpoints of a different database or options from %s", store.root)
         models, report = global_mapping(rec, opt, report, store)
     except (ValueError, RuntimeError) as e:
-        _write_failure_report(output, report, opt, e)
+        write_failure_report(output, report, opt, e)
         raise
     with report.stage("write"):
         write_outputs(models, output, report, opt, image_dir, fmt)
     if store is not None and not keep_checkpoints:
         store.clear()
-    log.info("\n%s", format_summary(report))
+    log.debug("\n%s", format_summary(report))  # the log file keeps it; the CLI prints it once
     return models, report

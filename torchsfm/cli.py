@@ -2,6 +2,8 @@
 
 Each verb lives in `torchsfm/commands/<verb>.py` and exposes
 `register(subparsers) -> argparse.ArgumentParser` and `run(args) -> int`.
+Exit codes: 0 success, 2 a mistake or a problem with the input (one line on stderr), 1 anything
+unforeseen (`-v` adds the traceback), 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 
 from ._version import __version__
 from .commands import CLIError
+from .commands.arguments import ArgumentParser, UsageError, add_common, resolve_paths
 from .runtime import configure_threads
 
 # Order is the order shown by --help; modules that do not exist yet are skipped.
@@ -19,15 +22,9 @@ VERBS = ["demo", "extract", "match", "map", "run", "ba", "export", "view", "benc
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(
-        prog="torchsfm",
-        description="Global structure-from-motion on PyTorch (CPU and GPU).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = ArgumentParser(prog="torchsfm", description="Global structure-from-motion on PyTorch (CPU and GPU).")
     parser.add_argument("--version", action="version", version=f"torchsfm {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores, at most 8)")
+    add_common(parser, defaults=True)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     handlers = {}
     for verb in VERBS:
@@ -37,7 +34,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
             if e.name and e.name.endswith(f"commands.{verb}"):
                 continue
             raise
-        mod.register(sub)
+        p = mod.register(sub)
+        add_common(p)
         handlers[verb] = mod.run
     return parser, handlers
 
@@ -47,13 +45,40 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_colmap(verbose: bool) -> None:
+    """COLMAP's own (glog) info and warning lines only with -v."""
+    if verbose:
+        return
+    try:
+        import pycolmap
+    except ImportError:  # pragma: no cover - a dependency
+        return
+    pycolmap.logging.minloglevel = max(pycolmap.logging.minloglevel, 2)  # errors only
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, dict, argparse.Namespace]:
     parser, handlers = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.verb:
+        resolve_paths(args, extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return parser, handlers, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser, handlers, args = parse(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
     if not args.verb:
         parser.print_help()
         return 0
     setup_logging(args.verbose, args.quiet)
+    quiet_colmap(args.verbose)
     configure_threads(args.threads)
     from .runtime.signals import interrupt_exit_code, terminate_as_interrupt
 
@@ -62,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             return int(handlers[args.verb](args) or 0)
     except CLIError as e:
         print(f"torchsfm {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except (PermissionError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        # a path the user can fix: an output that exists as a file, a read-only folder, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"torchsfm {args.verb}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         code = interrupt_exit_code(e)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StageReport:
+    """What one stage did: the one report shape that every stage fills (the front end's extract
+    and match, each mapper step, export, ...). `counts` are JSON scalars, logged with the stage's
+    line and shown in summaries; `details` are JSON lists and dicts (report.json only)."""
+
     name: str
     seconds: float = 0.0
     counts: dict[str, Any] = field(default_factory=dict)
@@ -29,16 +34,69 @@ class StageReport:
     # peak_rss_mb / rss_mb (host), cuda_peak_mb / cuda_mb (device) over the stage (peak_memory)
     memory: dict[str, Any] = field(default_factory=dict)
     cpu_seconds: float = 0.0  # the process's CPU time in the stage: comparable on a busy machine
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, result: Any, exclude: tuple[str, ...] = ()) -> None:
+        """Fill `counts` and `details` from a stage's typed result (a dataclass, an object or a
+        dict; see `stage_counts`), leaving out the fields named in `exclude`."""
+        counts, details = stage_counts(result, exclude)
+        self.counts.update(counts)
+        self.details.update(details)
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _jsonable(v: Any) -> Any:
+    """`v` as plain JSON (dataclasses and paths converted), or None when it holds anything else
+    (tensors, arrays: the caller of a stage has those, report.json does not need them)."""
+    from .config import to_dict
+
+    v = to_dict(v)
+    if v is None or isinstance(v, _SCALARS):
+        return v
+    if isinstance(v, list):
+        items = [_jsonable(x) for x in v]
+        return None if any(y is None and x is not None for x, y in zip(v, items)) else items
+    if isinstance(v, dict):
+        items = {k: _jsonable(x) for k, x in v.items()}
+        return None if any(items[k] is None and v[k] is not None for k in v) else items
+    return None
+
+
+def stage_counts(result: Any, exclude: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(counts, details) of a stage's typed result: its scalar fields (bool, int, float, str) are
+    counts, its JSON lists and dicts are details, private fields, None and tensors are left out.
+    The one serialisation of every stage result (ExtractReport, MatchReport, the mapper's per-step
+    reports, plain dicts of counts)."""
+    if isinstance(result, dict):
+        items = result.items()
+    elif dataclasses.is_dataclass(result) and not isinstance(result, type):
+        items = ((f.name, getattr(result, f.name)) for f in dataclasses.fields(result))
+    else:
+        items = vars(result).items()
+    counts, details = {}, {}
+    for k, v in items:
+        if k.startswith("_") or k in exclude or v is None:
+            continue
+        if isinstance(v, _SCALARS):
+            counts[k] = v
+        elif isinstance(v, (list, tuple, dict)) and (j := _jsonable(v)) is not None:
+            details[k] = j
+    return counts, details
 
 
 @dataclass
 class RunReport:
+    """report.json: one per command, the stages it ran in order, what was skipped and why, a
+    summary, the resolved options, seed, device and package versions."""
+
     command: str = ""
     seed: int | None = None
     device: str = "cpu"
     config: dict = field(default_factory=dict)
     stages: list[StageReport] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)  # {"item": ..., "reason": ...}
+    skipped: list[dict] = field(default_factory=list)  # {"file" or "image": name, "reason": ..., ["detail"]}
     summary: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=lambda: versions())
 
@@ -59,15 +117,34 @@ class RunReport:
             rep.cpu_seconds = time.process_time() - c0
             rep.memory = {k: round(v, 1) for k, v in peak_memory.end(mem).items() if v is not None}
             self.stages.append(rep)
-            log.info("%-28s %7.2f s %s %s", name, rep.seconds, _fmt_memory(rep.memory), _fmt_counts(rep.counts))
+            # the log file's record of every stage; on the console the stages' own lines and the
+            # summary's time per stage say it once
+            log.debug("%-28s %7.2f s %s %s", name, rep.seconds, _fmt_memory(rep.memory), _fmt_counts(rep.counts))
+
+    def skip_files(self, skipped) -> None:
+        """Add files skipped by the front end (objects with name, reason, detail)."""
+        self.skipped.extend({"file": s.name, "reason": s.reason, **({"detail": s.detail} if s.detail else {})}
+                            for s in skipped)
 
     def to_dict(self) -> dict:
         from .config import to_dict
 
         return to_dict(self)
 
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Write the report atomically (a reader sees the old file or the new one)."""
+        from .io.atomic import atomic_write_text
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str))
+        return path
+
     def total_seconds(self) -> float:
         return sum(s.seconds for s in self.stages)
+
+    def stage_named(self, name: str) -> StageReport | None:
+        return next((s for s in self.stages if s.name == name), None)
 
 
 def _fmt_memory(memory: dict) -> str:
@@ -109,13 +186,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-# Below this registered fraction of the largest model, the summary adds a hint (like nerfstudio's).
+# Below this registered fraction of the images, the summary adds a hint (like nerfstudio's).
 LOW_COVERAGE = 0.8
+# summary keys that format_summary shows in its own lines
+_MODEL_KEYS = ("models", "model_sizes", "registered_images", "images_in_no_model", "num_images")
 
 
 def registered_fraction(summary: dict) -> tuple[int, int] | None:
-    """(registered, total) of the largest model from a summary: numbers under `registered_images`
-    and `num_images`, or the string "N / M" that the mapper writes; None when absent or unreadable."""
+    """(images in some model, all images) from a summary: the mapper's `model_sizes` and
+    `images_in_no_model`, else numbers under `registered_images` and `num_images`, or the string
+    "N / M" (the largest model); None when absent or unreadable."""
+    sizes, none = summary.get("model_sizes"), summary.get("images_in_no_model")
+    if isinstance(sizes, list) and isinstance(none, int):
+        reg = sum(int(m.get("registered_images", 0)) for m in sizes)
+        return reg, reg + none
     reg, total = summary.get("registered_images"), summary.get("num_images")
     if isinstance(reg, int) and isinstance(total, int):
         return reg, total
@@ -123,21 +207,60 @@ def registered_fraction(summary: dict) -> tuple[int, int] | None:
     return (int(m[1]), int(m[2])) if m else None
 
 
-def coverage_hint(summary: dict) -> str | None:
-    frac = registered_fraction(summary)
+def _match_mode(report: RunReport) -> str | None:
+    """The pair selection this run used (its "match" stage), None when the run did not match."""
+    st = report.stage_named("match")
+    return None if st is None else st.counts.get("mode")
+
+
+def hints(report: RunReport) -> list[str]:
+    """What to try when few images were registered, naming only options this run did not use."""
+    frac = registered_fraction(report.summary)
     if frac is None or frac[1] == 0 or frac[0] >= LOW_COVERAGE * frac[1]:
-        return None
-    return (f"only {frac[0] / frac[1]:.0%} of images registered ({frac[0]} / {frac[1]}): try --match-mode exhaustive "
-            "or photos with more overlap, and check the skipped list in report.json")
+        return []
+    text = f"only {frac[0] / frac[1]:.0%} of images registered ({frac[0]} / {frac[1]})"
+    tries = []
+    models = report.summary.get("models")
+    if isinstance(models, int) and models > 1:
+        text += f", in {models} models that share no verified image pair"
+        tries.append("photos that overlap two models join them")
+    mode = _match_mode(report)
+    if mode is None:
+        tries.append("if the database was not matched exhaustively: `torchsfm match --mode exhaustive`")
+    elif mode != "exhaustive":
+        tries.append(f"--match-mode exhaustive (this run matched {mode})")
+    tries.append("photos with more overlap")
+    if report.skipped:
+        tries.append("the reasons in report.json's skipped list")
+    return [f"{text}: try " + "; ".join(tries)]
+
+
+def _model_lines(summary: dict) -> list[str]:
+    sizes = summary.get("model_sizes")
+    lines = []
+    if isinstance(sizes, list) and sizes:
+        each = "; ".join(f"sparse/{k}: {m.get('registered_images')} images, {m.get('points3D')} points"
+                         for k, m in enumerate(sizes))
+        lines.append(f"  {'models':<28} {len(sizes)} ({each})")
+        frac = registered_fraction(summary)
+        if frac is not None:
+            none = frac[1] - frac[0]
+            lines.append(f"  {'registered images':<28} {frac[0]} of {frac[1]}"
+                         + (f"; {none} in no model (reasons in report.json)" if none else ""))
+    else:
+        lines += [f"  {k:<28} {summary[k]}" for k in ("models", "registered_images") if k in summary]
+    return lines
 
 
 def format_summary(report: RunReport) -> str:
+    """The terminal summary of a command, from its report: every model's size and the images in
+    none, the other summary values, hints, time per stage, skipped inputs."""
     lines = [f"torchsfm {report.command}: done in {report.total_seconds():.2f} s on {report.device}"]
+    lines += _model_lines(report.summary)
     for k, v in report.summary.items():
-        lines.append(f"  {k:<28} {v:.4g}" if isinstance(v, float) else f"  {k:<28} {v}")
-    hint = coverage_hint(report.summary)
-    if hint:
-        lines.append(f"  hint: {hint}")
+        if k not in _MODEL_KEYS:
+            lines.append(f"  {k:<28} {v:.4g}" if isinstance(v, float) else f"  {k:<28} {v}")
+    lines += [f"  hint: {h}" for h in hints(report)]
     if report.stages:
         lines.append("  time and peak memory per stage:")
         for s in report.stages:
@@ -215,17 +338,24 @@ def progress_enabled() -> bool:
     return logging.INFO >= gate._former_level(pkg.name) if gate is not None else pkg.isEnabledFor(logging.INFO)
 
 
+def progress_bar(iterable=None, enabled: bool = True, **kwargs):
+    """The one progress bar: tqdm on stderr, drawn only when `progress_enabled()` (a terminal whose
+    console shows INFO: never in a redirected log, never with -q) and `enabled`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not (enabled and progress_enabled()), file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
 @contextmanager
 def solver_progress(options, desc: str):
     """A copy of `options` (a dataclass with a `solver: SolverOptions` field) whose solver callback
     also advances a tqdm bar of iterations; the bar is closed after the block."""
     from contextlib import nullcontext
 
-    from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     enabled = progress_enabled()
-    bar = tqdm(total=options.solver.max_iterations, desc=desc, unit="it", leave=False, disable=not enabled)
+    bar = progress_bar(total=options.solver.max_iterations, desc=desc, unit="it", leave=False)
     prev = options.solver.callback
 
     def callback(rec) -> None:

@@ -140,9 +140,11 @@ def resolve_spec(name: str, data_root: Path = DATA_ROOT) -> InputSpec:
 
 
 def _frontend_options() -> dict:
-    """The reference setting of ../shared/data/README.md: SIFT, exhaustive, one SIMPLE_RADIAL camera."""
+    """The reference setting of ../shared/data/README.md: SIFT, exhaustive, one SIMPLE_RADIAL camera,
+    matched and verified by COLMAP (the mapper benchmark compares mappers on COLMAP's own database;
+    the front-end benchmark compares the front ends)."""
     return {"extract": {"camera_mode": "single", "camera_model": "SIMPLE_RADIAL"},
-            "match": {"mode": "exhaustive", "seed": 0}}
+            "match": {"mode": "exhaustive", "seed": 0, "verifier": "colmap"}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,39 +183,18 @@ def database_stats(path: Path) -> dict:
 # preparation
 
 
-def _verify_matches(database: Path, names: list[str], pairs: np.ndarray, num_threads: int) -> None:
-    """Replace two_view_geometries by pycolmap's verification of the raw matches (as `match`)."""
-    import pycolmap
-
-    from ..frontend.matching import _pycolmap_options
-    from ..frontend.options import MatchOptions
-
-    _, vo = _pycolmap_options(MatchOptions(seed=0, num_threads=num_threads, progress=False))
-    con = sqlite3.connect(str(database))
-    try:
-        con.execute("DELETE FROM two_view_geometries")
-        con.commit()
-    finally:
-        con.close()
-    lst = database.parent / "pairs.txt"
-    lst.write_text("".join(f"{names[i]} {names[j]}\n" for i, j in pairs.tolist()))
-    level = pycolmap.logging.minloglevel
-    pycolmap.logging.minloglevel = max(level, 1)
-    try:
-        pycolmap.verify_matches(str(database), str(lst), vo)
-    finally:
-        pycolmap.logging.minloglevel = level
-        lst.unlink()
-
-
 def _make_synthetic(spec: InputSpec, folder: Path, num_threads: int) -> tuple[Path, Path]:
+    from ..frontend.options import MatchOptions
+    from ..frontend.raw_matches import verify_raw_matches
     from ..io.colmap_model import write_model
     from ..synthetic import SyntheticOptions, synthesize, write_synthetic_database
 
     scene = synthesize(SyntheticOptions(**spec.synthetic))
     db = folder / "database.db"
     write_synthetic_database(scene, db, overwrite=True)
-    _verify_matches(db, scene.gt.images.name, scene.view_graph.pairs.cpu().numpy(), num_threads)
+    names = scene.gt.images.name
+    verify_raw_matches(db, [(names[i], names[j]) for i, j in scene.view_graph.pairs.tolist()],
+                       MatchOptions(seed=0, num_threads=num_threads, progress=False))
     gt = folder / "gt"
     write_model(scene.gt, gt, format="bin")
     return db, gt

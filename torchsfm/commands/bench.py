@@ -27,12 +27,11 @@ def register(sub) -> argparse.ArgumentParser:
         "image folders: torchsfm's front end) and cached in --work-dir; every mapper then runs in its own process on "
         "a copy whose content hash is checked. Records time per stage, peak memory, model size and accuracy against "
         "the ground truth (or COLMAP incremental where there is none).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  torchsfm bench --suite cpu                      # docs/bench_cpu.{json,md}, docs/scaling.png\n"
         "  torchsfm bench --suite scale                    # corridor300-10000, loops5000 (hours): docs/bench_scale.*\n"
         "  torchsfm bench --datasets ring50,templeRing --methods glomap,torchsfm --json out/b.json --md out/b.md\n"
-        "  torchsfm bench --datasets corridor2000 --device cuda --threads 16\n"
+        "  torchsfm bench --datasets corridor2000 --device cuda --threads 16   # threads of every mapper\n"
         "  torchsfm bench --from-json docs/bench_cpu.json docs/bench_gpu.json --md out/both.md\n"
         "datasets: ringN, turntableN, corridorN, sphereN, loopsN (synthetic, N images; loopsN: unordered, retrieval\n"
         "  pairs, loop closures), colmapsphereN (pycolmap's synthetic\n"
@@ -44,7 +43,6 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--scaling", help="comma list of datasets for the scaling curve (replaces the suite's)")
     p.add_argument("--methods", default="colmap,glomap,torchsfm", help="methods for the table datasets")
     p.add_argument("--scaling-methods", default="glomap,torchsfm", help="methods for the scaling datasets")
-    p.add_argument("--threads", dest="bench_threads", type=int, metavar="N", help="threads of every mapper (suite default; cpu: 1)")
     p.add_argument("--seed", type=int, default=0, help="mapper seed (synthetic data always use seed 0)")
     p.add_argument("--repeats", type=int, default=1, help="runs per method (seeds seed..seed+repeats-1); medians shown")
     p.add_argument("--device", default="cpu", help="torchsfm's device (cpu | cuda[:N]); baselines run on the CPU")
@@ -103,7 +101,7 @@ def run(args) -> int:
         raise CLIError("nothing to run: give --suite, --datasets or --scaling (see --help)")
     opt = BenchOptions(
         datasets=table, scaling=scaling, methods=_csv(args.methods), scaling_methods=_csv(args.scaling_methods),
-        threads=args.bench_threads or threads, seed=args.seed, repeats=args.repeats, device=args.device,
+        threads=args.threads or threads, seed=args.seed, repeats=args.repeats, device=args.device,
         work_dir=str(args.work_dir), data_root=str(args.data_root or DATA_ROOT),
         time_cap=args.time_cap or cap, scaling_time_cap=args.scaling_time_cap or (None if args.time_cap else scap),
         budget=args.budget if args.budget is not None else budget,

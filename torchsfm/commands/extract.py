@@ -1,10 +1,15 @@
-"""`torchsfm extract IMAGES --database DB`: image folder -> COLMAP database with SIFT features."""
+"""`torchsfm extract IMAGES DATABASE`: image folder -> COLMAP database with SIFT features."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..data.camera_models import MODELS
+from ..frontend.options import ExtractOptions
+from .arguments import DATABASE, IMAGES, PathArg, add_paths
+from .frontend_stages import EXTRACT_EXCLUDE, EXTRACT_FLAGS
+from .options import add_options
+
+REPORT = PathArg("report", ("--report",), "run report JSON (default: DATABASE with suffix .extract.json)",
+                 required=False, positional=False)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -12,47 +17,33 @@ def register(subparsers) -> argparse.ArgumentParser:
         "extract",
         help="scan an image folder and extract SIFT features into a COLMAP database.db",
         description="Scan IMAGES recursively, skip what is not a usable image (listed in the report), group "
-        "images into cameras, and store cameras, images and SIFT features in DB. Rerunning resumes.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  torchsfm extract photos/ --database work/database.db --camera-mode single\n"
-        "  torchsfm match --database work/database.db --mode exhaustive",
+        "images into cameras, and store cameras, images and SIFT features in DATABASE (like colmap "
+        "feature_extractor). Rerunning resumes.",
+        epilog="examples:\n  torchsfm extract photos/ work/database.db --camera-mode single\n"
+        "  torchsfm extract --image_path photos/ --database_path work/database.db --image-list subset.txt\n"
+        "  torchsfm match work/database.db --mode exhaustive",
     )
-    p.add_argument("images", type=Path, metavar="IMAGES", help="image folder (searched recursively)")
-    p.add_argument("--database", type=Path, required=True, metavar="DB", help="COLMAP database.db to create or resume")
-    p.add_argument("--camera-mode", default="auto", choices=["auto", "single", "per-folder", "per-image"],
-                   help="which images share intrinsics (default: auto = same EXIF make/model/focal and size)")
-    p.add_argument("--camera-model", default="SIMPLE_RADIAL", type=str.upper, choices=list(MODELS),
-                   help="camera model (default: SIMPLE_RADIAL)")
-    p.add_argument("--max-image-size", type=int, default=3200, help="SIFT runs on images downscaled to this size (default: 3200)")
-    p.add_argument("--max-features", type=int, default=8192, help="most SIFT features per image (default: 8192)")
-    p.add_argument("--focal-factor", type=float, default=1.2,
-                   help="focal length without EXIF = factor * max(width, height) (default: 1.2)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="SIFT device; auto uses CUDA only when the installed pycolmap has it")
-    p.add_argument("--workers", type=int, default=0, help="extraction processes (default: one per core, at most 8)")
-    p.add_argument("--report", type=Path, default=None,
-                   help="run report JSON (default: DB with suffix .extract.json next to the database)")
+    add_paths(p, [IMAGES, DATABASE, REPORT])
+    add_options(p.add_argument_group("extraction (ExtractOptions)"), "extract", ExtractOptions(), EXTRACT_FLAGS,
+                exclude=EXTRACT_EXCLUDE)
     return p
 
 
 def run(args) -> int:
-    from . import CLIError
-    from ..frontend import ExtractOptions, IngestError, extract
-    from ..frontend.colmap_db import DatabaseError
+    from ..report import RunReport, format_summary
+    from .frontend_stages import extract_stage, frontend_options
 
-    try:
-        options = ExtractOptions(
-            camera_mode=args.camera_mode, camera_model=args.camera_model, max_image_size=args.max_image_size,
-            max_num_features=args.max_features, default_focal_length_factor=args.focal_factor, device=args.device,
-            num_workers=args.workers, progress=not getattr(args, "quiet", False),
-        )
-        report = extract(args.images, args.database, options)
-    except (IngestError, DatabaseError, ValueError) as e:
-        partial = getattr(e, "report", None)
-        if partial is not None and args.report is not None:
-            partial.write_json(args.report)
-        raise CLIError(str(e)) from e
+    options, _ = frontend_options(args, extract=ExtractOptions())
+    report = RunReport(command="extract")
     path = args.report or args.database.with_suffix(".extract.json")
+    try:
+        ex = extract_stage(report, args.images, args.database, options)
+    except Exception as e:
+        if args.report is not None:  # asked for: the report says what was skipped and why it failed
+            report.summary["error"] = str(e)
+            report.write_json(path)
+        raise
+    report.device = ex.device
     report.write_json(path)
-    print(report.summary() + f"; report: {path}")
+    print(format_summary(report) + f"\n  report: {path}")
     return 0

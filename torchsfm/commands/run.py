@@ -2,58 +2,71 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import dataclasses
 
+from ..frontend.options import MATCH_MODES, ExtractOptions, MatchOptions
 from . import CLIError
+from .arguments import IMAGES, OUTPUT, add_paths
+from .frontend_stages import EXTRACT_EXCLUDE, EXTRACT_FLAGS, MATCH_EXCLUDE, MATCH_FLAGS
 from .map import add_mapper_arguments, mapper_options
+from .options import add_options, choice
+
+WORKSPACE = dataclasses.replace(OUTPUT, flags=OUTPUT.flags + ("--workspace_path",),
+                                help="output folder: database.db, sparse/K, report.json, config.json, torchsfm.log")
 
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="images -> features -> matches -> global mapping -> COLMAP model, in one command",
         description="Extracts SIFT features, matches pairs (exhaustive up to --exhaustive-max images, retrieval "
-        "beyond), verifies them, and runs the global mapper. OUTPUT gets database.db, sparse/K, report.json and "
-        "config.json. Rerunning resumes: images and pairs already in the database are skipped.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  torchsfm run ../shared/data/templeRing/images out/temple",
+        "beyond), verifies them, and runs the global mapper (like colmap automatic_reconstructor). OUTPUT gets "
+        "database.db, sparse/K, report.json, config.json and torchsfm.log. Rerunning resumes: images and pairs "
+        "already in the database are skipped. Every option of `extract`, `match` and `map` is accepted; the "
+        "front end's devices are --extract-device and --match-device, --seed seeds every stage.",
+        epilog="examples:\n  torchsfm run ../shared/data/templeRing/images out/temple\n"
+        "  torchsfm run --image_path photos/ --workspace_path out/ --camera-mode single --max-features 4096\n"
+        "  torchsfm run photos/ out/ --image-list subset.txt --mask-path masks/ --refine-principal-point never",
     )
-    p.add_argument("images", type=Path, help="folder of photos (searched recursively)")
-    p.add_argument("output", type=Path, help="output folder")
-    p.add_argument("--camera-mode", default="auto", choices=["auto", "single", "per_folder", "per_image"])
-    p.add_argument("--camera-model", default="SIMPLE_RADIAL")
-    p.add_argument("--match-mode", default="auto", choices=["auto", "exhaustive", "sequential", "retrieval"])
-    p.add_argument("--exhaustive-max", type=int, default=300, help="auto: exhaustive matching up to this many images")
+    add_paths(p, [IMAGES, WORKSPACE])
+    add_options(p.add_argument_group("extraction (ExtractOptions)"), "extract", ExtractOptions(), EXTRACT_FLAGS,
+                exclude=EXTRACT_EXCLUDE, rename={"device": "--extract-device"})
+    g = p.add_argument_group("matching and verification (MatchOptions)")
+    g.add_argument("--match-mode", default="auto", type=choice(("auto",) + MATCH_MODES),
+                   metavar="{" + ",".join(("auto",) + MATCH_MODES) + "}",
+                   help="pair selection; auto: exhaustive up to --exhaustive-max images, retrieval beyond")
+    g.add_argument("--exhaustive-max", type=int, default=300, help="auto: exhaustive matching up to this many images")
+    add_options(g, "match", MatchOptions(), MATCH_FLAGS, exclude=MATCH_EXCLUDE + ("mode", "seed"),
+                rename={"device": "--match-device"})
     add_mapper_arguments(p)
     return p
 
 
 def run(args) -> int:
-    from ..api import map_database
-    from ..frontend import ExtractOptions, IngestError, MatchOptions, extract, match
-    from ..frontend.colmap_db import DatabaseError
+    from ..api import map_database, write_failure_report
     from ..report import RunReport, format_summary, log_to_file
+    from .arguments import writable_folder
+    from .frontend_stages import extract_stage, frontend_options, match_stage
 
     if not args.images.is_dir():
         raise CLIError(f"image folder {args.images} does not exist")
     opt = mapper_options(args)  # option and --device errors before the front end runs
-    args.output.mkdir(parents=True, exist_ok=True)
+    # the mapper needs min_component_size images: fewer is an error of the front end, naming it
+    ex_opt, ma_opt = frontend_options(args, extract=ExtractOptions(), match=MatchOptions(),
+                                      fixed_extract={"min_images": max(2, opt.min_component_size)},
+                                      fixed_match={"seed": opt.seed})
+    writable_folder(args.output)
     db = args.output / "database.db"
     report = RunReport(command="run")
     with log_to_file(args.output / "torchsfm.log"):  # front end too; map_database reuses it
         try:
-            with report.stage("extract") as st:
-                ex = extract(args.images, db,
-                             ExtractOptions(camera_mode=args.camera_mode, camera_model=args.camera_model))
-                st.counts["images"] = ex.summary()
-                report.skipped.extend({"file": s.name, "reason": s.reason, "detail": s.detail} for s in ex.skipped)
+            ex = extract_stage(report, args.images, db, ex_opt)
             mode = args.match_mode
             if mode == "auto":
                 mode = "exhaustive" if ex.num_images <= args.exhaustive_max else "retrieval"
-            with report.stage("match") as st:
-                mr = match(db, MatchOptions(mode=mode))
-                st.counts["pairs"] = mr.summary()
-        except (IngestError, DatabaseError, ValueError) as e:
-            raise CLIError(str(e)) from e
+            match_stage(report, db, dataclasses.replace(ma_opt, mode=mode))
+        except CLIError as e:
+            write_failure_report(args.output, report, opt, e)
+            raise
         try:
             _, report = map_database(db, args.output, opt, args.images, args.output_format, report)
         except (ValueError, RuntimeError) as e:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ..data.model import Reconstruction
 from ..io.atomic import atomic_write_bytes
+from ..report import progress_bar
 from .common import ExportError, image_paths
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def sample_point_colors(rec: Reconstruction, image_dir: str | os.PathLike) -> tu
     width, height = rec.cameras.width.cpu(), rec.cameras.height.cpu()
 
     samples = torch.empty(obs_xy.shape[0], 3, dtype=torch.float64)
-    for i, path in tqdm(list(zip(used_images.tolist(), paths)), desc="sampling colours", unit="image", leave=False):
+    for i, path in progress_bar(list(zip(used_images.tolist(), paths)), desc="sampling colours", unit="image",
+                                leave=False):
         img = torch.from_numpy(_load_rgb(path)).to(torch.float64)
         a, b = int(offsets[i]), int(offsets[i + 1])
         xy = obs_xy[a:b]

@@ -76,9 +76,12 @@ def export_undistorted(
         undistorted = pycolmap.Reconstruction(str(tmp / "sparse"))
         if undistorted.num_reg_images() != len(names):
             raise ExportError(
-                f"COLMAP's undistorter wrote {undistorted.num_reg_images()} of {len(names)} images; see its log above"
+                f"COLMAP's undistorter wrote {undistorted.num_reg_images()} of {len(names)} images (run with -v for "
+                "its log)"
             )
-        bad = {c.model.name for c in undistorted.cameras.values()} - {"PINHOLE", "SIMPLE_PINHOLE"}
+        # cameras of registered images (a camera whose images all failed to register is left as it was)
+        used = {undistorted.images[i].camera_id for i in undistorted.reg_image_ids()}
+        bad = {undistorted.cameras[c].model.name for c in used} - {"PINHOLE", "SIMPLE_PINHOLE"}
         if bad:
             raise RuntimeError(f"the undistorted model still has {sorted(bad)} cameras")
         if not options.colmap_layout:

@@ -159,19 +159,21 @@ class FrontendDatabase:
             (image_id, kp.shape[0], kp.shape[1], kp.tobytes()),
         )
 
-    def write_descriptors(self, image_id: int, descriptors: np.ndarray) -> None:
-        de = np.ascontiguousarray(descriptors, dtype=np.uint8)
+    def write_descriptors(self, image_id: int, descriptors: np.ndarray, descriptor_type: int = DESCRIPTOR_SIFT) -> None:
+        """uint8 (SIFT) or float32 descriptors, stored as COLMAP does (type = FeatureExtractorType)."""
+        de = np.ascontiguousarray(descriptors, dtype=np.uint8 if descriptors.dtype == np.uint8 else np.float32)
         self.conn.execute(
             "INSERT INTO descriptors(image_id, type, rows, cols, data) VALUES (?, ?, ?, ?, ?)",
-            (image_id, DESCRIPTOR_SIFT, de.shape[0], de.shape[1], de.tobytes()),
+            (image_id, int(descriptor_type), de.shape[0], de.shape[1], de.tobytes()),
         )
 
-    def write_features(self, image_id: int, keypoints: np.ndarray, descriptors: np.ndarray) -> None:
+    def write_features(self, image_id: int, keypoints: np.ndarray, descriptors: np.ndarray,
+                       descriptor_type: int = DESCRIPTOR_SIFT) -> None:
         """Keypoints and descriptors of one image, atomically."""
         with self.transaction():
             self.delete_features(image_id)
             self.write_keypoints(image_id, keypoints)
-            self.write_descriptors(image_id, descriptors)
+            self.write_descriptors(image_id, descriptors, descriptor_type)
 
 
 def read_descriptors(conn: sqlite3.Connection, image_ids: list[int]) -> list[np.ndarray]:
@@ -184,3 +186,61 @@ def read_descriptors(conn: sqlite3.Connection, image_ids: list[int]) -> list[np.
         else:
             out.append(np.frombuffer(row[2], dtype=np.uint8).reshape(row[0], row[1]))
     return out
+
+
+def _blob(a) -> bytes | None:
+    return None if a is None else np.ascontiguousarray(a, dtype=np.float64).tobytes()
+
+
+def write_pair_results(conn: sqlite3.Connection, image_id1: np.ndarray, image_id2: np.ndarray,
+                       matches: list[np.ndarray], inliers: list[np.ndarray], config: np.ndarray,
+                       F: np.ndarray | None, E: np.ndarray | None, H: np.ndarray | None,
+                       qvec: np.ndarray | None, tvec: np.ndarray | None,
+                       has_F: np.ndarray, has_E: np.ndarray, has_H: np.ndarray, has_pose: np.ndarray) -> None:
+    """Raw matches and two-view geometries of many pairs, as COLMAP writes them: pairs oriented
+    image_id1 < image_id2 (the caller orients them), (n, 2) uint32 point2D index blobs, F/E/H as
+    row-major float64 3x3 blobs (NULL where not estimated), qvec (w, x, y, z) and tvec of
+    cam2_from_cam1 (NULL without a pose). Call inside a transaction; existing rows are replaced."""
+    assert np.all(image_id1 < image_id2), "pairs must be oriented image_id1 < image_id2"
+    pid = pair_ids(image_id1, image_id2)
+    mrows, grows = [], []
+    for k in range(len(pid)):
+        m = np.ascontiguousarray(matches[k], dtype=np.uint32).reshape(-1, 2)
+        g = np.ascontiguousarray(inliers[k], dtype=np.uint32).reshape(-1, 2)
+        mrows.append((int(pid[k]), len(m), 2, m.tobytes()))
+        grows.append((
+            int(pid[k]), len(g), 2, g.tobytes(), int(config[k]),
+            _blob(F[k]) if has_F[k] else None, _blob(E[k]) if has_E[k] else None, _blob(H[k]) if has_H[k] else None,
+            _blob(qvec[k]) if has_pose[k] else None, _blob(tvec[k]) if has_pose[k] else None,
+        ))
+    conn.executemany("INSERT OR REPLACE INTO matches(pair_id, rows, cols, data) VALUES (?, ?, ?, ?)", mrows)
+    conn.executemany(
+        "INSERT OR REPLACE INTO two_view_geometries(pair_id, rows, cols, data, config, F, E, H, qvec, tvec) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", grows)
+
+
+def read_features(conn: sqlite3.Connection, image_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Flat keypoint xy (K, 2) float64, descriptors (K, D) and per-image offsets (I+1,) of the
+    given images, plus the descriptor type per image. An image whose keypoint and descriptor
+    counts differ contributes no features (the caller reports it)."""
+    xy, de, counts, types = [], [], [], []
+    dim = None
+    for iid in image_ids:
+        k = conn.execute("SELECT rows, cols, data FROM keypoints WHERE image_id = ?", (int(iid),)).fetchone()
+        d = conn.execute("SELECT rows, cols, data, type FROM descriptors WHERE image_id = ?", (int(iid),)).fetchone()
+        if k is None or d is None or not k[0] or k[0] != d[0]:
+            counts.append(0)
+            types.append(-1)
+            continue
+        xy.append(np.frombuffer(k[2], dtype=np.float32).reshape(k[0], k[1])[:, :2].astype(np.float64))
+        dim = d[1] if dim is None else dim
+        if d[1] != dim:
+            raise DatabaseError(f"descriptors of image {iid} have {d[1]} columns, others {dim}: one feature type per database")
+        dtype = np.uint8 if len(d[2]) == d[0] * d[1] else np.float32
+        de.append(np.frombuffer(d[2], dtype=dtype).reshape(d[0], d[1]))
+        counts.append(k[0])
+        types.append(d[3])
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    xy_all = np.concatenate(xy) if xy else np.zeros((0, 2))
+    de_all = np.concatenate(de) if de else np.zeros((0, dim or 128), np.uint8)
+    return xy_all, de_all, offsets, np.asarray(types)

@@ -1,10 +1,11 @@
-"""SIFT features with pycolmap, and `extract()`: image folder -> COLMAP database.db.
+"""`extract()`: image folder -> COLMAP database.db with cameras, images and features.
 
-Images are decoded and normalised by our ingest code (`ingest.to_uint8`) and handed to
-pycolmap's FeatureExtractor as bitmaps; RGB becomes grey with COLMAP's own conversion, so an
-8-bit RGB or grey image gives exactly the features `pycolmap.extract_features` gives. pycolmap's
-extractor holds the GIL, so CPU extraction runs in worker processes; the parent process is the
-only database writer and commits each image's features in one transaction.
+Images are decoded and normalised by our ingest code (`ingest.to_uint8`) and handed to the
+extractor of `options.features` (`extractors`: SIFT through pycolmap by default; RGB becomes
+grey with COLMAP's own conversion, so an 8-bit image gives exactly the features
+`pycolmap.extract_features` gives). pycolmap's extractor holds the GIL, so CPU extraction runs
+in worker processes; the parent process is the only database writer and commits each image's
+features in one transaction.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..data.camera_models import model_info
 from .colmap_db import FrontendDatabase
+from .extractors import Extractor, create_extractor, feature_types
 from .ingest import IngestError, ImageRecord, SkippedFile, group_cameras, load_uint8, scan_images
 from .options import ExtractOptions
 from .report import ExtractReport, log_aggregated, progress
@@ -36,41 +38,9 @@ def resolve_sift_device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and pycolmap.has_cuda) else "cpu"
 
 
-def make_extractor(options: ExtractOptions, device: str = "cpu"):
-    import pycolmap
-
-    fo = pycolmap.FeatureExtractionOptions()
-    fo.num_threads = 1
-    fo.max_image_size = int(options.max_image_size)
-    fo.sift.max_num_features = int(options.max_num_features)
-    if options.sift:
-        fo.sift.mergedict(dict(options.sift))
-    return pycolmap.FeatureExtractor.create(fo, getattr(pycolmap.Device, device))
-
-
-def sift_features(extractor, image: np.ndarray, max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """SIFT of an 8-bit (H, W) or (H, W, 3) image -> keypoints (N, 6) float32 in COLMAP's layout
-    [x, y, a11, a12, a21, a22] in full-resolution pixels, descriptors (N, 128) uint8.
-
-    Large images are downscaled first (as COLMAP does); keypoints are scaled back by the size
-    ratio, which is exact in COLMAP's corner-origin pixel convention."""
-    import pycolmap
-
-    h, w = image.shape[:2]
-    bitmap = pycolmap.Bitmap.from_array(np.ascontiguousarray(image))
-    if not bitmap.is_grey:
-        bitmap = bitmap.clone_as_grey()
-    sx = sy = 1.0
-    if max(w, h) > max_image_size:
-        scale = max_image_size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        bitmap.rescale(nw, nh)
-        sx, sy = w / nw, h / nh
-    keypoints, descriptors = extractor.extract(bitmap)
-    k = pycolmap.keypoints_to_matrix(keypoints).astype(np.float64)  # x, y, scale, orientation
-    c, s = k[:, 2] * np.cos(k[:, 3]), k[:, 2] * np.sin(k[:, 3])
-    kp = np.stack([k[:, 0] * sx, k[:, 1] * sy, c * sx, -s * sx, s * sy, c * sy], axis=1).astype(np.float32)
-    return kp, np.ascontiguousarray(descriptors.data, dtype=np.uint8)
+def make_extractor(options: ExtractOptions, device: str = "cpu") -> Extractor:
+    """The extractor of `options.features` (SIFT unless a learned extractor is registered)."""
+    return create_extractor(options, device)
 
 
 # ---- worker processes (one extractor each) ----
@@ -83,16 +53,41 @@ def _init_worker(options: ExtractOptions, device: str) -> None:
 
     pycolmap.logging.minloglevel = 1
     _WORKER["extractor"] = make_extractor(options, device)
-    _WORKER["max_image_size"] = options.max_image_size
 
 
-def _extract_file(path: str):
-    """(keypoints, descriptors, None) or (None, None, error text); never raises."""
+def mask_keypoints(kp: np.ndarray, de: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """COLMAP's masking: a keypoint is kept where the grey mask's pixel (int(x), int(y)) exists and
+    is not zero."""
+    x, y = kp[:, 0].astype(np.int64), kp[:, 1].astype(np.int64)
+    h, w = mask.shape
+    keep = (x >= 0) & (y >= 0) & (x < w) & (y < h)
+    keep[keep] = mask[y[keep], x[keep]] != 0
+    return kp[keep], de[keep]
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask image as grey (H, W) uint8, read as COLMAP reads it (colour converted to grey)."""
+    from PIL import Image
+
+    m = load_uint8(path)
+    return np.asarray(Image.fromarray(m).convert("L")) if m.ndim == 3 else m
+
+
+def _extract_file(job: tuple[str, str | None]):
+    """(keypoints, descriptors, None, None) or (None, None, error text, skip reason) for (image
+    path, mask path or None); never raises."""
+    path, mask_path = job
     try:
-        kp, de = sift_features(_WORKER["extractor"], load_uint8(path), _WORKER["max_image_size"])
-        return kp, de, None
+        kp, de = _WORKER["extractor"].extract(load_uint8(path))
     except Exception as e:  # noqa: BLE001 - a file that changed since the scan must not stop the run
-        return None, None, f"{type(e).__name__}: {e}"
+        return None, None, f"{type(e).__name__}: {e}", "decode_error"
+    if mask_path is None:
+        return kp, de, None, None
+    try:
+        kp, de = mask_keypoints(kp, de, load_mask(mask_path))
+    except Exception as e:  # noqa: BLE001 - an unreadable mask skips its image, not the run
+        return None, None, f"mask {mask_path}: {type(e).__name__}: {e}", "mask_error"
+    return kp, de, None, None
 
 
 def default_num_workers() -> int:
@@ -100,8 +95,9 @@ def default_num_workers() -> int:
     return max(1, min(cores, 8))
 
 
-def _iter_features(paths: list[str], options: ExtractOptions, device: str):
-    """Results in input order. One in-process extractor for CUDA or one worker; a spawn pool
+def _iter_features(paths: list[tuple[str, str | None]], options: ExtractOptions, device: str):
+    """Results for (image path, mask path or None) jobs, in input order. One in-process extractor
+    for CUDA or one worker; a spawn pool
     (safe with threads in the parent) otherwise."""
     # Spawning a worker costs seconds (imports), so small jobs run in-process.
     auto = min(default_num_workers(), max(1, len(paths) // 8))
@@ -121,6 +117,22 @@ def _iter_features(paths: list[str], options: ExtractOptions, device: str):
 
 
 # ---- the front end's first stage ----
+def _mask_of(name: str, options: ExtractOptions) -> str | None:
+    """COLMAP's mask of an image: MASK_PATH/<image name>.png (None without --mask-path)."""
+    return str(Path(options.mask_path) / f"{name}.png") if options.mask_path else None
+
+
+def _keep_masked(records: list[ImageRecord], options: ExtractOptions, report: ExtractReport) -> list[ImageRecord]:
+    """With a mask folder, an image without its mask is skipped, as COLMAP's image reader does."""
+    if not options.mask_path:
+        return records
+    have = [r for r in records if Path(_mask_of(r.name, options)).is_file()]
+    missing = [r.name for r in records if not Path(_mask_of(r.name, options)).is_file()]
+    report.skipped += [SkippedFile(n, "mask_missing", f"no {n}.png in {options.mask_path}") for n in missing]
+    log_aggregated(logger, f"no mask in {options.mask_path} for {len(missing)} images (skipped):", missing)
+    return have
+
+
 def _camera_params(model: str, focal: float, width: int, height: int) -> np.ndarray:
     import pycolmap
 
@@ -164,6 +176,7 @@ def _register(db: FrontendDatabase, records: list[ImageRecord], options: Extract
             usable.append(r)
     groups = group_cameras(usable, options)
     mid = model_info(options.camera_model).model_id
+    known = options.parsed_camera_params()  # COLMAP's camera_params: every new camera, focal known
     group_camera: dict[int, int] = {}
     for g, group in enumerate(groups):
         for i in group.members:
@@ -178,8 +191,10 @@ def _register(db: FrontendDatabase, records: list[ImageRecord], options: Extract
             for name, g in new:
                 if g not in group_camera:
                     grp = groups[g]
-                    params = _camera_params(options.camera_model, grp.focal, grp.width, grp.height)
-                    group_camera[g] = db.add_camera(mid, grp.width, grp.height, params, grp.has_prior_focal_length)
+                    params = (np.asarray(known, dtype=np.float64) if known is not None
+                              else _camera_params(options.camera_model, grp.focal, grp.width, grp.height))
+                    group_camera[g] = db.add_camera(mid, grp.width, grp.height, params,
+                                                    known is not None or grp.has_prior_focal_length)
                 ids[name] = db.add_image(name, group_camera[g])
     report.num_registered = len(new)
     report.num_cameras = len({existing[r.name][1] for r in usable if r.name in existing} | set(group_camera.values()))
@@ -197,7 +212,12 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     t0 = time.perf_counter()
     options = options or ExtractOptions()
     image_dir, database = Path(image_dir), Path(database)
+    if options.mask_path and not Path(options.mask_path).is_dir():
+        raise IngestError(f"mask folder {options.mask_path} does not exist or is not a folder")
     device = resolve_sift_device(options.device)
+    feature_type = feature_types()[options.features] if options.features in feature_types() else None
+    if feature_type is None:
+        raise IngestError(f"unknown --features {options.features!r}; available: {', '.join(sorted(feature_types()))}")
     report = ExtractReport(image_dir=str(image_dir), database=str(database), device=device)
 
     trusted: set[str] = set()
@@ -207,7 +227,7 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
             trusted = {n for n, (iid, _) in db.images().items() if iid in complete}
     scan = scan_images(image_dir, options, trusted)
     report.num_files, report.skipped = scan.num_files, list(scan.skipped)
-    records = scan.images
+    records = _keep_masked(scan.images, options, report)
     _report_scan(report, records)
     if len(records) < options.min_images:
         err = IngestError(
@@ -229,14 +249,16 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
             failed = []
             bar = progress(total=len(todo), enabled=options.progress, desc="extract", unit="img")
             try:
-                for r, (kp, de, err) in zip(todo, _iter_features([str(r.path) for r in todo], options, device)):
+                jobs = [(str(r.path), _mask_of(r.name, options)) for r in todo]
+                report.num_masked = len(todo) if options.mask_path else 0
+                for r, (kp, de, err, why) in zip(todo, _iter_features(jobs, options, device)):
                     iid = ids[r.name]
                     if err is not None:
                         with db.transaction():
                             db.remove_image(iid)
-                        failed.append(SkippedFile(r.name, "decode_error", err))
+                        failed.append(SkippedFile(r.name, why, err))
                     else:
-                        db.write_features(iid, kp, de)  # replaces a partial set left by another tool
+                        db.write_features(iid, kp, de, feature_type.colmap_type)  # replaces a partial set
                         report.num_extracted += 1
                         if len(kp) == 0:
                             report.no_features.append(r.name)

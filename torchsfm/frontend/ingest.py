@@ -165,8 +165,16 @@ def scan_images(root: str | os.PathLike, options: ExtractOptions, trusted: set[s
     seen: dict[str, str] = {}  # digest -> name of the kept file
     # A truncated file must fail to decode even if the caller told Pillow to tolerate truncation.
     tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    files = list_files(root)
+    if options.image_names:  # COLMAP's image list: only these names; one that is not there is an error
+        wanted = set(options.image_names)
+        files = [(n, p) for n, p in files if n in wanted]
+        missing = sorted(wanted - {n for n, _ in files})
+        if missing:
+            raise IngestError(f"{len(missing)} image(s) of the image list are not in {root}: "
+                              + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
     try:
-        for name, path in list_files(root):
+        for name, path in files:
             _scan_one(name, path, options, trusted, seen, res)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = tolerant

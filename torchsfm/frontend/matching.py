@@ -1,11 +1,10 @@
-"""`match()`: candidate pairs -> SIFT matches + geometric verification in database.db.
+"""`match()`: candidate pairs -> raw matches + geometric verification in database.db.
 
-We choose the pairs (exhaustive, sequential, retrieval) and hand them to pycolmap's own
-threaded matcher and verifier (`match_image_pairs`) in chunks: the results are exactly
-COLMAP's, each chunk is committed, and the chunks drive the progress bar. Pairs that already
-have a two-view geometry are never redone, so an interrupted run resumes where it stopped.
-COLMAP's pair-list format cannot express names containing white space; such pairs go through
-a slower per-pair path (pycolmap.FeatureMatcher + estimate_two_view_geometry).
+We choose the pairs (exhaustive, sequential, retrieval) and match and verify them with the
+torch engine (`--verifier torch`, default: `torch_matcher`) or with pycolmap's own matcher and
+verifier (`--verifier colmap`: `colmap_matcher`, the reference). Either way results are
+committed chunk by chunk in COLMAP's format, and pairs that already have a two-view geometry are
+never redone, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,9 @@ from ..runtime import resolve_device
 from .colmap_db import DatabaseError, check_database, pair_ids, pair_ids_to_images
 from .ingest import IngestError, natural_key
 from .options import MatchOptions
+from .colmap_matcher import match_and_verify_colmap
 from .pairs import exhaustive_pairs, merge_pairs, sequential_pairs, top_k_pairs
+from .torch_matcher import match_and_verify
 from .report import MatchReport, progress
 
 logger = logging.getLogger(__name__)
@@ -72,78 +72,6 @@ def _global(conn, image_ids, options: MatchOptions, device) -> torch.Tensor:
     )
 
 
-def _pycolmap_options(options: MatchOptions):
-    import pycolmap
-
-    mo = pycolmap.FeatureMatchingOptions()
-    mo.num_threads = int(options.num_threads)
-    mo.max_num_matches = int(options.max_num_matches)
-    mo.guided_matching = bool(options.guided_matching)
-    mo.sift.max_ratio = float(options.max_ratio)
-    mo.sift.max_distance = float(options.max_distance)
-    mo.sift.cross_check = bool(options.cross_check)
-    vo = pycolmap.TwoViewGeometryOptions()
-    vo.min_num_inliers = int(options.min_num_inliers)
-    vo.compute_relative_pose = bool(options.compute_relative_pose)
-    vo.ransac.max_error = float(options.max_error)
-    vo.ransac.confidence = float(options.confidence)
-    vo.ransac.max_num_trials = int(options.max_num_trials)
-    vo.ransac.random_seed = int(options.seed)
-    if options.verification:
-        vo.mergedict(dict(options.verification))
-    return mo, vo
-
-
-def _pairfile_safe(name: str) -> bool:
-    """COLMAP's pair-list reader splits lines at spaces and skips lines starting with '#'."""
-    return bool(name) and not name.startswith("#") and not any(c.isspace() for c in name)
-
-
-def _match_listed(database: Path, names: list[str], pairs: np.ndarray, mo, vo, device) -> None:
-    """One pycolmap.match_image_pairs call over the given (row, row) pairs."""
-    import pycolmap
-
-    fd, tmp = tempfile.mkstemp(prefix="torchsfm-pairs-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(f"{names[i]} {names[j]}\n" for i, j in pairs.tolist())
-        po = pycolmap.ImportedPairingOptions()
-        po.match_list_path = tmp
-        po.block_size = max(len(pairs), 1)
-        pycolmap.match_image_pairs(str(database), matching_options=mo, pairing_options=po, verification_options=vo, device=device)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-def _match_one_by_one(database: Path, ids: list[int], pairs: np.ndarray, mo, vo, device, bar) -> None:
-    """The path for names COLMAP's pair lists cannot hold; one transaction per pair."""
-    import pycolmap
-
-    matcher = pycolmap.FeatureMatcher.create(mo, device)
-    db = pycolmap.Database.open(str(database))
-    try:
-        cams = {c.camera_id: c for c in db.read_all_cameras()}
-        img_cam = {im.image_id: im.camera_id for im in db.read_all_images()}
-        for a, b in pairs.tolist():
-            i1, i2 = sorted((ids[a], ids[b]))
-            m = matcher.match(None, db.read_descriptors(i1), None, db.read_descriptors(i2))
-            if len(m) >= vo.min_num_inliers:
-                k1 = db.read_keypoints(i1)[:, :2].astype(np.float64)
-                k2 = db.read_keypoints(i2)[:, :2].astype(np.float64)
-                tvg = pycolmap.estimate_two_view_geometry(cams[img_cam[i1]], k1, cams[img_cam[i2]], k2, m, vo)
-            else:
-                tvg = pycolmap.TwoViewGeometry()
-            with pycolmap.DatabaseTransaction(db):
-                if db.exists_matches(i1, i2):
-                    db.delete_matches(i1, i2)
-                db.write_matches(i1, i2, m)
-                db.write_two_view_geometry(i1, i2, tvg)
-            bar.update(1)
-    finally:
-        db.close()
-
-
 def _done_pair_ids(database: Path) -> set[int]:
     with contextlib.closing(sqlite3.connect(str(database))) as conn:
         return {r[0] for r in conn.execute("SELECT pair_id FROM two_view_geometries")}
@@ -152,8 +80,6 @@ def _done_pair_ids(database: Path) -> set[int]:
 def match(database: str | os.PathLike, options: MatchOptions | None = None) -> MatchReport:
     """Match and verify the candidate pairs of `options.mode` in a COLMAP database made by
     `extract` (or by COLMAP). Pairs already verified in the database are skipped."""
-    import pycolmap
-
     t0 = time.perf_counter()
     options = options or MatchOptions()
     database = Path(database)
@@ -161,11 +87,16 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
         raise IngestError(f"database {database} does not exist: run `torchsfm extract IMAGES --database {database}` first")
     check_database(database)
     torch_device = resolve_device(options.device)
-    want_cuda = options.device == "cuda" or (options.device == "auto" and pycolmap.has_cuda)
-    if options.device == "cuda" and not pycolmap.has_cuda:
-        logger.warning("the installed pycolmap has no CUDA support: SIFT matching runs on the CPU (retrieval on %s)", torch_device)
-    pc_device = pycolmap.Device.cuda if want_cuda and pycolmap.has_cuda else pycolmap.Device.cpu
-    report = MatchReport(database=str(database), mode=options.mode, device=pc_device.name)
+    if options.verifier == "colmap":
+        import pycolmap
+
+        want_cuda = options.device == "cuda" or (options.device == "auto" and pycolmap.has_cuda)
+        if options.device == "cuda" and not pycolmap.has_cuda:
+            logger.warning("the installed pycolmap has no CUDA support: SIFT matching runs on the CPU (retrieval on %s)", torch_device)
+        device_name = "cuda" if want_cuda and pycolmap.has_cuda else "cpu"
+    else:
+        device_name = torch_device.type
+    report = MatchReport(database=str(database), mode=options.mode, device=device_name, verifier=options.verifier)
 
     with contextlib.closing(sqlite3.connect(str(database))) as conn:
         ids, names = _images_with_features(conn)
@@ -178,29 +109,17 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
     done = np.isin(pid, np.fromiter(_done_pair_ids(database), dtype=np.int64))
     todo = rows[~done]
     report.num_resumed = int(done.sum())
-    safe = np.fromiter((_pairfile_safe(n) for n in names), dtype=bool, count=len(names))
-    listed = todo[safe[todo[:, 0]] & safe[todo[:, 1]]] if len(todo) else todo
-    unlisted = todo[~(safe[todo[:, 0]] & safe[todo[:, 1]])] if len(todo) else todo
-    if len(unlisted):
-        logger.warning(
-            "%d pairs involve image names with white space (or a leading '#'), which COLMAP's pair lists cannot hold; "
-            "they are matched one by one (slower)", len(unlisted)
-        )
 
-    mo, vo = _pycolmap_options(options)
-    old_level = pycolmap.logging.minloglevel
-    pycolmap.logging.minloglevel = max(old_level, 1)
     bar = progress(total=len(todo), enabled=options.progress, desc=f"match ({options.mode})", unit="pair")
     try:
-        for s in range(0, len(listed), options.chunk_size):
-            chunk = listed[s : s + options.chunk_size]
-            _match_listed(database, names, chunk, mo, vo, pc_device)
-            bar.update(len(chunk))
-        if len(unlisted):
-            _match_one_by_one(database, ids, unlisted, mo, vo, pc_device, bar)
+        if options.verifier == "colmap":
+            match_and_verify_colmap(database, ids, names, todo, options, device_name, bar)
+        else:
+            stats = match_and_verify(database, ids, todo, options, torch_device, bar)
+            report.num_raw_matches = stats.num_raw_matches
+            report.stage_times = {k: round(v, 3) for k, v in stats.time_s.items()}
     finally:
         bar.close()
-        pycolmap.logging.minloglevel = old_level
     report.num_matched = len(todo)
 
     with contextlib.closing(sqlite3.connect(str(database))) as conn:

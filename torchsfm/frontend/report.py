@@ -1,23 +1,13 @@
-"""What the front end tells the user: run reports (JSON-able dataclasses) and progress bars."""
+"""What the front end tells the user: the typed results of `extract` and `match` (filled into a
+`torchsfm.report.StageReport` by the CLI, like every stage's), aggregated warnings, progress bars."""
 from __future__ import annotations
 
 import collections
-import dataclasses
-import json
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from ..report import progress_bar as progress  # noqa: F401 - the front end's name for it
 from .ingest import SkippedFile
-
-
-def progress(iterable=None, enabled: bool = True, **kwargs):
-    """tqdm on stderr, shown only on a terminal (and never when disabled)."""
-    return tqdm(iterable, disable=(None if enabled else True), file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
 def _counts(items) -> str:
@@ -33,21 +23,8 @@ def log_aggregated(logger: logging.Logger, headline: str, lines: list[str], limi
     logger.warning("%s\n  %s", headline, "\n  ".join(shown))
 
 
-class _Report:
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def write_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
-
-
 @dataclass
-class ExtractReport(_Report):
+class ExtractReport:
     image_dir: str
     database: str
     num_files: int = 0  # files found under the image folder
@@ -62,6 +39,7 @@ class ExtractReport(_Report):
     exif_focal_ignored: list[dict] = field(default_factory=list)  # {name, detail}
     exif_orientation: dict = field(default_factory=dict)  # name -> EXIF orientation (!= 1)
     no_features: list[str] = field(default_factory=list)  # images where SIFT found nothing
+    num_masked: int = 0  # images whose features this run extracted with a mask (--mask-path)
     elapsed_s: float = 0.0
 
     @property
@@ -78,7 +56,7 @@ class ExtractReport(_Report):
 
 
 @dataclass
-class MatchReport(_Report):
+class MatchReport:
     database: str
     mode: str
     num_images: int = 0
@@ -89,11 +67,14 @@ class MatchReport(_Report):
     num_inlier_matches: int = 0  # in the whole database
     configs: dict = field(default_factory=dict)  # configuration type name -> pair count
     device: str = "cpu"
+    verifier: str = "torch"
+    num_raw_matches: int = 0  # raw matches found by this run (torch verifier)
+    stage_times: dict = field(default_factory=dict)  # seconds: read / match / verify / write (torch verifier)
     elapsed_s: float = 0.0
 
     def summary(self) -> str:
         return (
             f"match ({self.mode}): {self.num_candidate_pairs} candidate pairs over {self.num_images} images "
             f"({self.num_matched} matched, {self.num_resumed} already done); {self.num_verified} verified pairs, "
-            f"{self.num_inlier_matches} inlier matches in {self.database} [{self.elapsed_s:.1f} s, {self.device}]"
+            f"{self.num_inlier_matches} inlier matches in {self.database} [{self.elapsed_s:.1f} s, {self.verifier} on {self.device}]"
         )

@@ -236,6 +236,15 @@ def _read_images(db, cameras: Cameras, device, dtype) -> Images:
     )
 
 
+def read_cameras_images(path: str | os.PathLike, device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float64) -> tuple[Cameras, Images]:
+    """Cameras and images (sorted by image_id) of a COLMAP database, validated as in
+    `read_view_graph`, without keypoints or pairs."""
+    with pycolmap.Database.open(str(path)) as db:
+        cameras = _read_cameras(db, device, dtype)
+        return cameras, _read_images(db, cameras, device, dtype)
+
+
 def _row_of_ids(image_ids: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of `ids` in the sorted `image_ids`, and whether each id exists."""
     if image_ids.numel() == 0:

@@ -82,23 +82,27 @@ _MASK = (1 << _HASH_BITS) - 1
 _NONE = 1 << _HASH_BITS  # larger than every hash: no neighbour
 
 
-def _min_neighbour(num_nodes: int, a: Tensor, b: Tensor, A: int = 1, B: int = 0) -> Tensor:
-    """Per node, the smallest hash (A x + B) mod 2^31 over its neighbours x in the edges (a, b)
-    (int64; A = 1, B = 0: the smallest index); _NONE where a node has no neighbour."""
+def _min_neighbour(num_nodes: int, edges: Tensor, A: int = 1, B: int = 0) -> Tensor:
+    """Per node, the smallest hash (A x + B) mod 2^31 over its neighbours x in `edges` (int64;
+    A = 1, B = 0: the smallest index); _NONE where a node has no neighbour. One int64 temporary
+    per direction (the edges may be int32)."""
     def h(x: Tensor) -> Tensor:
-        return x if A == 1 and B == 0 else torch.mul(x, A).add_(B).bitwise_and_(_MASK)  # one temporary
+        x = x.to(torch.long, copy=True)
+        return x if A == 1 and B == 0 else x.mul_(A).add_(B).bitwise_and_(_MASK)
 
-    ext = torch.full((num_nodes,), _NONE, dtype=torch.long, device=a.device)
-    return ext.scatter_reduce_(0, a, h(b), "amin").scatter_reduce_(0, b, h(a), "amin")
+    a, b = edges[:, 0], edges[:, 1]
+    ext = torch.full((num_nodes,), _NONE, dtype=torch.long, device=edges.device)
+    ext.scatter_reduce_(0, a, h(b), "amin")
+    return ext.scatter_reduce_(0, b, h(a), "amin")
 
 
 def _witness(ext: Tensor, u: Tensor, v: Tensor, A: int, B: int) -> Tensor:
     """The common neighbour that u and v both pick (their equal min-hash, mapped back to the
-    node), or -1."""
+    node; int32), or -1."""
     hu = ext[u]
     same = (hu == ext[v]) & (hu < _NONE)
-    node = (((hu - B) & _MASK) * pow(A, -1, 1 << _HASH_BITS)) & _MASK  # the hash is a bijection
-    return torch.where(same, node, -1)
+    node = hu.sub_(B).bitwise_and_(_MASK).mul_(pow(A, -1, 1 << _HASH_BITS)).bitwise_and_(_MASK)  # a bijection
+    return torch.where(same, node, -1).to(torch.int32)
 
 
 def certified_support(num_nodes: int, edges: Tensor, query: Tensor, at_least: int, num_hashes: int = 8,
@@ -111,32 +115,30 @@ def certified_support(num_nodes: int, edges: Tensor, query: Tensor, at_least: in
     count (`edge_triangle_support`). The rules are MinHash's (the first neighbour in an order of
     the nodes): first the smallest and the largest index, then, for the edges still uncertified,
     `num_hashes` random orders ((A x + B) mod 2^31 with A odd: arithmetic, no permutation
-    tables). Each rule is one scatter over the edges and two gathers. Witnesses are counted
-    distinct.
+    tables). Each rule is one scatter over the edges and two gathers; witnesses are int32 and
+    counted distinct.
     """
     if num_nodes > _MASK:
         raise ValueError(f"certified_support: {num_nodes} nodes, at most {_MASK}")
-    a, b = edges[:, 0].long(), edges[:, 1].long()
-    u, v = a[query], b[query]
-    wit = []
-    for A, B in ((1, 0), (_MASK, num_nodes - 1)):  # smallest index; largest: (N - 1 - x) mod 2^31
-        wit.append(_witness(_min_neighbour(num_nodes, a, b, A, B), u, v, A, B))
-    ok = _distinct_at_least(torch.stack(wit, 1), at_least)
+    u, v = edges[query, 0], edges[query, 1]
+    wit = torch.stack([_witness(_min_neighbour(num_nodes, edges, A, B), u, v, A, B)
+                       for A, B in ((1, 0), (_MASK, num_nodes - 1))], 1)  # smallest; largest: (N - 1 - x)
+    ok = _distinct_at_least(wit, at_least)
     rest = torch.nonzero(~ok, as_tuple=True)[0]
     if rest.numel() == 0 or num_hashes == 0:
         return ok
-    wit = torch.stack(wit, 1)[rest]  # the witnesses of the edges still open
+    wit, u, v = wit[rest], u[rest], v[rest]  # the edges still open
     g = torch.Generator().manual_seed(seed)
     for _ in range(num_hashes):
-        if 4 * rest.numel() < a.numel():  # few left: only the edges around them matter
-            sub = _touching(num_nodes, torch.stack([a, b], 1), torch.cat([u[rest], v[rest]]))
-            a, b = sub[:, 0], sub[:, 1]
+        if 4 * rest.numel() < edges.shape[0]:  # few left: only the edges around them matter
+            edges = _touching(num_nodes, edges, torch.cat([u, v]))
         A = int(torch.randint(0, 1 << (_HASH_BITS - 1), (1,), generator=g)) * 2 + 1  # odd: invertible
         B = int(torch.randint(0, 1 << _HASH_BITS, (1,), generator=g))
-        wit = torch.cat([wit, _witness(_min_neighbour(num_nodes, a, b, A, B), u[rest], v[rest], A, B)[:, None]], 1)
+        wit = torch.cat([wit, _witness(_min_neighbour(num_nodes, edges, A, B), u, v, A, B)[:, None]], 1)
         done = _distinct_at_least(wit, at_least)
         ok[rest[done]] = True
-        rest, wit = rest[~done], wit[~done]
+        keep = ~done
+        rest, wit, u, v = rest[keep], wit[keep], u[keep], v[keep]
         if rest.numel() == 0:
             break
     return ok

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 REASON_OUTLIER_POSITION = "outlier_position_after_global_positioning"
 REASON_FEW_OBSERVATIONS = "too_few_observations"
+REASON_OTHER_COMPONENT = "in another connected component"
 
 
 def _retriangulation_tracks() -> TrackOptions:
@@ -150,13 +151,6 @@ def normalize(rec: Reconstruction, extent: float) -> Reconstruction:
     return out
 
 
-def _counts(r) -> dict:
-    if isinstance(r, dict):
-        return r
-    d = getattr(r, "__dict__", {})
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
-
-
 def _deregister(rec: Reconstruction, drop, reason: str) -> Reconstruction:
     """Unregister images `drop` (bool (I,)), record why, and remove their observations (points
     left with fewer than two are dropped)."""
@@ -231,7 +225,7 @@ def _calibration_step(rec: Reconstruction, run: _Run) -> Reconstruction:
         return rec
     with run.report.stage("view_graph_calibration", run.dev) as st:
         calibrated, r = calibrate_view_graph(rec, run.opt.view_graph_calibration)
-        st.counts.update(_counts(r))
+        st.record(r)
     with run.report.stage("calibration_check", run.dev) as st:
         rec, counts = check_calibration(rec, calibrated, run.opt.calibration_check, run.opt.relative_pose.num_threads)
         st.counts.update(counts)
@@ -243,7 +237,7 @@ def _relative_pose_step(rec: Reconstruction, run: _Run) -> Reconstruction:
         # components are mapped one by one, so none is dropped here (the options stay untouched)
         relopt = dataclasses.replace(run.opt.relative_pose, keep_largest_component=False)
         rec, r = estimate_relative_poses(rec, relopt)
-        st.counts.update(_counts(r))
+        st.record(r)
     rec = run.check(rec, "relative poses")
     with run.report.stage("parallax_check", run.dev) as st:
         no_parallax, counts, Rfit = detect_no_parallax(rec, run.opt.degeneracy)
@@ -271,7 +265,7 @@ COMMON_STEPS: list[tuple[str, Callable]] = [("view_graph_calibration", _calibrat
 def _rotation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
     with run.report.stage(f"{tag}rotation_averaging", run.dev) as st:
         rec, r = rotation_averaging(rec, run.opt.rotation_averaging)
-        st.counts.update(_counts(r))
+        st.record(r)
     rec = run.check(rec, "rotation averaging")
     msg = symmetry_warning(r.num_edges_in, r.num_edges_dropped, run.opt.degeneracy)
     if msg:
@@ -299,7 +293,7 @@ def _rotation_only_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruct
 def _positioning_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
     with run.report.stage(f"{tag}tracks", run.dev) as st:
         rec, r = establish_tracks(rec, run.opt.tracks)
-        st.counts.update(_counts(r))
+        st.record(r)
     rec = run.check(rec, "tracks")
     with run.report.stage(f"{tag}global_positioning", run.dev) as st:
         def gp(r, o):
@@ -571,7 +565,7 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
                 sub = fn(sub, run, tag)
                 if s == len(steps) - 1:
                     n = len(sub.images)
-                    mark_images(sub.meta, n, ~sub.images.registered & ~members, "in another connected component")
+                    mark_images(sub.meta, n, ~sub.images.registered & ~members, REASON_OTHER_COMPONENT)
                     mark_images(sub.meta, n, ~sub.images.registered, "not registered")
                     models.append(sub)
                 run.save("component", rank, s, f"{tag}{name}", sub, models)
@@ -583,17 +577,32 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
             continue
     models.sort(key=lambda m: int(m.images.registered.sum()), reverse=True)
     if not models:
-        why = "; ".join(failures) if failures else "no component has enough images"
+        largest = int(sizes.max()) if sizes.numel() else 0
+        why = "; ".join(failures) if failures else (
+            f"the largest has {largest} images; a model needs at least {opt.min_component_size} (min_component_size)")
         raise RuntimeError(f"no connected component of the view graph could be reconstructed ({why})")
     best = models[0]
+    in_model = torch.stack([m.images.registered for m in models]).any(0)
     report.summary.update({
         "models": len(models),
-        "registered_images": f"{int(best.images.registered.sum())} / {len(best.images)}",
+        "model_sizes": [{"registered_images": int(m.images.registered.sum()), "points3D": len(m.points3D)}
+                        for m in models],
+        "images_in_no_model": int((~in_model).sum()),
+        "registered_images": f"{int(best.images.registered.sum())} / {len(best.images)}",  # the largest model
         "points3D": len(best.points3D),
         "mean_track_length": round(len(best.tracks) / max(1, len(best.points3D)), 3),
         "mean_reprojection_error_px": float(best.points3D.error.mean()) if len(best.points3D) else math.nan,
     })
+    # images in no model, with the reason the largest model recorded (or why their component was not mapped)
     reasons = image_reasons(best.meta, len(best.images))
-    report.skipped.extend({"image": best.images.name[i], "reason": reasons[i]}
-                          for i in torch.nonzero(~best.images.registered)[:, 0].tolist())
+    comp_size = torch.zeros(len(rec.images), dtype=torch.long, device=rec.device)
+    comp_size[in_graph] = sizes[torch.searchsorted(comp_ids, labels[in_graph])]
+    for i in torch.nonzero(~in_model)[:, 0].tolist():
+        why = reasons[i]
+        if why == REASON_OTHER_COMPONENT:
+            n = int(comp_size[i])
+            why = ("in no verified image pair" if n == 0 else
+                   f"its connected component of the view graph ({n} images) was not reconstructed"
+                   + (f": fewer than min_component_size={opt.min_component_size}" if n < opt.min_component_size else ""))
+        report.skipped.append({"image": best.images.name[i], "reason": why})
     return models, report

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ..cameras.models import focal_length
 from ..data.model import (
@@ -43,6 +42,7 @@ from ..data.model import (
 )
 from ..geometry import so3
 from ..geometry.epipolar import refine_relative_poses, sampson_error
+from ..report import progress_bar
 from .graph import (
     REASON_COMPONENT,
     REASON_NO_PAIRS,
@@ -274,8 +274,8 @@ def estimate_relative_poses(
     valid_cpu = valid_in.cpu()
 
     threads = options.num_threads or _default_threads()
-    disable = None if options.progress is None else not options.progress  # None: only on a terminal
-    bar = tqdm(total=report.num_pairs_in, desc="relative poses", unit="pair", disable=disable)
+    bar = progress_bar(total=report.num_pairs_in, enabled=options.progress is not False, desc="relative poses",
+                       unit="pair")
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for e0, e1 in vg.chunks(options.chunk_matches):
             if not bool(valid_cpu[e0:e1].any()):

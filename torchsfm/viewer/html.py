@@ -8,6 +8,7 @@ thumbnails, with an image folder) on hover. Points above `max_points` are subsam
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..cameras.models import focal_xy, principal_point
 from ..data.model import Reconstruction
 from ..io.atomic import atomic_write_text
+from ..report import progress_bar
 from .template import TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -70,12 +71,13 @@ def find_models(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def default_output(models: list[Path]) -> Path:
-    """MODEL/viewer.html for one model; for several, viewer.html in their common parent."""
-    if len(models) == 1:
-        return models[0] / "viewer.html"
-    common = Path(os.path.commonpath([str(m.absolute()) for m in models]))
-    return common / "viewer.html"
+def default_output(models: list[str | os.PathLike]) -> Path:
+    """Next to the model, never inside it: MODEL.html for one model folder (or one folder of
+    models); for several, viewer.html in their common parent."""
+    paths = [Path(m).absolute() for m in models]
+    if len(paths) == 1:
+        return paths[0].parent / f"{paths[0].name}.html"
+    return Path(os.path.commonpath([str(m) for m in paths])) / "viewer.html"
 
 
 def _b64(a: np.ndarray) -> str:
@@ -210,7 +212,7 @@ def build_scene(
         else:
             root = Path(image_dir)
             thumbs = [_thumbnail(root / n, o.thumbnail_size) if (root / n).is_file() else None
-                      for n in tqdm(cam_names, desc="thumbnails", unit="image", leave=False)]
+                      for n in progress_bar(cam_names, desc="thumbnails", unit="image", leave=False)]
             if any(t is None for t in thumbs):
                 logger.warning("%d of %d images not found under %s: no thumbnail for them",
                                sum(t is None for t in thumbs), len(thumbs), root)
@@ -263,10 +265,12 @@ def write_viewer(
     names: list[str] | None = None,
     image_dir: str | os.PathLike | None = None,
     options: ViewerOptions | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the viewer page atomically and return its path. `models` are Reconstructions or
     model folders (a folder of models expands to its members, one component each); the
-    default output is MODEL/viewer.html (several models: viewer.html in their common parent)."""
+    default output is `default_output(models)`. An existing file is replaced only with
+    `overwrite`."""
     from ..io.colmap_model import read_model
 
     paths: list[Path] = []
@@ -280,7 +284,10 @@ def write_viewer(
         paths = find_models(list(models))
         recs = [read_model(p) for p in paths]
         names = names or _component_names(paths)
-    out = Path(output) if output is not None else default_output(paths)
+    out = Path(output) if output is not None else default_output(models)
+    if out.exists() and not overwrite:
+        raise FileExistsError(errno.EEXIST, "the viewer page exists (replace it with overwrite / --overwrite)",
+                              str(out))
     scene = build_scene(recs, names, image_dir, options)
     text = render_html(scene)
     atomic_write_text(out, text)

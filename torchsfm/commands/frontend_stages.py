@@ -1,0 +1,147 @@
+"""The front end's stages as `extract`, `match` and `run` report them: one StageReport each,
+files skipped with their reason, a summary line, the option flags of both stages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.camera_models import MODELS
+from ..frontend.extractors import feature_types
+from ..frontend.options import CAMERA_MODES, DEVICES, MATCH_MODES, NN_ENGINES, VERIFIERS, ExtractOptions, MatchOptions
+from ..report import RunReport
+from . import CLIError
+from .options import Flag
+
+
+def read_image_list(path: str) -> tuple[str, ...]:
+    """COLMAP's image list file: one image name (relative to the image folder) a line."""
+    import argparse
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read image list {path}: {e.strerror or e}") from None
+    names = tuple(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"image list {path} names no image")
+    return names
+
+
+EXTRACT_FLAGS = [
+    Flag("camera_mode", "--camera-mode", help="which images share intrinsics: auto = same EXIF make, model and "
+         "focal length and the same size", choices=CAMERA_MODES),
+    Flag("camera_model", "--camera-model", ("--ImageReader.camera_model",), "camera model", choices=tuple(MODELS)),
+    Flag("camera_params", "--camera-params", ("--ImageReader.camera_params",),
+         "known intrinsics of every camera, comma-separated in the model's parameter order (SIMPLE_RADIAL: f,cx,cy,k); "
+         "the focal length is then a prior", metavar="P1,P2,..."),
+    Flag("image_names", "--image-list", ("--image_list_path", "--image-list-path"),
+         "file of image names relative to IMAGES, one a line: only these images are used", metavar="FILE",
+         type=read_image_list),
+    Flag("mask_path", "--mask-path", ("--ImageReader.mask_path",),
+         "folder of masks named <image name>.png: no features where the mask is 0; an image without its mask "
+         "is skipped", metavar="DIR"),
+    Flag("default_focal_length_factor", "--focal-factor",
+         ("--ImageReader.default_focal_length_factor", "--default-focal-length-factor"),
+         "focal length without EXIF = factor * max(width, height)"),
+    Flag("features", "--features", help="feature extractor (registered: " + ", ".join(sorted(feature_types()))
+         + "; learned ones come with an extra)", metavar="NAME"),
+    Flag("max_image_size", "--max-image-size", ("--SiftExtraction.max_image_size",),
+         "SIFT runs on a copy downscaled to this size; keypoints are scaled back"),
+    Flag("max_num_features", "--max-features", ("--SiftExtraction.max_num_features", "--max-num-features"),
+         "most SIFT features per image"),
+    Flag("min_fov_deg", "--min-fov", help="EXIF focal lengths giving a narrower field of view (degrees) are ignored"),
+    Flag("max_fov_deg", "--max-fov", help="EXIF focal lengths giving a wider field of view (degrees) are ignored"),
+    Flag("device", "--device", help="SIFT device; auto uses CUDA only when the installed pycolmap has it",
+         choices=DEVICES),
+    Flag("min_images", ""),  # set by the verb (run needs as many as the mapper)
+]
+# set by the verbs (--threads, -q) or only from Python
+EXTRACT_EXCLUDE = ("num_workers", "progress", "extensions", "sift")
+
+MATCH_FLAGS = [
+    Flag("mode", "--mode", ("--match-mode",), "pair selection: exhaustive (up to a few hundred images), "
+         "sequential (video, ordered captures), retrieval (large unordered collections)", choices=MATCH_MODES),
+    Flag("overlap", "--overlap", ("--SequentialMatching.overlap",),
+         "sequential: image i is matched with i+1 ... i+overlap in natural name order"),
+    Flag("quadratic_overlap", "--quadratic-overlap", ("--SequentialMatching.quadratic_overlap",),
+         "sequential: also match i+2^k (k < overlap), long links that close loops"),
+    Flag("loop_closure", "--loop-closure", help="sequential: the sequence is a closed loop (turntable, ring): "
+         "match its end with its start"),
+    Flag("loop_detection", "--loop-detection", ("--SequentialMatching.loop_detection",),
+         "sequential: every --loop-period images, add retrieval neighbours outside the overlap window"),
+    Flag("loop_period", "--loop-period", ("--SequentialMatching.loop_detection_period",),
+         "sequential: loop-detection period in images"),
+    Flag("num_neighbors", "--neighbors", ("--VocabTreeMatching.num_nearest_neighbors", "--num-neighbors"),
+         "retrieval and loop detection: neighbours per image"),
+    Flag("num_words", "--num-words", help="retrieval: size of the VLAD codebook"),
+    Flag("verifier", "--verifier", help="who matches and verifies: torch (batched nearest neighbours and RANSAC "
+         "on the device) or colmap (pycolmap's matcher and verifier, the reference)", choices=VERIFIERS),
+    Flag("nn_engine", "--nn-engine", help="torch verifier's nearest-neighbour search: exact (batched products), "
+         "ivf (an inverted file over all images), auto (exact on CUDA, ivf on the CPU)", choices=NN_ENGINES),
+    Flag("max_ratio", "--max-ratio", ("--SiftMatching.max_ratio",), "SIFT ratio test"),
+    Flag("max_distance", "--max-distance", ("--SiftMatching.max_distance",), "largest descriptor distance of a match"),
+    Flag("cross_check", "--cross-check", ("--SiftMatching.cross_check",), "keep mutual best matches only"),
+    Flag("max_num_matches", "--max-num-matches", ("--SiftMatching.max_num_matches",), "most matches per pair"),
+    Flag("guided_matching", "--guided-matching", ("--SiftMatching.guided_matching",),
+         "match again guided by the verified geometry"),
+    Flag("min_num_inliers", "--min-inliers", ("--TwoViewGeometry.min_num_inliers", "--min-num-inliers"),
+         "a pair counts as verified with at least this many inliers"),
+    Flag("max_error", "--max-error", ("--TwoViewGeometry.max_error",), "RANSAC threshold in pixels"),
+    Flag("confidence", "--confidence", ("--TwoViewGeometry.confidence",), "RANSAC confidence"),
+    Flag("max_num_trials", "--max-num-trials", ("--TwoViewGeometry.max_num_trials",), "most RANSAC iterations"),
+    Flag("seed", "--seed", help="RANSAC seed: reruns give the same database"),
+    Flag("device", "--device", help="matcher device (CUDA when pycolmap has it) and torch device of retrieval",
+         choices=DEVICES),
+]
+MATCH_EXCLUDE = ("num_threads", "progress", "verification")
+
+
+def frontend_options(args, *, extract: ExtractOptions | None = None, match: MatchOptions | None = None,
+                     fixed_extract: dict | None = None, fixed_match: dict | None = None
+                     ) -> tuple[ExtractOptions | None, MatchOptions | None]:
+    """The options of the stages whose flags the verb has: their flags, --threads, -q, then the
+    values the verb fixes itself."""
+    from .options import options_from_args
+
+    threads = getattr(args, "threads", None)
+    progress = not getattr(args, "quiet", False)
+    ex = None if extract is None else options_from_args(
+        args, "extract", extract, num_workers=threads or 0, progress=progress, **(fixed_extract or {}))
+    ma = None if match is None else options_from_args(
+        args, "match", match, num_threads=threads or -1, progress=progress, **(fixed_match or {}))
+    return ex, ma
+
+
+def extract_stage(report: RunReport, image_dir: Path, database: Path, options: ExtractOptions):
+    """`frontend.extract` as a stage of `report`; a failure is a CLIError, the files skipped until
+    then are in the report either way."""
+    from ..frontend import IngestError, extract
+    from ..frontend.colmap_db import DatabaseError
+
+    with report.stage("extract") as st:
+        try:
+            ex = extract(image_dir, database, options)
+        except (IngestError, DatabaseError, ValueError) as e:
+            partial = getattr(e, "report", None)
+            if partial is not None:
+                st.record(partial, exclude=("skipped",))
+                report.skip_files(partial.skipped)
+            raise CLIError(str(e)) from e
+        st.record(ex, exclude=("skipped",))
+    report.skip_files(ex.skipped)
+    report.summary["extract"] = ex.summary()
+    return ex
+
+
+def match_stage(report: RunReport, database: Path, options: MatchOptions):
+    """`frontend.match` as a stage of `report`; a failure is a CLIError."""
+    from ..frontend import IngestError, match
+    from ..frontend.colmap_db import DatabaseError
+
+    with report.stage("match") as st:
+        try:
+            mr = match(database, options)
+        except (IngestError, DatabaseError, ValueError, RuntimeError) as e:
+            raise CLIError(str(e)) from e
+        st.record(mr)
+    report.summary["match"] = mr.summary()
+    return mr
