@@ -256,20 +256,23 @@ def exponent_table(result: dict, min_images: int = 1000) -> str:
              if "scaling" in ds.get("groups", []) and not ds.get("skipped")}
     ser = scaling_series(result)
     min_x = min((x for x, ds in stats.items() if x and ds["stats"].get("images", 0) >= min_images), default=None)
-    lines = ["| method | images | time exponent | memory exponent | MB per million observations (largest) |",
-             "|---|---|---|---|---|"]
+    gpu = _has_gpu(result)
+    lines = ["| method | images | time exponent | memory exponent | MB per million observations (largest) |"
+             + (" GPU MB per million observations |" if gpu else ""), "|---|---|---|---|---|" + ("---|" if gpu else "")]
     for label, f in scaling_exponents(ser, min_x).items():
         n = f["points"]
         span = (f"{stats[f['from']]['stats']['images']}–{stats[f['to']]['stats']['images']} "
                 f"({n} size{'s' if n != 1 else ''})") if f["from"] in stats and f["to"] in stats else "–"
-        per_m = None
+        per_m = gpu_m = None
         big = stats.get(f["to"])
         if big is not None:
             runs = next((rs for lab, rs in series(big) if label.startswith(lab)), [])
             added = _agg(runs, lambda r: r["peak_rss_mb"] - r["rss_start_mb"] if r.get("rss_start_mb") else None)
             per_m = None if added is None else added / f["to"] * 1e6
+            dev = _agg(runs, lambda r: r.get("gpu_peak_allocated_mb"))
+            gpu_m = None if dev is None else dev / f["to"] * 1e6
         lines.append(f"| {label} | {span} | {_num(f['time'], '{:.2f}')} | {_num(f['memory'], '{:.2f}')} | "
-                     f"{_num(per_m, '{:.0f}')} |")
+                     f"{_num(per_m, '{:.0f}')} |" + (f" {_num(gpu_m, '{:.0f}')} |" if gpu else ""))
     return "\n".join(lines)
 
 
