@@ -121,7 +121,7 @@ def test_stage_parsing_and_grouping():
 def test_scaling_plot_is_written(smoke, tmp_path):
     result, _, _ = smoke
     path = plot_scaling([result], tmp_path / "scaling.png")
-    assert path is not None and Image.open(path).size == (1400, 620)
+    assert path is not None and Image.open(path).size == (1400, 660)
     no_scaling = copy.deepcopy(result)
     no_scaling["datasets"][0]["groups"] = ["table"]
     assert plot_scaling([no_scaling], tmp_path / "none.png") is None

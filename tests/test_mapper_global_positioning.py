@@ -47,7 +47,7 @@ def test_trimming_keeps_wrong_rays_out_of_the_start():
     bad = torch.rand(len(rec.tracks), generator=g) < 0.03
     kp = rec.keypoints
     n = kp.count()[rec.tracks.image[bad]]
-    rec.tracks.keypoint[bad] = (torch.rand(int(bad.sum()), generator=g) * n).long()
+    rec.tracks.keypoint[bad] = (torch.rand(int(bad.sum()), generator=g) * n).to(rec.tracks.keypoint.dtype)
     out, counts = global_positioning(rec, GlobalPositioningOptions())
     assert metrics.evaluate(out, sc.gt)["median_translation_error_deg"] < 0.05
     assert counts["observations_dropped"] >= 0.8 * int(bad.sum())

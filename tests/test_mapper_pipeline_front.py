@@ -38,7 +38,7 @@ def test_calibration_relpose_rotations_tracks_chain():
     # happens to lie within 1 px of its epipolar line cannot be caught by two-view geometry.
     gt = sc.gt
     lut = torch.full((len(gt.keypoints),), -1, dtype=torch.long)
-    lut[gt.keypoints.flat_index(gt.tracks.image, gt.tracks.keypoint)] = gt.tracks.point
+    lut[gt.keypoints.flat_index(gt.tracks.image, gt.tracks.keypoint)] = gt.tracks.point.long()
     true_point = lut[rec4.keypoints.flat_index(rec4.tracks.image, rec4.tracks.keypoint)]
     pure = torch.unique(torch.stack([rec4.tracks.point, true_point], 1), dim=0)
     assert pure.shape[0] - rep4.num_tracks < 0.02 * rep4.num_tracks

@@ -94,7 +94,7 @@ def test_bad_pairs_are_filtered_and_reasons_recorded():
     touches = (vg.pairs[pm] == 11).any(1)
     side = (vg.pairs[pm, 1] == 11).long()  # which column indexes image 11
     rnd = (torch.rand(int(touches.sum()), generator=g) * counts[11]).long()
-    vg.matches[touches, side[touches]] = rnd
+    vg.matches[touches, side[touches]] = rnd.to(vg.matches.dtype)
     # Split the remaining images into 0..3 and 4..10 with no valid pair across: 4..10 is larger.
     group_a = torch.arange(12) < 4
     cross = (group_a[vg.pairs[:, 0]] != group_a[vg.pairs[:, 1]]) & ~(vg.pairs == 11).any(1)

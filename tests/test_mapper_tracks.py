@@ -17,7 +17,7 @@ def gt_point_of_observation(sc, image, keypoint):
     gt = sc.gt
     flat_gt = gt.keypoints.flat_index(gt.tracks.image, gt.tracks.keypoint)
     lut = torch.full((len(gt.keypoints),), -1, dtype=torch.long, device=flat_gt.device)
-    lut[flat_gt] = gt.tracks.point
+    lut[flat_gt] = gt.tracks.point.long()
     return lut[gt.keypoints.flat_index(image, keypoint)]
 
 

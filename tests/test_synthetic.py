@@ -27,7 +27,7 @@ def point_of_keypoint(gt):
     """Point row of every flat keypoint (the generator gives each keypoint exactly one point)."""
     flat = gt.keypoints.flat_index(gt.tracks.image, gt.tracks.keypoint)
     out = torch.full((len(gt.keypoints),), -1, dtype=torch.long, device=gt.device)
-    out[flat] = gt.tracks.point
+    out[flat] = gt.tracks.point.long()
     return out
 
 
@@ -110,7 +110,9 @@ def test_seeds_are_stable():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_geometry_is_valid(layout):
-    o = SyntheticOptions(num_images=12, num_points=300, layout=layout, seed=5)
+    # a loop needs enough images to close (0.6 units per image); the others are small on purpose
+    n, p = (150, 3000) if layout == "loop" else (12, 300)
+    o = SyntheticOptions(num_images=n, num_points=p, layout=layout, seed=5, loop_laps=2)
     scene = synthesize(o)
     gt, vg = scene.gt, scene.view_graph
     proj, xy = reprojection(scene)
@@ -164,6 +166,33 @@ def test_match_graphs():
     assert set(map(tuple, seq.pairs.tolist())) <= ex_keys
     assert set(map(tuple, sp.pairs.tolist())) < ex_keys and len(sp) < 0.7 * len(ex)
     assert torch.unique(sp.pairs).numel() == 14
+    # retrieval: every image keeps the 3 pairs sharing the most matches (its own top 3)
+    rt = synthesize(SyntheticOptions(**base, match_graph="retrieval", retrieval_neighbors=3)).view_graph
+    rt_keys = set(map(tuple, rt.pairs.tolist()))
+    assert rt_keys <= ex_keys and len(rt) < len(ex)
+    n_ex = dict(zip(map(tuple, ex.pairs.tolist()), ex.num_matches().tolist()))
+    for i in range(14):
+        mine = {k: n for k, n in n_ex.items() if i in k}
+        third = sorted(mine.values(), reverse=True)[:3][-1]
+        assert all(k in rt_keys for k, n in mine.items() if n > third)  # ties at the third may go either way
+        assert sum(k in rt_keys for k, n in mine.items() if n >= third) >= min(3, len(mine))
+
+
+def test_loop_layout_is_unordered_and_closes_loops():
+    o = SyntheticOptions(num_images=300, num_points=4000, layout="loop", loop_laps=3, match_graph="retrieval",
+                         retrieval_neighbors=10, seed=2)
+    scene = synthesize(o)
+    c, vg = scene.gt.images.centers, scene.view_graph
+    # the images are in random order: successive ids are far apart, not one 0.6 step
+    assert float((c[1:] - c[:-1]).norm(dim=1).median()) > 5
+    # each lap drives its own lane (radial offsets 0.4 apart): pairs across lanes are loop closures
+    lane = torch.round((c[:, [0, 2]].norm(dim=1) - c[:, [0, 2]].norm(dim=1).mean()) / 0.4)
+    lane = lane.clamp(-1, 1)  # lane noise (0.1) sometimes crosses the half spacing
+    across = lane[vg.pairs[:, 0]] != lane[vg.pairs[:, 1]]
+    assert float(across.double().mean()) > 0.3
+    assert float((c[vg.pairs[:, 0]] - c[vg.pairs[:, 1]]).norm(dim=1).max()) < 20  # only near images match
+    deg = torch.bincount(vg.pairs.reshape(-1), minlength=300)
+    assert int(deg.min()) >= 10 and len(vg) <= 300 * 10
 
 
 def test_epipolar_geometry_of_pinhole_scene():
@@ -198,7 +227,7 @@ def test_device_and_dtype_follow_the_request(device):
     cpu = synthesize(SyntheticOptions(num_images=5, num_points=100, seed=11))
     dev = synthesize(SyntheticOptions(num_images=5, num_points=100, seed=11), device=device, dtype=torch.float32)
     assert dev.gt.device.type == device.type and dev.gt.dtype == torch.float32
-    assert dev.view_graph.F.dtype == torch.float32 and dev.view_graph.matches.dtype == torch.int64
+    assert dev.view_graph.F.dtype == torch.float32 and dev.view_graph.matches.dtype == torch.int32
     assert torch.equal(dev.view_graph.matches.cpu(), cpu.view_graph.matches)
     assert torch.allclose(dev.gt.keypoints.xy.cpu().double(), cpu.gt.keypoints.xy, atol=1e-3)
 

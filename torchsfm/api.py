@@ -23,7 +23,7 @@ from .io.colmap_model import write_model
 from .io.database import read_view_graph
 from .mapper.checkpoint import CheckpointStore, checkpoint_key
 from .mapper.pipeline import MapperOptions, global_mapping
-from .report import RunReport, format_summary, log_to_file
+from .report import RunReport, format_summary, log_to_file, memory_summary
 from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def write_outputs(models: list[Reconstruction], output: str | os.PathLike, repor
             write_model(m.to("cpu"), tmp / str(k), format=fmt)
     atomic_write_text(out / "config.json", json.dumps(to_dict(options), indent=2))
     report.config = to_dict(options)
+    report.summary.update(memory_summary(report))
     report.write_json(out / "report.json")
     return out
 

@@ -19,6 +19,8 @@ from typing import Any
 if TYPE_CHECKING:
     import torch
 
+from .runtime import peak_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +34,9 @@ class StageReport:
     seconds: float = 0.0
     counts: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # peak_rss_mb / rss_mb (host), cuda_peak_mb / cuda_mb (device) over the stage (peak_memory)
+    memory: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # the process's CPU time in the stage: comparable on a busy machine
     details: dict[str, Any] = field(default_factory=dict)
 
     def record(self, result: Any, exclude: tuple[str, ...] = ()) -> None:
@@ -100,20 +105,24 @@ class RunReport:
 
     @contextmanager
     def stage(self, name: str, device: torch.device | None = None):
-        """Time a stage (synchronising CUDA so the time is real) and collect its report."""
+        """Time a stage (synchronising CUDA so the time is real), measure its peak memory and
+        collect its report."""
         rep = StageReport(name)
         sync = (lambda: _cuda_sync(device)) if device is not None and device.type == "cuda" else (lambda: None)
         sync()
-        t0 = time.perf_counter()
+        mem = peak_memory.begin()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield rep
         finally:
             sync()
             rep.seconds = time.perf_counter() - t0
+            rep.cpu_seconds = time.process_time() - c0
+            rep.memory = {k: round(v, 1) for k, v in peak_memory.end(mem).items() if v is not None}
             self.stages.append(rep)
             # the log file's record of every stage; on the console the stages' own lines and the
             # summary's time per stage say it once
-            log.debug("%-28s %7.2f s  %s", name, rep.seconds, _fmt_counts(rep.counts))
+            log.debug("%-28s %7.2f s %s %s", name, rep.seconds, _fmt_memory(rep.memory), _fmt_counts(rep.counts))
 
     def skip_files(self, skipped) -> None:
         """Add files skipped by the front end (objects with name, reason, detail)."""
@@ -139,6 +148,25 @@ class RunReport:
 
     def stage_named(self, name: str) -> StageReport | None:
         return next((s for s in self.stages if s.name == name), None)
+
+
+def _fmt_memory(memory: dict) -> str:
+    """'peak 1234 MB' (host), plus the device peak on CUDA."""
+    out = f"peak {memory['peak_rss_mb']:6.0f} MB" if "peak_rss_mb" in memory else ""
+    if "cuda_peak_mb" in memory:
+        out += f", cuda {memory['cuda_peak_mb']:.0f} MB"
+    return out
+
+
+def memory_summary(report: RunReport) -> dict:
+    """The run's peaks so far: the largest stage peaks (host, and device on CUDA) and their stages."""
+    out = {}
+    for key in ("peak_rss_mb", "cuda_peak_mb"):
+        st = [s for s in report.stages if key in (s.memory or {})]
+        if st:
+            top = max(st, key=lambda s: s.memory[key])
+            out[key], out[key.replace("_mb", "_stage")] = top.memory[key], top.name
+    return out
 
 
 def _fmt_counts(counts: dict) -> str:
@@ -245,9 +273,9 @@ def format_summary(report: RunReport) -> str:
             lines.append(f"  {k:<28} {v:.4g}" if isinstance(v, float) else f"  {k:<28} {v}")
     lines += [f"  hint: {h}" for h in hints(report)]
     if report.stages:
-        lines.append("  time per stage:")
+        lines.append("  time and peak memory per stage:")
         for s in report.stages:
-            lines.append(f"    {s.name:<26} {s.seconds:8.2f} s")
+            lines.append(f"    {s.name:<26} {s.seconds:8.2f} s  {_fmt_memory(s.memory or {})}".rstrip())
     if report.skipped:
         lines.append(f"  skipped inputs: {len(report.skipped)} (reasons in report.json)")
     return "\n".join(lines)

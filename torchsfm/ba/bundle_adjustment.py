@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..cameras.models import model_groups, param_mask, used_mask
 from ..cameras.projection import project_world
-from ..data.model import Reconstruction
+from ..data.model import Reconstruction, Tracks
 from ..geometry import se3, so3
 from ..solver.lm import solve
 from ..solver.options import SolverOptions, SolverSummary
@@ -89,7 +89,11 @@ class ReprojectionProblem:
         pt_row = torch.full((P,), -1, dtype=torch.long, device=dev)
         pt_row[self.points] = torch.arange(self.points.numel(), device=dev)
         self.point_index = pt_row[tracks.point[self.obs]]
-        self.xy = rec.observation_xy()[self.obs]
+        self.xy = rec.observation_xy_of(Tracks(tracks.point[self.obs], tracks.image[self.obs],
+                                                tracks.keypoint[self.obs]))  # gathered once, only these
+        # observations per evaluation chunk: ~1 kB of projection temporaries each (solver chunk_bytes)
+        chunk_bytes = o.solver.chunk_bytes or ((4 << 20) if dev.type == "cpu" else (512 << 20))
+        self.obs_chunk = max(1 << 16, chunk_bytes // 1024)
         self.num_cams, self.num_points = int(self.images.numel()), int(self.points.numel())
 
         # state
@@ -98,7 +102,11 @@ class ReprojectionProblem:
         self.params = rec.cameras.params.clone()
         self.X = rec.points3D.xyz[self.points].clone()
         self.camera_of_block = imgs.camera[self.images]
-        self.groups = model_groups(rec.cameras, self.camera_of_block[self.cam_index])  # once, not per iteration
+        # each evaluation chunk's camera-model rows, found once (a host read), not per iteration
+        cam_of_obs = self.camera_of_block[self.cam_index]
+        n_obs = int(cam_of_obs.numel())
+        self.groups = [model_groups(rec.cameras, cam_of_obs)] if n_obs <= self.obs_chunk else [
+            model_groups(rec.cameras, cam_of_obs[s:s + self.obs_chunk]) for s in range(0, n_obs, self.obs_chunk)]
 
         # intrinsics: refined columns per camera, padded to m
         cams = rec.cameras
@@ -154,23 +162,41 @@ class ReprojectionProblem:
         self._trial = None
 
     # -- model --------------------------------------------------------------------------------
-    def _evaluate(self, R, t, params, X, jacobian: bool):
+    def _evaluate(self, R, t, params, X, jacobian: bool, sl: slice = slice(None)):
+        """Residuals (and Jacobians) of the observations `sl`."""
         cams = self.rec.cameras
         if params is not cams.params:
             cams = type(cams)(cams.camera_id, cams.model_id, cams.width, cams.height, params,
                               cams.has_prior_focal_length)
-        ci = self.cam_index
+        ci, pi, xy = self.cam_index[sl], self.point_index[sl], self.xy[sl]
         cam = self.camera_of_block[ci]
-        proj = project_world(cams, cam, R[ci], t[ci], X[self.point_index], jacobian=jacobian, groups=self.groups)
+        groups = self.groups[0 if sl.start is None else sl.start // self.obs_chunk]
+        proj = project_world(cams, cam, R[ci], t[ci], X[pi], jacobian=jacobian, groups=groups)
         valid = proj.valid
-        r = torch.where(valid[:, None], proj.uv - self.xy, torch.zeros_like(self.xy))
+        r = torch.where(valid[:, None], proj.uv - xy, torch.zeros_like(xy))
         if not jacobian:
             return r, None, None
         Jintr = torch.gather(proj.J_params, 2, self.intr_cols[cam][:, None, :].expand(-1, 2, -1))
         Jintr = Jintr * self.intr_valid[cam][:, None, :].to(Jintr.dtype)
         Jc = torch.cat([proj.J_pose, Jintr], 2)
-        Jp = proj.J_X * self.point_free[self.point_index][:, None, None].to(proj.J_X.dtype)
+        Jp = proj.J_X * self.point_free[pi][:, None, None].to(proj.J_X.dtype)
         return r, Jc, Jp  # invalid rows already have zero Jacobians
+
+    def _evaluate_chunked(self, R, t, params, X, jacobian: bool):
+        """`_evaluate` over all observations in chunks written into the outputs: the projection's
+        Jacobian temporaries (~1 kB per observation) stay bounded by the chunk, not the problem."""
+        n = int(self.cam_index.numel())
+        if n <= self.obs_chunk:
+            return self._evaluate(R, t, params, X, jacobian)
+        out = None
+        for s in range(0, n, self.obs_chunk):
+            part = self._evaluate(R, t, params, X, jacobian, slice(s, s + self.obs_chunk))
+            if out is None:
+                out = [None if p is None else p.new_empty((n, *p.shape[1:])) for p in part]
+            for o, p in zip(out, part):
+                if p is not None:
+                    o[s:s + p.shape[0]] = p
+        return tuple(out)
 
     def _retract(self, step: Step):
         R, t = se3.left_update(self.R, self.t, step.cams[:, :6])
@@ -183,14 +209,14 @@ class ReprojectionProblem:
 
     # -- SparseProblem --------------------------------------------------------------------------
     def linearize(self) -> Linearization:
-        r, Jc, Jp = self._evaluate(self.R, self.t, self.params, self.X, True)
+        r, Jc, Jp = self._evaluate_chunked(self.R, self.t, self.params, self.X, True)
         return Linearization(r, Jc, Jp)
 
     def residuals(self, step: Step | None = None) -> Tensor:
         if step is None:
-            return self._evaluate(self.R, self.t, self.params, self.X, False)[0]
+            return self._evaluate_chunked(self.R, self.t, self.params, self.X, False)[0]
         self._trial = (step, self._retract(step))
-        return self._evaluate(*self._trial[1], False)[0]
+        return self._evaluate_chunked(*self._trial[1], False)[0]
 
     def accept(self, step: Step) -> None:
         if self._trial is not None and self._trial[0] is step:

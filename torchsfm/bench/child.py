@@ -6,8 +6,9 @@ is its own. Only the stdlib is imported at module level; each method imports wha
 
 Before mapping, the database's content hash is computed and must equal `--expected-hash` (the
 harness never compares runs on different inputs). The peak resident set is reset just before
-the mapper starts (/proc/self/clear_refs) and read just after, so the recorded peak is the
-mapper's, on top of what the interpreter and libraries already hold (`rss_start_mb`).
+the mapper starts and read just after (torchsfm/runtime/peak_memory.py), so the recorded peak is the
+mapper's, on top of what the interpreter and libraries already hold (`rss_start_mb`); torchsfm's
+runs also record each stage's peak (`stage_memory`).
 
 Writes DIR/result.json: status, seconds, per-stage seconds, peak memory, the model's folder,
 versions, seed, threads and the options used. A crash leaves no result.json; the harness then
@@ -69,39 +70,27 @@ def database_hash(path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory
+# Memory: torchsfm/runtime/peak_memory.py, loaded by path (it imports only the standard library)
 
 
-def _status_kb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-    return float("nan")
+def _load_peak_memory():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "runtime" / "peak_memory.py"
+    spec = importlib.util.spec_from_file_location("_torchsfm_peak_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+peak_memory = _load_peak_memory()
 
 
 def startup_peak(result: dict) -> None:
     """Peak and current RSS before the mapper starts (imports, CUDA context)."""
-    result["startup_peak_rss_mb"] = peak_rss_mb()
-    result["rss_start_mb"] = rss_mb()
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_mb() -> float:
-    return _status_kb("VmRSS") / 1024.0
-
-
-def peak_rss_mb() -> float:
-    return _status_kb("VmHWM") / 1024.0
+    kb = peak_memory._hwm_kb()
+    result["startup_peak_rss_mb"] = None if kb is None else kb / 1024.0
+    result["rss_start_mb"] = peak_memory.rss_mb()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,15 +189,22 @@ def run_torchsfm(args, out: Path, result: dict):
         torch.cuda.reset_peak_memory_stats(dev)
         result["device_name"] = torch.cuda.get_device_name(dev)
     startup_peak(result)
-    reset_peak_rss()
-    t0 = time.perf_counter()
+    # the package's own instance of the module: the stages' windows must nest in this one
+    from torchsfm.runtime import peak_memory as package_peak_memory
+
+    mem = package_peak_memory.begin()
+    t0, c0 = time.perf_counter(), time.process_time()
     models, report = map_database(args.database, out, opt, image_dir=args.images)
     result["seconds"] = time.perf_counter() - t0
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["cpu_seconds"] = time.process_time() - c0
+    peaks = package_peak_memory.end(mem)
+    result["peak_rss_mb"] = peaks["peak_rss_mb"]
     if dev.type == "cuda":
-        result["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        result["gpu_peak_allocated_mb"] = peaks.get("cuda_peak_mb")
     result["device"] = str(dev)
     result["stages"] = {s.name: s.seconds for s in report.stages}
+    result["stage_memory"] = {s.name: s.memory for s in report.stages if s.memory}
+    result["stage_cpu_seconds"] = {s.name: s.cpu_seconds for s in report.stages}
     result["options"] = to_dict(opt)
     result["num_models"] = len(models)
     result["model"] = "sparse/0"
@@ -254,10 +250,12 @@ def main(argv=None) -> int:
         image_dir = args.images if args.images is not None else args.out / "no_images"
         image_dir.mkdir(parents=True, exist_ok=True)
         startup_peak(result)
-        reset_peak_rss()
+        mem = peak_memory.begin()
         fn = run_colmap if args.method == "colmap" else run_glomap
+        c0 = time.process_time()
         recs, result["seconds"], result["options"] = fn(args, args.out, image_dir)
-        result["peak_rss_mb"] = peak_rss_mb()
+        result["cpu_seconds"] = time.process_time() - c0
+        result["peak_rss_mb"] = peak_memory.end(mem)["peak_rss_mb"]
         model, result["num_models"] = _pycolmap_best(recs, args.out)
         result["model"] = None if model is None else "model"
         # per-stage times come from pycolmap's log (harness: stages_from_log)

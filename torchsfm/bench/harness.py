@@ -50,6 +50,9 @@ SUITES = {
     # 10 seeded subsets of 12-20 images of each real scene (bench/subsets.py, bench/robustness.py),
     # and the full scenes (no loss there)
     "robustness": ([f"{name}-sub{k}" for name in REAL_DATASETS for k in range(10)] + list(REAL_DATASETS), []),
+    # issue 19: the large scenes (hours on 2 cores): the corridor from 300 to 10,000 images and
+    # the unordered 5,000-image loop scene, GLOMAP against torchsfm
+    "scale": (["loops5000=glomap+torchsfm"], ["corridor300", "corridor1000", "corridor3000", "corridor10000"]),
 }
 
 
@@ -123,6 +126,18 @@ _GLOMAP_GROUP = {"Rotation averaging": "rotation_averaging", "Track establishmen
 _AFTER_RETRIANGULATION = ("retriangulation", "final_", "image_keeping", "intrinsics_selection", "noise_filter")
 
 
+def stage_group(method: str, name: str) -> str | None:
+    """The common group of one of a method's stages (None: 'other')."""
+    if method == "glomap":
+        return _GLOMAP_GROUP.get(name)
+    base = name.split("/")[-1]
+    if base.startswith(_AFTER_RETRIANGULATION):  # the steps from retriangulation on
+        return "retriangulation"
+    if "bundle_adjustment" in base or "filter" in base:  # BA rounds and their filtering
+        return "bundle_adjustment"
+    return base if base in STAGE_GROUPS else None
+
+
 def stage_groups(method: str, stages: dict[str, float], total: float) -> dict[str, float]:
     """Per-stage seconds in common groups; 'other' is the rest of the total (loading, writing,
     calibration, component handling). COLMAP incremental interleaves its stages: total only."""
@@ -130,19 +145,23 @@ def stage_groups(method: str, stages: dict[str, float], total: float) -> dict[st
     if method == "colmap" or not stages:
         return {"other": total}
     for name, sec in stages.items():
-        if method == "glomap":
-            key = _GLOMAP_GROUP.get(name)
-        else:
-            base = name.split("/")[-1]
-            if base.startswith(_AFTER_RETRIANGULATION):  # the steps from retriangulation on
-                key = "retriangulation"
-            elif "bundle_adjustment" in base or "filter" in base:  # BA rounds and their filtering
-                key = "bundle_adjustment"
-            else:
-                key = base if base in g else None
+        key = stage_group(method, name)
         if key is not None:
             g[key] += sec
     g["other"] = max(0.0, total - sum(v for k, v in g.items() if k != "other"))
+    return g
+
+
+def stage_group_peaks(method: str, stage_memory: dict[str, dict], key: str = "peak_rss_mb") -> dict[str, float]:
+    """The largest per-stage peak (MB; `key`: peak_rss_mb or cuda_peak_mb) in each common group
+    ('other': loading, calibration, writing, ...); empty where the run recorded no per-stage
+    memory (the pycolmap baselines)."""
+    g: dict[str, float] = {}
+    for name, mem in (stage_memory or {}).items():
+        if mem.get(key) is None:
+            continue
+        grp = stage_group(method, name) or "other"
+        g[grp] = max(g.get(grp, 0.0), mem[key])
     return g
 
 

@@ -2,9 +2,11 @@
 
 Datasets by name:
 - `ringN` (object ring, exhaustive matching), `turntableN` (ring, sequential matching),
-  `corridorN` (forward motion, sequential matching), `sphereN` (sphere, exhaustive): synthetic
-  scenes of N images from `torchsfm.synthetic` (objects of 2,000 points, corridors of 40 points per
-  image; 0.5 px noise, 20% wrong matches, data seed 0). Their raw matches are verified by pycolmap's two-view geometry
+  `corridorN` (forward motion, sequential matching), `sphereN` (sphere, exhaustive), `loopsN`
+  (three laps around a circular corridor, images in random order, each matched with the 20
+  images sharing the most points, as retrieval would pair an unordered collection: loop closures
+  everywhere): synthetic scenes of N images from `torchsfm.synthetic` (objects of 2,000 points,
+  corridors of 40 points per image and lap; 0.5 px noise, 20% wrong matches, data seed 0). Their raw matches are verified by pycolmap's two-view geometry
   estimation with the front end's options (`MatchOptions`), as real matches are, so the mappers
   get a real front end's kind of input: inlier sets with a few surviving outliers and estimated
   (not true) relative poses. The ground truth is written next to the database as a COLMAP model.
@@ -48,7 +50,9 @@ SYNTHETIC_FAMILIES = {  # name prefix -> (layout, match graph)
     "turntable": ("ring", "sequential"),
     "corridor": ("forward", "sequential"),
     "sphere": ("sphere", "exhaustive"),
+    "loops": ("loop", "retrieval"),
 }
+LOOP_LAPS, RETRIEVAL_NEIGHBORS = 3, 20  # loopsN
 REAL_DATASETS = ("templeRing", "dtu_scan24", "kitchen")
 _PAIR_ID_BASE = 2147483647  # COLMAP's pair_id = id1 * base + id2
 
@@ -99,10 +103,16 @@ def synthetic_spec(name: str, object_points: int = 2000, points_per_image: int =
         return None
     layout, graph = SYNTHETIC_FAMILIES[m.group(1)]
     n = int(m.group(2))
-    points = points_per_image * n if layout == "forward" else object_points
+    extra = {}
+    if layout == "loop":  # the same density of points along the corridor as `corridorN`
+        extra = dict(loop_laps=LOOP_LAPS, retrieval_neighbors=RETRIEVAL_NEIGHBORS)
+        points = points_per_image * n // LOOP_LAPS
+    else:
+        points = points_per_image * n if layout == "forward" else object_points
     return InputSpec(name, "synthetic", synthetic=dict(
         num_images=n, num_points=points, layout=layout, match_graph=graph,
-        sequential_overlap=sequential_overlap, pixel_noise=pixel_noise, outlier_ratio=outlier_ratio, seed=seed))
+        sequential_overlap=sequential_overlap, pixel_noise=pixel_noise, outlier_ratio=outlier_ratio, seed=seed,
+        **extra))
 
 
 def rendered_spec(name: str, num_points: int = 2000, seed: int = 0) -> InputSpec | None:
@@ -145,7 +155,7 @@ def resolve_spec(name: str, data_root: Path = DATA_ROOT) -> InputSpec:
         gt = root / "gt"
         return InputSpec(name, "images", image_dir=str(root / "images"), gt=str(gt) if gt.is_dir() else None,
                          frontend=_frontend_options())
-    raise ValueError(f"unknown dataset {name!r}: use ringN, turntableN, corridorN, sphereN, colmapsphereN, one of {REAL_DATASETS}, "
+    raise ValueError(f"unknown dataset {name!r}: use ringN, turntableN, corridorN, sphereN, loopsN, colmapsphereN, one of {REAL_DATASETS}, "
                      "database:PATH[@GT] or images:PATH[@GT]")
 
 

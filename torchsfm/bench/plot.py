@@ -10,27 +10,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .tables import series
+from .tables import scaling_exponents, scaling_series, series
 
 COLORS = {"torchsfm (cpu)": (214, 39, 40), "torchsfm (cuda)": (148, 103, 189), "GLOMAP (COLMAP global)": (31, 119, 180),
           "COLMAP incremental": (44, 160, 44)}
 _EXTRA = [(255, 127, 14), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-
-
-def scaling_series(result: dict) -> dict[str, list[tuple[float, float, float, float | None]]]:
-    """label -> sorted [(observations, seconds, peak RSS MB, GPU peak MB or None)] of the ok runs."""
-    out: dict[str, list] = {}
-    for ds in result["datasets"]:
-        if "scaling" not in ds.get("groups", []) or ds.get("skipped"):
-            continue
-        x = ds.get("stats", {}).get("observations")
-        for label, runs in series(ds):
-            ok = [r for r in runs if r.get("status") == "ok"]
-            if not ok or not x:
-                continue
-            med = lambda key: sorted(r.get(key) for r in ok)[len(ok) // 2] if all(r.get(key) is not None for r in ok) else None  # noqa: E731
-            out.setdefault(label, []).append((float(x), med("seconds"), med("peak_rss_mb"), med("gpu_peak_allocated_mb")))
-    return {k: sorted(v) for k, v in out.items()}
 
 
 def scaling_timeouts(result: dict) -> dict[str, list[tuple[float, float]]]:
@@ -143,13 +127,13 @@ def plot_scaling(results: list[dict], path: str | Path, title: str | None = None
     for label in capped:
         data.setdefault(label, [])
     for label in data:  # a method's own colour once, then the spare ones
-        c = COLORS.get(label.split(" on ")[0])
+        c = COLORS.get(label.split(" on ")[0].split(", ")[0])
         colors[label] = c if c is not None and c not in colors.values() else next(extra, (0, 0, 0))
     if title is None:
         from .tables import scaling_families
 
         title = "Scaling: " + scaling_families(results[0])
-    W, H = 1400, 620
+    W, H = 1400, 660
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font, small = _font(18), _font(15)
@@ -169,15 +153,23 @@ def plot_scaling(results: list[dict], path: str | Path, title: str | None = None
            "peak memory (MB): RSS solid, GPU dashed" if dashed else "peak resident memory (MB)", colors, font, small,
            dashed)
     x = 110
+    fits = scaling_exponents(data)
+    y = H - 70
     for label in list(times) + sorted(dashed):
         c = colors[label]
+        f = fits.get(label, {})
+        text = label + ("" if f.get("time") is None else
+                        f"  (time ~ n^{f['time']:.2f}, memory ~ n^{f['memory']:.2f})" if f.get("memory") is not None
+                        else f"  (time ~ n^{f['time']:.2f})")
+        if x > 110 and x + 60 + d.textlength(text, font=small) > W - 20:  # next legend row
+            x, y = 110, y + 26
         if label in dashed:
             for k in range(0, 30, 10):
-                d.line([(x + k, H - 30), (x + k + 5, H - 30)], fill=c, width=3)
+                d.line([(x + k, y), (x + k + 5, y)], fill=c, width=3)
         else:
-            d.line([(x, H - 30), (x + 30, H - 30)], fill=c, width=3)
-        d.text((x + 38, H - 30), label, fill=(0, 0, 0), font=small, anchor="lm")
-        x += 60 + int(d.textlength(label, font=small))
+            d.line([(x, y), (x + 30, y)], fill=c, width=3)
+        d.text((x + 38, y), text, fill=(0, 0, 0), font=small, anchor="lm")
+        x += 60 + int(d.textlength(text, font=small))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -5,7 +5,7 @@ import math
 import re
 import statistics
 
-from .harness import METHOD_LABELS, STAGE_GROUPS, check_comparable, stage_groups
+from .harness import METHOD_LABELS, STAGE_GROUPS, check_comparable, stage_group_peaks, stage_groups
 from .robustness import is_subset, robustness_table
 
 _STAGE_HEAD = {"relative_poses": "rel. poses", "rotation_averaging": "rot. avg.", "tracks": "tracks",
@@ -135,6 +135,32 @@ def stage_table(result: dict, group: str = "table") -> str:
     return "\n".join(lines)
 
 
+def memory_table(result: dict, group: str | None = None) -> str:
+    """Peak RSS (MB) per stage group of the runs that record it (torchsfm), every dataset of
+    `group` (None: all datasets), and "RSS / GPU" on CUDA; the last column is the run's peak."""
+    head = ["dataset", "method", *(_STAGE_HEAD[g] for g in STAGE_GROUPS), "peak"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ds in result["datasets"]:
+        if (group is not None and group not in ds.get("groups", [])) or ds.get("skipped"):
+            continue
+        for label, runs in series(ds):
+            if _status(runs) is not None or not any(r.get("stage_memory") for r in runs):
+                continue
+            method = runs[0]["method"]
+            host = {id(r): stage_group_peaks(method, r.get("stage_memory")) for r in runs}
+            dev = {id(r): stage_group_peaks(method, r.get("stage_memory"), "cuda_peak_mb") for r in runs}
+
+            def cell(get_host, get_dev):
+                h, d = _num(_agg(runs, get_host), "{:.0f}"), _agg(runs, get_dev)
+                return h if d is None else f"{h} / {d:.0f}"
+
+            cells = [ds["name"], label] + [cell(lambda r, g=g: host[id(r)].get(g), lambda r, g=g: dev[id(r)].get(g))
+                                           for g in STAGE_GROUPS]
+            cells.append(cell(lambda r: r.get("peak_rss_mb"), lambda r: r.get("gpu_peak_allocated_mb")))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _rss(runs: list[dict]) -> str:
     """Peak RSS, and in brackets what the mapping call added to the process's start."""
     peak = _agg(runs, lambda r: r.get("peak_rss_mb"))
@@ -155,7 +181,8 @@ def scaling_families(result: dict) -> str:
 
 def scaling_table(result: dict) -> str:
     gpu = _has_gpu(result)
-    head = ["dataset", "images", "observations", "method", "registered", "AUC@1", "AUC@5", "time (s)", "peak RSS (MB)"]
+    head = ["dataset", "images", "observations", "method", "registered", "AUC@1", "AUC@5", "time (s)", "CPU time (s)",
+            "peak RSS (MB)"]
     if gpu:
         head.append("GPU peak (MB)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -171,10 +198,82 @@ def scaling_table(result: dict) -> str:
             else:
                 cells += [_num(_agg(runs, lambda r: r["model_stats"]["registered"]), "{:.0f}"),
                           _num(_agg(runs, lambda r: _acc(r, "auc@1"))), _num(_agg(runs, lambda r: _acc(r, "auc@5"))),
-                          _num(_agg(runs, lambda r: r.get("seconds"))), _rss(runs)]
+                          _num(_agg(runs, lambda r: r.get("seconds"))), _num(_agg(runs, lambda r: r.get("cpu_seconds"))),
+                          _rss(runs)]
                 if gpu:
                     cells.append(_num(_agg(runs, lambda r: r.get("gpu_peak_allocated_mb")), "{:.0f}"))
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scaling_series(result: dict) -> dict[str, list[tuple[float, float, float, float | None]]]:
+    """label -> sorted [(observations, seconds, peak RSS MB, GPU peak MB or None)] of the ok runs;
+    with several dataset families on the curve (corridorN, loopsN), one series per family."""
+    out: dict[str, list] = {}
+    scaling = [ds for ds in result["datasets"] if "scaling" in ds.get("groups", []) and not ds.get("skipped")]
+    families = {re.sub(r"\d+$", "", ds["name"]) for ds in scaling}
+    for ds in scaling:
+        x = ds.get("stats", {}).get("observations")
+        fam = f", {re.sub(r'[0-9]+$', '', ds['name'])}" if len(families) > 1 else ""
+        for label, runs in series(ds):
+            label += fam
+            ok = [r for r in runs if r.get("status") == "ok"]
+            if not ok or not x:
+                continue
+            med = lambda key: sorted(r.get(key) for r in ok)[len(ok) // 2] if all(r.get(key) is not None for r in ok) else None  # noqa: E731
+            out.setdefault(label, []).append((float(x), med("seconds"), med("peak_rss_mb"), med("gpu_peak_allocated_mb")))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def fit_exponent(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of log y against log x (y ~ x^k); None with fewer than two points."""
+    pts = [(math.log(x), math.log(y)) for x, y in points if x and y and x > 0 and y > 0]
+    if len(pts) < 2 or len({p[0] for p in pts}) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    return sum((a - mx) * (b - my) for a, b in pts) / sum((a - mx) ** 2 for a, _ in pts)
+
+
+def scaling_exponents(series_: dict[str, list], min_x: float | None = None) -> dict[str, dict]:
+    """label -> {"time": k, "memory": k} fitted over the points with x >= min_x (all points when
+    fewer than two qualify)."""
+    out = {}
+    for label, pts in series_.items():
+        sel = [p for p in pts if min_x is None or p[0] >= min_x]
+        sel = sel if len(sel) >= 2 else pts
+        out[label] = {"time": fit_exponent([(p[0], p[1]) for p in sel]),
+                      "memory": fit_exponent([(p[0], p[2]) for p in sel]), "from": sel[0][0] if sel else None,
+                      "to": sel[-1][0] if sel else None, "points": len(sel)}
+    return out
+
+
+def exponent_table(result: dict, min_images: int = 1000) -> str:
+    """Fitted growth exponents (time and peak RSS against observations) per method, over the
+    scaling datasets of at least `min_images` images (all of them when fewer than two are), and the
+    memory a run added per million observations at the largest size (peak RSS minus the RSS at
+    the start of mapping: what a user should budget beyond the libraries)."""
+    stats = {ds.get("stats", {}).get("observations"): ds for ds in result["datasets"]
+             if "scaling" in ds.get("groups", []) and not ds.get("skipped")}
+    ser = scaling_series(result)
+    min_x = min((x for x, ds in stats.items() if x and ds["stats"].get("images", 0) >= min_images), default=None)
+    gpu = _has_gpu(result)
+    lines = ["| method | images | time exponent | memory exponent | MB per million observations (largest) |"
+             + (" GPU MB per million observations |" if gpu else ""), "|---|---|---|---|---|" + ("---|" if gpu else "")]
+    for label, f in scaling_exponents(ser, min_x).items():
+        n = f["points"]
+        span = (f"{stats[f['from']]['stats']['images']}–{stats[f['to']]['stats']['images']} "
+                f"({n} size{'s' if n != 1 else ''})") if f["from"] in stats and f["to"] in stats else "–"
+        per_m = gpu_m = None
+        big = stats.get(f["to"])
+        if big is not None:
+            runs = next((rs for lab, rs in series(big) if label.startswith(lab)), [])
+            added = _agg(runs, lambda r: r["peak_rss_mb"] - r["rss_start_mb"] if r.get("rss_start_mb") else None)
+            per_m = None if added is None else added / f["to"] * 1e6
+            dev = _agg(runs, lambda r: r.get("gpu_peak_allocated_mb"))
+            gpu_m = None if dev is None else dev / f["to"] * 1e6
+        lines.append(f"| {label} | {span} | {_num(f['time'], '{:.2f}')} | {_num(f['memory'], '{:.2f}')} | "
+                     f"{_num(per_m, '{:.0f}')} |" + (f" {_num(gpu_m, '{:.0f}')} |" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -215,7 +314,8 @@ all image pairs, against the ground truth (synthetic scenes, templeRing, dtu_sca
 ground truth), against COLMAP incremental's model ("ref."); an unregistered image counts as failed in every
 pair it is in. Registered images, points, track length and reprojection error are computed by the harness on
 each model the same way (our projection over all observations). Time: the mapping call (database load and
-model write included; process start and imports excluded). Peak RSS: the process's resident peak during the
+model write included; process start and imports excluded); CPU time: the process's CPU seconds in that call
+(on a shared machine less affected by other jobs than wall time). Peak RSS: the process's resident peak during the
 mapping call, interpreter and libraries included (PyTorch alone holds ~300 MB), and in brackets what the
 mapping call added to the resident size at its start. Stages: COLMAP incremental interleaves its stages (total
 only); GLOMAP takes relative poses from the database's verified two-view geometries ("–"), torchsfm
@@ -240,6 +340,13 @@ def to_markdown(result: dict, title: str | None = None) -> str:
     if any(is_subset(ds) for ds in result["datasets"]):
         parts += ["### Robustness: seeded subsets of real scenes", "", robustness_table(result), ""]
     if any("scaling" in ds.get("groups", []) for ds in result["datasets"]):
-        parts += [f"### Scaling: {scaling_families(result)}", "", scaling_table(result), ""]
+        parts += [f"### Scaling: {scaling_families(result)}", "", scaling_table(result), "",
+                  "Growth exponents: least-squares slopes of log time and log peak RSS against log observations "
+                  "(1.0 = linear), over the sizes from 1,000 images:", "", exponent_table(result), ""]
+    if any(r.get("stage_memory") for ds in result["datasets"] for r in ds.get("runs", [])):
+        parts += ["### Peak memory per stage (RSS, MB)", "", memory_table(result), "",
+                  "The largest resident size of the process during the stages of each group (interpreter and "
+                  "libraries included; on CUDA \"RSS / GPU\", the GPU's peak allocated memory); the pycolmap "
+                  "baselines record their run's peak only.", ""]
     parts += [LEGEND, ""]
     return "\n".join(parts)

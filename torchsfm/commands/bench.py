@@ -13,6 +13,7 @@ _DEFAULTS = {  # per suite: threads, per-run cap (s), per-run cap on the scaling
     "cpu": (1, 900.0, 300.0, None),
     "gpu": (16, 300.0, 300.0, 420.0),
     "robustness": (1, 300.0, None, None),
+    "scale": (1, 7200.0, 7200.0, None),
 }
 
 
@@ -30,12 +31,13 @@ def register(sub) -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  torchsfm bench --suite cpu                      # docs/bench_cpu.{json,md}, docs/scaling.png\n"
         "  torchsfm bench --suite robustness               # 10 subsets of 12-20 images per real scene: docs/bench_robustness.*\n"
+        "  torchsfm bench --suite scale                    # corridor300-10000, loops5000 (hours): docs/bench_scale.*\n"
         "  torchsfm bench --datasets ring50,templeRing --methods glomap,torchsfm --json out/b.json --md out/b.md\n"
         "  torchsfm bench --datasets corridor2000 --device cuda --threads 16   # threads of every mapper\n"
         "  torchsfm bench --from-json docs/bench_cpu.json docs/bench_gpu.json --md out/both.md\n"
-        "datasets: ringN, turntableN, corridorN, sphereN (synthetic, N images), colmapsphereN (pycolmap's synthetic\n"
-        "  scene rendered to images), templeRing, dtu_scan24, kitchen, NAME-subK (seeded subset K of 12-20 images of\n"
-        "  a real scene; NAME-subK-nN: N images),\n"
+        "datasets: ringN, turntableN, corridorN, sphereN, loopsN (synthetic, N images; loopsN: unordered, retrieval\n"
+        "  pairs, loop closures), colmapsphereN (pycolmap's synthetic scene rendered to images), templeRing,\n"
+        "  dtu_scan24, kitchen, NAME-subK (seeded subset K of 12-20 images of a real scene; NAME-subK-nN: N images),\n"
         "  images:FOLDER[@GT_MODEL], database:DB[@GT_MODEL]; NAME=m1+m2 limits the methods for one dataset",
     )
     p.add_argument("--suite", choices=sorted(_DEFAULTS), help="a predefined set of datasets and settings")
@@ -118,9 +120,10 @@ def run(args) -> int:
             load(MapperOptions, args.mapper_config)
         except (OSError, ValueError, TypeError) as e:
             raise CLIError(f"cannot read --mapper-config {args.mapper_config}: {e}") from e
-    out_json = args.json or (Path(f"docs/bench_{suite}.json") if suite in ("cpu", "gpu", "robustness") else args.work_dir / "bench.json")
+    out_json = args.json or (Path(f"docs/bench_{suite}.json") if suite in ("cpu", "gpu", "robustness", "scale")
+                             else args.work_dir / "bench.json")
     out_md = args.md or out_json.with_suffix(".md")
-    out_plot = args.plot or (Path("docs/scaling.png") if suite == "cpu" else None)
+    out_plot = args.plot or (Path("docs/scaling.png") if suite in ("cpu", "scale") else None)
     called = Path(sys.argv[0]).name in ("torchsfm", "__main__.py", "compare.py")
     command = ("torchsfm " + " ".join(shlex.quote(a) for a in sys.argv[1:])) if called else ""
     try:

@@ -11,6 +11,14 @@ Conventions (the same as COLMAP's):
 
 Every container is a dataclass of tensors; `.to(device=..., dtype=...)` moves all of them
 (integer and boolean tensors keep their dtype). Nothing here assumes CUDA.
+
+Compact storage (memory grows with matches and observations, so these arrays dominate it):
+- the per-match and per-observation indices (`ViewGraph.matches`, `Tracks.*`) are int32
+  whenever the values fit (`compact_index`, applied when a container is made); code that
+  combines them into keys (`a * n + b`) must widen them first (`.long()`);
+- keypoints keep the precision they were measured in: float32 from a COLMAP database (which
+  stores float32), float64 from a model file; `.to(dtype=...)` does not change them, and code
+  that computes with them casts what it gathers (`Reconstruction.observation_xy_of`).
 """
 from __future__ import annotations
 
@@ -70,6 +78,41 @@ class _TensorBag:
         return torch.device("cpu")
 
 
+INDEX_DTYPE = torch.int32  # storage of per-match / per-observation indices (see the module doc)
+_INT32_MAX = 2**31 - 1
+
+
+def compact_index(t: Tensor) -> Tensor:
+    """`t` as int32 when it is an integer tensor whose values fit, else unchanged."""
+    if t.dtype == INDEX_DTYPE or t.is_floating_point() or t.dtype == torch.bool:
+        return t
+    if t.numel() and (int(t.max()) > _INT32_MAX or int(t.min()) < -_INT32_MAX):
+        return t
+    return t.to(INDEX_DTYPE)
+
+
+def storage_bytes(obj) -> int:
+    """Bytes held by the tensors of a container or Reconstruction (views counted at their size)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return 0
+    return sum(storage_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+
+
+def wide_indices(rec: "Reconstruction") -> list[str]:
+    """The per-match and per-observation index tensors of `rec` that are wider than they need
+    to be (int64 where int32 holds the values): an empty list when the storage is compact."""
+    out = []
+    fields = [("tracks." + f, getattr(rec.tracks, f)) for f in ("point", "image", "keypoint")]
+    if rec.view_graph is not None:
+        fields.append(("view_graph.matches", rec.view_graph.matches))
+    for name, t in fields:
+        if compact_index(t).dtype != t.dtype:
+            out.append(f"{name} is {t.dtype} ({t.numel()} values fit in {INDEX_DTYPE})")
+    return out
+
+
 @dataclass
 class Cameras(_TensorBag):
     camera_id: Tensor  # (C,) int64, COLMAP camera_id
@@ -116,11 +159,15 @@ class Images(_TensorBag):
 class Keypoints(_TensorBag):
     """2D points of all images, flat. For a COLMAP model these are the images' `points2D`."""
 
-    xy: Tensor  # (K, 2) float pixels
+    xy: Tensor  # (K, 2) float pixels, stored at their measured precision (see the module doc)
     offsets: Tensor  # (I+1,) int64
 
     def __len__(self) -> int:
         return int(self.xy.shape[0])
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Keypoints":
+        """Moves to `device`; the measurements keep their dtype (`dtype` is ignored)."""
+        return super().to(device)
 
     def count(self) -> Tensor:
         return self.offsets[1:] - self.offsets[:-1]
@@ -151,9 +198,12 @@ class Points3D(_TensorBag):
 class Tracks(_TensorBag):
     """Observations of 3D points, flat and sorted by point."""
 
-    point: Tensor  # (O,) int64 row into Points3D (or track index before triangulation)
-    image: Tensor  # (O,) int64 row into Images
-    keypoint: Tensor  # (O,) int64 index within that image's keypoints (COLMAP point2D_idx)
+    point: Tensor  # (O,) int32 row into Points3D (or track index before triangulation)
+    image: Tensor  # (O,) int32 row into Images
+    keypoint: Tensor  # (O,) int32 index within that image's keypoints (COLMAP point2D_idx)
+
+    def __post_init__(self):
+        self.point, self.image, self.keypoint = (compact_index(t) for t in (self.point, self.image, self.keypoint))
 
     def __len__(self) -> int:
         return int(self.point.numel())
@@ -176,9 +226,12 @@ class ViewGraph(_TensorBag):
     H: Tensor  # (E, 3, 3) homography (x_j ~ H x_i); zeros when absent
     rel_quat: Tensor  # (E, 4) cam_j_from_cam_i rotation, w-first (identity when unknown)
     rel_trans: Tensor  # (E, 3) cam_j_from_cam_i translation (zeros when unknown)
-    matches: Tensor  # (M, 2) int64 keypoint index in image i, in image j
+    matches: Tensor  # (M, 2) int32 keypoint index in image i, in image j
     match_offsets: Tensor  # (E+1,) int64
     valid: Tensor  # (E,) bool: pair still used by the mapper
+
+    def __post_init__(self):
+        self.matches = compact_index(self.matches)
 
     def __len__(self) -> int:
         return int(self.pairs.shape[0])
@@ -188,6 +241,25 @@ class ViewGraph(_TensorBag):
 
     def pair_of_match(self) -> Tensor:
         return rows_of(self.match_offsets)
+
+    def chunks(self, max_matches: int) -> list[tuple[int, int]]:
+        """Consecutive pair ranges [e0, e1) holding at most `max_matches` matches each (a pair
+        with more is a range of its own): per-match passes over the graph in bounded memory."""
+        off = self.match_offsets.cpu()
+        out, e0, E = [], 0, len(self)
+        while e0 < E:
+            e1 = int(torch.searchsorted(off, off[e0] + max(int(max_matches), 1), right=True)) - 1
+            e1 = min(max(e1, e0 + 1), E)
+            out.append((e0, e1))
+            e0 = e1
+        return out
+
+    def pair_slice(self, e0: int, e1: int) -> "ViewGraph":
+        """Pairs e0..e1-1 and their matches, as views of this graph's tensors (no copy)."""
+        m0, m1 = int(self.match_offsets[e0]), int(self.match_offsets[e1])
+        return ViewGraph(self.pairs[e0:e1], self.config[e0:e1], self.F[e0:e1], self.E[e0:e1], self.H[e0:e1],
+                         self.rel_quat[e0:e1], self.rel_trans[e0:e1], self.matches[m0:m1],
+                         self.match_offsets[e0:e1 + 1] - m0, self.valid[e0:e1])
 
     @staticmethod
     def empty(dtype=torch.float64, device=None) -> "ViewGraph":
@@ -237,8 +309,8 @@ class Reconstruction:
         return self.observation_xy_of(self.tracks)
 
     def observation_xy_of(self, tracks: "Tracks") -> Tensor:
-        """Measured pixel of every observation of `tracks` (O, 2)."""
-        return self.keypoints.xy[self.keypoints.flat_index(tracks.image, tracks.keypoint)]
+        """Measured pixel of every observation of `tracks` (O, 2), in the model's dtype."""
+        return self.keypoints.xy[self.keypoints.flat_index(tracks.image, tracks.keypoint)].to(self.dtype)
 
     def summary(self) -> dict:
         n_reg = int(self.images.registered.sum())

@@ -1,4 +1,5 @@
-"""COLMAP database.db <-> (Cameras, Images, Keypoints, ViewGraph), through pycolmap.Database.
+"""COLMAP database.db <-> (Cameras, Images, Keypoints, ViewGraph), through pycolmap.Database
+(the big keypoint and match tables are read from SQLite in chunks: `torchsfm.io.sqlite_tables`).
 
 `read_view_graph` loads any COLMAP database (COLMAP's own, hloc's, ours): cameras, images,
 keypoints and the verified pairs of the `two_view_geometries` table with their inlier matches,
@@ -31,13 +32,14 @@ from ..data.model import (
     TWO_VIEW_WATERMARK,
     Cameras,
     Images,
+    INDEX_DTYPE,
     Keypoints,
     ViewGraph,
     offsets_from_counts,
-    rows_of,
 )
 from ..geometry import se3, so3
 from .atomic import atomic_path
+from .sqlite_tables import connect_readonly, read_geometry, read_keypoints, read_pair_table, stream_matches
 
 logger = logging.getLogger(__name__)
 
@@ -243,54 +245,6 @@ def read_cameras_images(path: str | os.PathLike, device: torch.device | str | No
         return cameras, _read_images(db, cameras, device, dtype)
 
 
-def _read_keypoints(db, images: Images, device, dtype) -> Keypoints:
-    xy = []
-    for iid in images.image_id.tolist():
-        k = np.asarray(db.read_keypoints(iid) if db.exists_keypoints(iid) else (), dtype=np.float64)
-        # an image without features (SIFT found none) has an empty keypoint blob: no rows, any width
-        xy.append(k.reshape(len(k), -1)[:, :2] if k.size else np.zeros((0, 2)))
-    counts = torch.tensor([len(k) for k in xy], dtype=torch.int64)
-    flat = np.concatenate(xy) if xy else np.zeros((0, 2))
-    return Keypoints(xy=torch.tensor(flat, dtype=dtype, device=device).reshape(-1, 2),
-                     offsets=offsets_from_counts(counts).to(device))
-
-
-def _raw_pairs(db, source: str):
-    """Per pair: (image id 1, image id 2, pair id, config, matches, F, E, H, quat wxyz, trans) from
-    pycolmap, in its canonical order (id1 < id2). The loop only gathers pycolmap's objects."""
-    out = dict(id1=[], id2=[], pair_id=[], config=[], matches=[], F=[], E=[], H=[], quat=[], trans=[])
-    z33 = np.zeros((3, 3))
-    if source == "two_view_geometries":
-        pair_ids, tvgs = db.read_two_view_geometries()
-    elif source == "matches":
-        pair_ids, raw = db.read_all_matches()
-        tvgs = [None] * len(pair_ids)
-    else:
-        raise ValueError(f"source must be 'two_view_geometries' or 'matches', not {source!r}")
-    for k, (pid, tvg) in enumerate(zip(pair_ids, tvgs)):
-        i1, i2 = pycolmap.pair_id_to_image_pair(pid)
-        out["id1"].append(i1)
-        out["id2"].append(i2)
-        out["pair_id"].append(pid)
-        if tvg is None:
-            out["config"].append(TWO_VIEW_UNDEFINED)
-            out["matches"].append(np.asarray(raw[k], dtype=np.int64).reshape(-1, 2))
-            for key in ("F", "E", "H"):
-                out[key].append(z33)
-            out["quat"].append(np.array([1.0, 0, 0, 0]))
-            out["trans"].append(np.zeros(3))
-            continue
-        out["config"].append(int(getattr(tvg.config, "value", tvg.config)))
-        out["matches"].append(np.asarray(tvg.inlier_matches, dtype=np.int64).reshape(-1, 2))
-        for key in ("F", "E", "H"):
-            v = getattr(tvg, key)
-            out[key].append(z33 if v is None else np.asarray(v, dtype=np.float64))
-        pose = tvg.cam2_from_cam1
-        out["quat"].append(np.array([1.0, 0, 0, 0]) if pose is None else np.roll(np.asarray(pose.rotation.quat), 1))
-        out["trans"].append(np.zeros(3) if pose is None else np.asarray(pose.translation, dtype=np.float64))
-    return out
-
-
 def _row_of_ids(image_ids: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of `ids` in the sorted `image_ids`, and whether each id exists."""
     if image_ids.numel() == 0:
@@ -338,101 +292,98 @@ def read_view_graph(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     source: str = "two_view_geometries",
+    chunk_matches: int = 1 << 20,
 ) -> tuple[Cameras, Images, Keypoints, ViewGraph]:
     """Load cameras, images (unposed, sorted by image_id), keypoints and verified pairs.
 
     source="two_view_geometries" (default) keeps pairs whose config is not UNDEFINED,
     DEGENERATE, WATERMARK or MULTIPLE and that have inlier matches; source="matches" reads the
     raw `matches` table instead (config UNDEFINED, no geometry), for callers that verify
-    themselves. Pairs are ordered (i, j) with row i < row j.
+    themselves. Pairs are ordered (i, j) with row i < row j. Keypoints keep the database's
+    float32 and matches are int32 (see `torchsfm.data.model`); both big tables are read from
+    SQLite in chunks of about `chunk_matches` rows straight into their arrays
+    (`torchsfm.io.sqlite_tables`), so the peak stays near the size of the result.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"COLMAP database {path} does not exist")
+    if source not in ("two_view_geometries", "matches"):
+        raise ValueError(f"source must be 'two_view_geometries' or 'matches', not {source!r}")
     with pycolmap.Database.open(str(path)) as db:
         cameras = _read_cameras(db, device, dtype)
         images = _read_images(db, cameras, device, dtype)
-        keypoints = _read_keypoints(db, images, device, dtype)
-        raw = _raw_pairs(db, source)
+    con = connect_readonly(path)
+    try:
+        xy, kp_counts = read_keypoints(con, images.image_id.cpu().numpy())
+        keypoints = Keypoints(xy=torch.from_numpy(xy).to(device), offsets=offsets_from_counts(
+            torch.from_numpy(kp_counts)).to(device))
+        vg = _read_pairs(con, source, images, torch.from_numpy(kp_counts), chunk_matches).to(device=device, dtype=dtype)
+    finally:
+        con.close()
+    logger.info("read %s: %d cameras, %d images, %d keypoints, %d pairs, %d matches", path, len(cameras),
+                len(images), len(keypoints), len(vg), vg.matches.shape[0])
+    return cameras, images, keypoints, vg
 
-    table = source
-    n_all = len(raw["pair_id"])
-    cfg = torch.tensor(raw["config"], dtype=torch.int64).reshape(-1)
-    n_m = torch.tensor([len(m) for m in raw["matches"]], dtype=torch.int64).reshape(-1)
-    keep = n_m > 0
-    if source == "two_view_geometries":
-        keep &= ~torch.isin(cfg, torch.tensor(UNVERIFIED_CONFIGS))
-    sel = torch.nonzero(keep)[:, 0]
-    if n_all - len(sel):
+
+def _read_pairs(con, table: str, images: Images, kp_count: Tensor, chunk_matches: int) -> ViewGraph:
+    """The view graph of `table`, validated (see `read_view_graph`); matches streamed in chunks."""
+    pt = read_pair_table(con, table, UNVERIFIED_CONFIGS)
+    if pt.num_all - len(pt.pair_id):
         logger.info("%s: skipped %d of %d pairs (unverified configuration or no matches)",
-                    table, n_all - len(sel), n_all)
-
-    ids = torch.tensor([raw["id1"], raw["id2"]], dtype=torch.int64).reshape(2, -1).T[sel]
-    pair_id = [raw["pair_id"][k] for k in sel.tolist()]
-    image_ids = images.image_id.cpu()
-    rows, exists = _row_of_ids(image_ids, ids)
+                    table, pt.num_all - len(pt.pair_id), pt.num_all)
+    ids = torch.from_numpy(np.stack([pt.id1, pt.id2], 1))
+    rows, exists = _row_of_ids(images.image_id.cpu(), ids)
     if not bool(exists.all()):
         k = int(torch.nonzero(~exists.all(1))[0, 0])
         missing = [int(x) for x, ok in zip(ids[k].tolist(), exists[k].tolist()) if not ok]
         raise ValueError(
-            f"{table} table: row pair_id={pair_id[k]} (image ids {ids[k].tolist()}) names image id(s) {missing} "
-            "that the images table lacks"
-        )
+            f"{table} table: row pair_id={int(pt.pair_id[k])} (image ids {ids[k].tolist()}) names image id(s) "
+            f"{missing} that the images table lacks")
     if bool((rows[:, 0] == rows[:, 1]).any()):
         k = int(torch.nonzero(rows[:, 0] == rows[:, 1])[0, 0])
-        raise ValueError(f"{table} table: row pair_id={pair_id[k]} pairs image {ids[k, 0].item()} with itself")
-
-    mats = [raw["matches"][k] for k in sel.tolist()]
-    counts = n_m[sel]
-    matches = torch.from_numpy(np.concatenate(mats)) if mats else torch.zeros(0, 2, dtype=torch.int64)
-    offsets = offsets_from_counts(counts)
-    pm = rows_of(offsets)
-
-    # Keypoint indices within range of their images.
-    kp_count = keypoints.count().cpu()
-    lim = torch.stack([kp_count[rows[pm, 0]], kp_count[rows[pm, 1]]], -1)
-    bad = (matches < 0) | (matches >= lim)
-    if bool(bad.any()):
-        k = int(torch.nonzero(bad.any(1))[0, 0])
-        e = int(pm[k])
-        side = 0 if bool(bad[k, 0]) else 1
-        raise ValueError(
-            f"{table} table: row pair_id={pair_id[e]} (image ids {ids[e].tolist()}): match {matches[k].tolist()} "
-            f"has keypoint index {int(matches[k, side])} but image {int(ids[e, side])} has "
-            f"{int(lim[k, side])} keypoints"
-        )
-
-    def stack(key, shape):
-        vals = [raw[key][k] for k in sel.tolist()]
-        return torch.tensor(np.stack(vals) if vals else np.zeros((0, *shape)), dtype=torch.float64)
-
-    F, Emat, H = stack("F", (3, 3)), stack("E", (3, 3)), stack("H", (3, 3))
-    quat, trans = stack("quat", (4,)), stack("trans", (3,))
-    pair_cfg = cfg[sel]
-
+        raise ValueError(f"{table} table: row pair_id={int(pt.pair_id[k])} pairs image {ids[k, 0].item()} with itself")
     # Our pairs are (row i, row j) with i < j; pycolmap's are ordered by image id. Rows are sorted
     # by id, so a swap is needed only for hand-made databases, but it is cheap to do right.
     swap = rows[:, 0] > rows[:, 1]
+    counts = torch.from_numpy(pt.count)
+    starts = offsets_from_counts(counts)
+    matches = torch.empty(int(starts[-1]), 2, dtype=INDEX_DTYPE)
+    kept = torch.zeros_like(counts)  # matches per pair after removing duplicates
+    lim_img = kp_count[rows]  # (E, 2) keypoints of both images
+    pos, n_dup, dup_pairs = 0, 0, 0
+    for e0, e1, chunk in stream_matches(con, table, UNVERIFIED_CONFIGS, chunk_matches):
+        m = torch.from_numpy(chunk.astype(np.int64))
+        pm = torch.repeat_interleave(torch.arange(e0, e1), counts[e0:e1])
+        lim = lim_img[pm]
+        bad = m >= lim
+        if bool(bad.any()):
+            k = int(torch.nonzero(bad.any(1))[0, 0])
+            e, side = int(pm[k]), 0 if bool(bad[k, 0]) else 1
+            raise ValueError(
+                f"{table} table: row pair_id={int(pt.pair_id[e])} (image ids {ids[e].tolist()}): match "
+                f"{m[k].tolist()} has keypoint index {int(m[k, side])} but image {int(ids[e, side])} has "
+                f"{int(lim[k, side])} keypoints")
+        sm = swap[pm]
+        if bool(sm.any()):
+            m[sm] = m[sm].flip(1)
+        keep = _dedupe(pm - e0, m, int(lim_img.max()))
+        if not bool(keep.all()):
+            n_dup += int((~keep).sum())
+            dup_pairs += int(torch.unique(pm[~keep]).numel())
+            m, pm = m[keep], pm[keep]
+        matches[pos:pos + m.shape[0]] = m.to(INDEX_DTYPE)
+        pos += m.shape[0]
+        kept[e0:e1] = torch.bincount(pm - e0, minlength=e1 - e0)
+    if n_dup:
+        logger.warning("%s: removed %d duplicate match(es) in %d pair(s)", table, n_dup, dup_pairs)
+        matches = matches[:pos].clone()
+    geo = torch.from_numpy(read_geometry(con, table, UNVERIFIED_CONFIGS))
+    F, Emat, H = (geo[:, 9 * k:9 * k + 9].reshape(-1, 3, 3).clone() for k in range(3))
+    quat, trans = geo[:, 27:31].clone(), geo[:, 31:34].clone()
     if bool(swap.any()):
         rows[swap] = rows[swap].flip(1)
-        sm = swap[pm]
-        matches[sm] = matches[sm].flip(1)
         F[swap], Emat[swap], H[swap], quat[swap], trans[swap] = _invert_geometry(
             F[swap], Emat[swap], H[swap], quat[swap], trans[swap])
-
-    dup_keep = _dedupe(pm, matches, int(kp_count.max()) if kp_count.numel() else 0)
-    n_dup = int((~dup_keep).sum())
-    if n_dup:
-        logger.warning("%s: removed %d duplicate match(es) in %d pair(s)", table, n_dup,
-                       int(torch.unique(pm[~dup_keep]).numel()))
-        matches, pm = matches[dup_keep], pm[dup_keep]
-        counts = torch.bincount(pm, minlength=len(sel))
-        offsets = offsets_from_counts(counts)
-
-    vg = ViewGraph(
-        pairs=rows, config=pair_cfg, F=F, E=Emat, H=H, rel_quat=quat, rel_trans=trans,
-        matches=matches, match_offsets=offsets, valid=torch.ones(len(sel), dtype=torch.bool),
-    ).to(device=device, dtype=dtype)
-    logger.info("read %s: %d cameras, %d images, %d keypoints, %d pairs, %d matches", path, len(cameras),
-                len(images), len(keypoints), len(vg), vg.matches.shape[0])
-    return cameras, images, keypoints, vg
+    return ViewGraph(pairs=rows, config=torch.from_numpy(pt.config), F=F, E=Emat, H=H, rel_quat=quat, rel_trans=trans,
+                     matches=matches, match_offsets=offsets_from_counts(kept),
+                     valid=torch.ones(len(pt.pair_id), dtype=torch.bool))

@@ -44,6 +44,7 @@ class DegeneracyOptions:
     min_camera_observations: int = 10  # registered images keeping fewer observations are dropped
     # the rotation-only fit uses at most this many matches per pair, evenly spread (None: all)
     rotation_only_max_matches: int | None = 256
+    chunk_matches: int = 1 << 19  # matches per pass of the rotation-only fit (whole pairs)
 
 
 def _bearings_of_matches(rec: Reconstruction, max_per_pair: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,7 +69,8 @@ def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = N
     with segment sums: fit all matches, keep those within 3x the threshold, fit again. Pairs
     without finite matches get ratio 0. Both use at most `rotation_only_max_matches` per pair,
     evenly spread: a ratio and a 3-DoF fit need no more, and the pass over all matches was the
-    run's memory peak (1 GB on a 300-image corridor).
+    run's memory peak (1 GB on a 300-image corridor). Pairs are fitted in chunks of about
+    `chunk_matches` matches, so the temporaries stay bounded at any size.
     """
     o = options or DegeneracyOptions()
     vg = rec.view_graph
@@ -76,6 +78,20 @@ def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = N
     ratio = torch.zeros(E, dtype=dt, device=dev)
     Rfit = torch.eye(3, dtype=dt, device=dev).repeat(E, 1, 1)
     if E == 0 or vg.matches.shape[0] == 0:
+        return ratio, Rfit
+    for e0, e1 in vg.chunks(o.chunk_matches):  # whole pairs: each pair's fit is its own
+        sub = Reconstruction(rec.cameras, rec.images, rec.keypoints, rec.points3D, rec.tracks, vg.pair_slice(e0, e1),
+                             rec.meta)
+        ratio[e0:e1], Rfit[e0:e1] = _rotation_only_fit(sub, o)
+    return ratio, Rfit
+
+
+def _rotation_only_fit(rec: Reconstruction, o: DegeneracyOptions) -> tuple[Tensor, Tensor]:
+    vg = rec.view_graph
+    E, dt, dev = len(vg), rec.dtype, rec.device
+    ratio = torch.zeros(E, dtype=dt, device=dev)
+    Rfit = torch.eye(3, dtype=dt, device=dev).repeat(E, 1, 1)
+    if vg.matches.shape[0] == 0:
         return ratio, Rfit
     bi, bj, pm = _bearings_of_matches(rec, o.rotation_only_max_matches)
     finite = torch.isfinite(bi).all(1) & torch.isfinite(bj).all(1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,8 @@ from torch import Tensor
 from ..data.model import Points3D, Reconstruction, spread_subset
 from ..solver.options import SolverOptions
 from ..solver.problem import Linearization, Step, compact_param_map
-from .triangulation import bearings
+from .problem_caps import nominated_tracks
+from .triangulation import bearings, triangulate
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class GlobalPositioningOptions:
     init: str = "convex"  # convex (LUD-style least squares, see above) | random (GLOMAP)
     max_observations_per_track: int | None = 12  # evenly spread subset solved on (None: all)
     min_observations_per_image: int = 30  # an image with fewer in the subset keeps all of its own
+    # tracks solved on: each image nominates at most this many, long and spread (problem_caps;
+    # None: all); the others are triangulated from the solved cameras
+    max_tracks_per_image: int | None = 100
     init_trim_rounds: int = 1  # convex start solved again without rays off by > the limit below
     init_trim_factor: float = 5.0  # limit: this many median ray angles (at least max_angle_error)
     init_max_iterations: int = 50  # the convex start is solved with `solver`'s options, but these
@@ -141,6 +146,23 @@ class ConvexInitProblem(PositioningProblem):
         return Linearization(r, -Jx, Jx)
 
 
+def _triangulate_rest(R: Tensor, t: Tensor, rays: Tensor, obs_image: Tensor, point: Tensor, chosen: Tensor,
+                      X_solved: Tensor, max_angle_error: float) -> Tensor:
+    """Points of all tracks: the solved ones as solved, the others triangulated (least squares
+    over their rays, then again without the rays off by more than 5x `max_angle_error`)."""
+    num = chosen.numel()
+    rest = ~chosen[point]
+    img, trk, ray = obs_image[rest], point[rest], rays[rest]
+    weight = torch.ones(trk.numel(), dtype=rays.dtype, device=rays.device)
+    for _ in range(2):
+        Xr, _ = triangulate(R, t, ray, img, trk, num, weight=weight)
+        d = (R[img] @ Xr[trk][:, :, None])[:, :, 0] + t[img]  # camera frame
+        cos = (d * ray).sum(1) / d.norm(dim=1).clamp_min(1e-300)
+        weight = (cos >= math.cos(math.radians(5 * max_angle_error))).to(rays.dtype)
+    Xr[chosen] = X_solved
+    return Xr
+
+
 def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | None = None
                        ) -> tuple[Reconstruction, dict]:
     """Centres and points for the registered images of `rec` (rotations known, `rec.tracks` =
@@ -169,18 +191,27 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     # Long tracks add Schur pairs quadratically but constrain positions little beyond a few
     # well-spread views: the problem sees at most max_observations_per_track of each track (all
     # of an image's when it would keep too few); every observation is checked afterwards.
-    use = torch.ones_like(point_index, dtype=torch.bool)
+    chosen = torch.ones(trk_ids.numel(), dtype=torch.bool, device=dev)
+    if opt.max_tracks_per_image:
+        cam = rec.images.camera[obs_image]
+        size = torch.stack([rec.cameras.width[cam], rec.cameras.height[cam]], 1).to(dt)
+        xy = rec.keypoints.xy[rec.keypoints.flat_index(obs_image, obs_kp)].to(dt)
+        chosen = nominated_tracks(point_index, cam_index, xy, size, trk_ids.numel(), opt.max_tracks_per_image)
+    use = chosen[point_index]
     if opt.max_observations_per_track:
-        use = spread_subset(point_index, trk_ids.numel(), opt.max_observations_per_track)
+        use &= spread_subset(point_index, trk_ids.numel(), opt.max_observations_per_track)
         few = torch.bincount(cam_index[use], minlength=img_ids.numel()) < opt.min_observations_per_image
-        use |= few[cam_index]
+        use |= few[cam_index] & chosen[point_index]
     full = (v, cam_index, point_index, w)
+    solved_ids = torch.nonzero(chosen, as_tuple=True)[0]  # the problem's points, densely numbered
     if not bool(use.all()):
         v, cam_index, point_index, w = (x[use] for x in full)
+        if solved_ids.numel() < trk_ids.numel():
+            point_index = torch.searchsorted(solved_ids, point_index)
     init_iterations = 0
     if opt.init == "convex":
         z = lambda n: torch.zeros(n, 3, dtype=dt, device=dev)  # noqa: E731
-        c0, X0 = z(img_ids.numel()), z(trk_ids.numel())
+        c0, X0 = z(img_ids.numel()), z(solved_ids.numel())
         init_solver = dataclasses.replace(opt.solver, loss="trivial", max_iterations=opt.init_max_iterations,
                                           function_tolerance=opt.init_function_tolerance,
                                           initial_trust_region_radius=1e6, callback=None)
@@ -202,7 +233,7 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     elif opt.init == "random":
         gen = torch.Generator().manual_seed(opt.seed)
         c0 = ((torch.rand(img_ids.numel(), 3, generator=gen, dtype=torch.float64) * 2 - 1) * opt.init_extent).to(dev, dt)
-        X0 = ((torch.rand(trk_ids.numel(), 3, generator=gen, dtype=torch.float64) * 2 - 1) * opt.init_extent).to(dev, dt)
+        X0 = ((torch.rand(solved_ids.numel(), 3, generator=gen, dtype=torch.float64) * 2 - 1) * opt.init_extent).to(dev, dt)
     else:
         raise ValueError(f"global positioning: init must be 'convex' or 'random', not {opt.init!r}")
     problem = PositioningProblem(c0, X0, v, cam_index, point_index, w, fixed_cam=0, min_scale=opt.min_scale)
@@ -215,9 +246,12 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     images.trans = -(R @ centers[:, :, None])[:, :, 0]
     images.registered = torch.zeros_like(reg)
     images.registered[img_ids] = True
-    # drop observations whose ray disagrees with the solved geometry (all, not only those solved on)
     v, cam_index, point_index, w = full
-    d = problem.X[point_index] - problem.c[cam_index]
+    X = problem.X
+    if solved_ids.numel() < trk_ids.numel():  # the other tracks, from the solved cameras
+        X = _triangulate_rest(R, images.trans, b, obs_image, point_index, chosen, problem.X, opt.max_angle_error)
+    # drop observations whose ray disagrees with the solved geometry (all, not only those solved on)
+    d = X[point_index] - problem.c[cam_index]
     cosang = (v * d).sum(1) / d.norm(dim=1).clamp_min(1e-300)
     good = cosang >= torch.cos(torch.deg2rad(torch.tensor(opt.max_angle_error, dtype=dt)))
     from ..data.model import Tracks
@@ -226,10 +260,11 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
     order = torch.argsort(tracks.point, stable=True)
     tracks = Tracks(tracks.point[order], tracks.image[order], tracks.keypoint[order])
     n = trk_ids.numel()
-    pts = Points3D(torch.arange(1, n + 1, device=dev), problem.X.clone(), torch.zeros(n, 3, dtype=torch.uint8, device=dev),
+    pts = Points3D(torch.arange(1, n + 1, device=dev), X.clone(), torch.zeros(n, 3, dtype=torch.uint8, device=dev),
                    -torch.ones(n, dtype=dt, device=dev))
     out = Reconstruction(rec.cameras, images, rec.keypoints, pts, tracks, rec.view_graph, dict(rec.meta))
-    counts = {"images": int(img_ids.numel()), "points": n, "observations": int(good.sum()), "observations_solved": int(use.sum()),
+    counts = {"images": int(img_ids.numel()), "points": n, "points_solved": int(solved_ids.numel()),
+              "observations": int(good.sum()), "observations_solved": int(use.sum()),
               "observations_dropped": int((~good).sum()), "initial_cost": summary.initial_cost,
               "final_cost": summary.final_cost, "init_iterations": init_iterations, "iterations": summary.iterations, "termination": summary.termination}
     return out, counts

@@ -68,33 +68,87 @@ def connected_components(num_nodes: int, edges: Tensor, mask: Tensor | None = No
             return f
 
 
+def _touching(num_nodes: int, edges: Tensor, nodes: Tensor) -> Tensor:
+    """The edges with an end in `nodes`: every edge a neighbourhood question about them needs."""
+    mark = torch.zeros(num_nodes, dtype=torch.bool, device=edges.device)
+    mark[nodes] = True
+    return edges[mark[edges[:, 0]] | mark[edges[:, 1]]]
+
+
+_HASH_BITS = 31  # MinHash orders: x -> (A x + B) mod 2^31, A odd: a bijection, computed with a mask
+_MASK = (1 << _HASH_BITS) - 1
+_NONE = 1 << _HASH_BITS  # larger than every hash: no neighbour
+
+
+def _min_neighbour(num_nodes: int, edges: Tensor, A: int = 1, B: int = 0) -> Tensor:
+    """Per node, the smallest hash (A x + B) mod 2^31 over its neighbours x in `edges` (int64;
+    A = 1, B = 0: the smallest index); _NONE where a node has no neighbour. One int64 temporary
+    per direction (the edges may be int32)."""
+    def h(x: Tensor) -> Tensor:
+        x = x.to(torch.long, copy=True)
+        return x if A == 1 and B == 0 else x.mul_(A).add_(B).bitwise_and_(_MASK)
+
+    a, b = edges[:, 0], edges[:, 1]
+    ext = torch.full((num_nodes,), _NONE, dtype=torch.long, device=edges.device)
+    ext.scatter_reduce_(0, a, h(b), "amin")
+    return ext.scatter_reduce_(0, b, h(a), "amin")
+
+
+def _witness(ext: Tensor, u: Tensor, v: Tensor, A: int, B: int) -> Tensor:
+    """The common neighbour that u and v both pick (their equal min-hash, mapped back to the
+    node; int32), or -1."""
+    hu = ext[u]
+    same = (hu == ext[v]) & (hu < _NONE)
+    node = hu.sub_(B).bitwise_and_(_MASK).mul_(pow(A, -1, 1 << _HASH_BITS)).bitwise_and_(_MASK)  # a bijection
+    return torch.where(same, node, -1).to(torch.int32)
+
+
 def certified_support(num_nodes: int, edges: Tensor, query: Tensor, at_least: int, num_hashes: int = 8,
                       seed: int = 0) -> Tensor:
-    """Bool (Q,): queried edges proven to have at least `at_least` common neighbours, by MinHash.
+    """Bool (Q,): queried edges proven to have at least `at_least` common neighbours.
 
-    For each of `num_hashes` random orders of the nodes, every node keeps the first of its
-    neighbours. When both ends of an edge keep the same node, that node is a common neighbour
-    (never one of the two ends: no node is its own neighbour). So the test has no false
-    positives; an edge it cannot certify goes to the exact count (`edge_triangle_support`). For
-    an edge inside a densely matched track nearly every order certifies it, in O(num_hashes * E)
-    with no walk over neighbours.
+    A witness is a node that both ends of an edge pick by the same rule among their neighbours:
+    when u and v pick the same node, it is a common neighbour (never u or v: no node is its own
+    neighbour), so the test has no false positives; an edge it cannot certify goes to the exact
+    count (`edge_triangle_support`). The rules are MinHash's (the first neighbour in an order of
+    the nodes): first the smallest and the largest index, then, for the edges still uncertified,
+    `num_hashes` random orders ((A x + B) mod 2^31 with A odd: arithmetic, no permutation
+    tables). Each rule is one scatter over the edges and two gathers; witnesses are int32 and
+    counted distinct.
     """
-    device = edges.device
+    if num_nodes > _MASK:
+        raise ValueError(f"certified_support: {num_nodes} nodes, at most {_MASK}")
+    u, v = edges[query, 0], edges[query, 1]
+    wit = torch.stack([_witness(_min_neighbour(num_nodes, edges, A, B), u, v, A, B)
+                       for A, B in ((1, 0), (_MASK, num_nodes - 1))], 1)  # smallest; largest: (N - 1 - x)
+    ok = _distinct_at_least(wit, at_least)
+    rest = torch.nonzero(~ok, as_tuple=True)[0]
+    if rest.numel() == 0 or num_hashes == 0:
+        return ok
+    wit, u, v = wit[rest], u[rest], v[rest]  # the edges still open
     g = torch.Generator().manual_seed(seed)
-    a, b = edges[:, 0], edges[:, 1]
-    u, v = a[query], b[query]
-    common = torch.full((query.numel(), num_hashes), -1, dtype=torch.long, device=device)
-    for k in range(num_hashes):
-        order = torch.randperm(num_nodes, generator=g).to(device)  # order[node] = rank
-        first = torch.full((num_nodes,), num_nodes, dtype=torch.long, device=device)
-        first.scatter_reduce_(0, a, order[b], "amin").scatter_reduce_(0, b, order[a], "amin")
-        same = (first[u] == first[v]) & (first[u] < num_nodes)
-        node = torch.empty_like(order)
-        node[order] = torch.arange(num_nodes, device=device)  # rank -> node
-        common[:, k] = torch.where(same, node[first[u].clamp_max(num_nodes - 1)], common[:, k])
-    srt = torch.sort(common, dim=1).values
+    for _ in range(num_hashes):
+        if 4 * rest.numel() < edges.shape[0]:  # few left: only the edges around them matter
+            edges = _touching(num_nodes, edges, torch.cat([u, v]))
+        A = int(torch.randint(0, 1 << (_HASH_BITS - 1), (1,), generator=g)) * 2 + 1  # odd: invertible
+        B = int(torch.randint(0, 1 << _HASH_BITS, (1,), generator=g))
+        wit = torch.cat([wit, _witness(_min_neighbour(num_nodes, edges, A, B), u, v, A, B)[:, None]], 1)
+        done = _distinct_at_least(wit, at_least)
+        ok[rest[done]] = True
+        keep = ~done
+        rest, wit, u, v = rest[keep], wit[keep], u[keep], v[keep]
+        if rest.numel() == 0:
+            break
+    return ok
+
+
+def _distinct_at_least(w: Tensor, k: int) -> Tensor:
+    """Rows of w (Q, h) holding at least k distinct values >= 0."""
+    if k <= 1:
+        return (w >= 0).any(1)
+    srt = torch.sort(w, dim=1).values
     distinct = (srt >= 0) & torch.cat([torch.ones_like(srt[:, :1], dtype=torch.bool), srt[:, 1:] != srt[:, :-1]], 1)
-    return distinct.sum(1) >= at_least
+    return distinct.sum(1) >= k
 
 
 def edge_triangle_support(num_nodes: int, edges: Tensor, query: Tensor, chunk: int = 1 << 22) -> Tensor:
@@ -102,19 +156,24 @@ def edge_triangle_support(num_nodes: int, edges: Tensor, query: Tensor, chunk: i
 
     edges (E, 2) is the undirected graph (duplicates and both orientations allowed); query (Q,)
     indexes rows of `edges`. Each query walks the neighbours of its lower-degree end and looks
-    the closing edge up in the sorted adjacency keys, in chunks of at most `chunk` lookups. An
-    edge that merges two tracks by mistake closes no triangle, one inside a track closes many.
+    the closing edge up in the sorted adjacency keys, in chunks of at most `chunk` lookups. Only
+    the edges touching a queried end are needed (both edges of a triangle through u-v do), so
+    the key table is built from those. An edge that merges two tracks by mistake closes no
+    triangle, one inside a track closes many.
     """
     device = edges.device
-    a, b = edges[:, 0], edges[:, 1]
+    u, v = edges[query, 0].long(), edges[query, 1].long()
+    support = torch.zeros(query.numel(), dtype=torch.long, device=device)
+    if query.numel() == 0:
+        return support
+    sub = _touching(num_nodes, edges, torch.cat([u, v]))
+    a, b = sub[:, 0].long(), sub[:, 1].long()
     keys = torch.unique(torch.cat([a * num_nodes + b, b * num_nodes + a]))  # sorted, no duplicates
     src, dst = keys // num_nodes, keys % num_nodes
     deg = torch.bincount(src, minlength=num_nodes)
     start = torch.cumsum(deg, 0) - deg
-    u, v = a[query], b[query]
     swap = deg[u] > deg[v]
     u, v = torch.where(swap, v, u), torch.where(swap, u, v)
-    support = torch.zeros(query.numel(), dtype=torch.long, device=device)
     n = deg[u]
     ends = torch.cumsum(n, 0)
     q0 = 0

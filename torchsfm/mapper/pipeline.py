@@ -39,6 +39,7 @@ from .checkpoint import Checkpoint, CheckpointStore, rng_state, set_rng_state
 from .degeneracy import DegeneracyOptions, detect_no_parallax, outlier_cameras, symmetry_warning
 from .finite import check_finite
 from .global_positioning import GlobalPositioningOptions, global_positioning
+from .problem_caps import capped_bundle_adjust
 from .graph import connected_components, image_reasons, mark_images
 from .relative_pose import RelativePoseOptions, estimate_relative_poses
 from .rotation_averaging import RotationAveragingOptions, rotation_averaging
@@ -89,6 +90,10 @@ class MapperOptions:
     # a BA round is skipped when the last BA converged and its filters since removed at most this
     # share of the observations: it would not move the model (the final BA follows anyway)
     ba_round_skip_max_removed: float = 0.001
+    # the rounds before retriangulation solve on the tracks each image nominates, at most this
+    # many per image, long and spread (problem_caps; None: all); the rest of the points are
+    # refined with the cameras held, and the final rounds use every observation
+    ba_max_tracks_per_image: int | None = 100
     normalize_extent: float = 10.0  # scene scaled so that the 10-90% camera box has this diagonal
     # a stage giving non-finite values for more than this share of the images is an error
     max_nonfinite_fraction: float = 0.5
@@ -341,9 +346,12 @@ def _ba_step(k: int, prefix: str, filtered: bool = True):
                 st.counts["skipped"] = (f"the last bundle adjustment converged and {removed:.3%} of its "
                                         "observations were filtered since")
             else:
+                cap = opt.ba_max_tracks_per_image if not prefix else None  # the rounds before retriangulation
+
                 def ba(r, o):
                     with solver_progress(o.bundle_adjustment, st.name) as bao:
-                        out, summary = bundle_adjust(r, bao)
+                        out, summary, counts = capped_bundle_adjust(r, bao, cap, bundle_adjust)
+                    st.counts.update(counts)
                     st.counts.update({"initial_cost": summary.initial_cost, "final_cost": summary.final_cost,
                                       "iterations": summary.iterations, "termination": summary.termination})
                     converged["yes"] = summary.termination in _CONVERGED

@@ -88,6 +88,7 @@ class RelativePoseOptions:
     num_threads: int | None = None  # default: the cores this process may use
     seed: int = 0  # RANSAC seed of pair e is seed + e: results do not depend on threading
     progress: bool | None = None  # tqdm bar (None: only on a terminal)
+    chunk_matches: int = 1 << 19  # matches per pass (whole pairs): bounds the stage's temporaries
 
 
 @dataclass
@@ -165,35 +166,24 @@ def _refine_stored_poses(vg, valid_in: Tensor, pms: Tensor, xn: list[Tensor], fm
     return keep, quat, trans, inlier
 
 
-def estimate_relative_poses(
-    rec: Reconstruction, options: RelativePoseOptions | None = None
-) -> tuple[Reconstruction, RelativePoseReport]:
-    """Re-estimate `rel_quat`/`rel_trans`/`E` of every valid pair and filter the view graph.
-
-    Returns a new reconstruction: pairs that fail get `valid` False; with
-    `keep_inlier_matches_only` the estimated pairs keep only their inlier matches; images left
-    outside the largest component get a reason in `meta["image_reason"]`.
-    """
+def _estimate_chunk(rec: Reconstruction, vg, valid_in: Tensor, first_pair: int, options: RelativePoseOptions,
+                    pool, bar):
+    """Poses of the valid pairs of one chunk of the view graph (`vg`, a `pair_slice` starting at
+    pair `first_pair`). Returns, per pair of the chunk (CPU): status, quat, trans, inlier count,
+    then per match the inlier mask (over all the chunk's matches; False where not estimated) and
+    how many stored poses were kept."""
     import poselib
 
-    options = options or RelativePoseOptions()
-    rec = stage_copy(rec, "view_graph")
-    vg, cams, images = rec.view_graph, rec.cameras, rec.images
-    num_images, E = len(images), len(vg)
-    device, dtype = vg.rel_quat.device, vg.rel_quat.dtype
-    active = active_images(rec.meta, num_images, device)
-    valid_in = vg.valid & active[vg.pairs].all(1)
-    report = RelativePoseReport(num_pairs_in=int(valid_in.sum()))
-    status = torch.full((E,), PAIR_NOT_ESTIMATED, dtype=torch.long)
-    num_inliers = torch.full((E,), -1, dtype=torch.long)
-    ratio = torch.full((E,), float("nan"), dtype=torch.float64)
-
+    cams, images = rec.cameras, rec.images
+    E = len(vg)
+    device = vg.rel_quat.device
+    sub = Reconstruction(cams, images, rec.keypoints, rec.points3D, rec.tracks, vg, rec.meta)
     # Undistorted, focal-scaled coordinates of both ends of every match of a valid pair.
     pm = vg.pair_of_match()
     use = valid_in[pm]
     sel = torch.nonzero(use, as_tuple=True)[0]
     pms = pm[sel]
-    xn = list(normalized_matches(rec, use))
+    xn = list(normalized_matches(sub, use))
     fm = [focal_length(cams)[images.camera[vg.pairs[pms, side]]] for side in (0, 1)]
     x1 = (xn[0] * fm[0][:, None]).detach().cpu().numpy().astype(np.float64)
     x2 = (xn[1] * fm[1][:, None]).detach().cpu().numpy().astype(np.float64)
@@ -205,6 +195,7 @@ def estimate_relative_poses(
     pairs_np = vg.pairs.cpu().numpy()
     stored_ok, est_q, est_t, est_inlier = _refine_stored_poses(
         vg, valid_in, pms, xn, fm, torch.from_numpy(finite).to(device), options)
+    del xn, fm
 
     ransac = {
         "max_epipolar_error": float(options.max_epipolar_error),
@@ -213,6 +204,7 @@ def estimate_relative_poses(
         "success_prob": float(options.success_prob),
     }
     bundle = {} if options.refine else {"max_iterations": 0}
+    seed0 = options.seed + first_pair  # the seed of a pair does not depend on the chunking
 
     def solve(k: int):
         e = int(pair_ids[k])
@@ -224,7 +216,7 @@ def estimate_relative_poses(
         ci = {"model": "PINHOLE", "width": 0, "height": 0, "params": [f_img[i], f_img[i], 0.0, 0.0]}
         cj = {"model": "PINHOLE", "width": 0, "height": 0, "params": [f_img[j], f_img[j], 0.0, 0.0]}
         pose, info = poselib.estimate_relative_pose(
-            x1[s0:s1][fin], x2[s0:s1][fin], ci, cj, dict(ransac, seed=options.seed + e), bundle)
+            x1[s0:s1][fin], x2[s0:s1][fin], ci, cj, dict(ransac, seed=seed0 + e), bundle)
         inl = np.zeros(s1 - s0, dtype=bool)
         got = np.asarray(info.get("inliers", []), dtype=bool)
         if got.size != int(fin.sum()) or not got.any():
@@ -232,8 +224,6 @@ def estimate_relative_poses(
         inl[np.nonzero(fin)[0][got]] = True
         return PAIR_OK, np.asarray(pose.q, dtype=np.float64), np.asarray(pose.t, dtype=np.float64), inl
 
-    threads = options.num_threads or _default_threads()
-    bar = progress_bar(total=len(pair_ids), enabled=options.progress is not False, desc="relative poses", unit="pair")
     # PoseLib for the pairs without a kept stored pose (one C call per pair; the rest is batched)
     est_status = torch.where(stored_ok, PAIR_OK, PAIR_NOT_ESTIMATED).cpu()
     est_q, est_t = est_q.detach().cpu().to(torch.float64), est_t.detach().cpu().to(torch.float64)
@@ -241,48 +231,85 @@ def estimate_relative_poses(
     kept = stored_ok.cpu().numpy()[pair_ids]
     bar.update(int(kept.sum()))
     todo = np.nonzero(~kept)[0].tolist()
+    for k, (st, q, t, inl) in zip(todo, pool.map(solve, todo)):
+        e = int(pair_ids[k])
+        est_status[e] = st
+        if inl is not None:
+            est_inlier[starts[k]:starts[k + 1]] = inl
+        if st == PAIR_OK:
+            est_q[e], est_t[e] = torch.tensor(q), torch.tensor(t)
+        bar.update(1)
+    inlier = torch.zeros(pm.numel(), dtype=torch.bool)
+    inlier[sel.cpu()] = torch.from_numpy(est_inlier)
+    n_in = torch.zeros(E, dtype=torch.long).index_add_(0, pm.cpu(), inlier.to(torch.long))
+    return est_status, est_q, est_t, n_in, inlier, int(stored_ok.sum())
+
+
+def estimate_relative_poses(
+    rec: Reconstruction, options: RelativePoseOptions | None = None
+) -> tuple[Reconstruction, RelativePoseReport]:
+    """Re-estimate `rel_quat`/`rel_trans`/`E` of every valid pair and filter the view graph.
+
+    Returns a new reconstruction: pairs that fail get `valid` False; with
+    `keep_inlier_matches_only` the estimated pairs keep only their inlier matches; images left
+    outside the largest component get a reason in `meta["image_reason"]`. The pass over the
+    matches runs in chunks of about `options.chunk_matches` matches (whole pairs; each pair's
+    result does not depend on the chunking), so its temporaries stay bounded.
+    """
+    options = options or RelativePoseOptions()
+    rec = stage_copy(rec, "view_graph")
+    vg, images = rec.view_graph, rec.images
+    num_images, E = len(images), len(vg)
+    device, dtype = vg.rel_quat.device, vg.rel_quat.dtype
+    active = active_images(rec.meta, num_images, device)
+    valid_in = vg.valid & active[vg.pairs].all(1)
+    report = RelativePoseReport(num_pairs_in=int(valid_in.sum()))
+    status = torch.full((E,), PAIR_NOT_ESTIMATED, dtype=torch.long)
+    num_inliers = torch.full((E,), -1, dtype=torch.long)
+    est_q = vg.rel_quat.detach().cpu().to(torch.float64, copy=True)
+    est_t = vg.rel_trans.detach().cpu().to(torch.float64, copy=True)
+    ratio = torch.full((E,), float("nan"), dtype=torch.float64)
+    n_all = vg.num_matches().cpu()
+    keep_match = torch.ones(int(vg.matches.shape[0]), dtype=torch.bool)
+    kept = n_all.clone()  # matches per pair after the inlier selection
+    valid_cpu = valid_in.cpu()
+
+    threads = options.num_threads or _default_threads()
+    bar = progress_bar(total=report.num_pairs_in, enabled=options.progress is not False, desc="relative poses",
+                       unit="pair")
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for k, (st, q, t, inl) in zip(todo, pool.map(solve, todo)):
-            e = int(pair_ids[k])
-            est_status[e] = st
-            if inl is not None:
-                est_inlier[starts[k]:starts[k + 1]] = inl
-            if st == PAIR_OK:
-                est_q[e], est_t[e] = torch.tensor(q), torch.tensor(t)
-            bar.update(1)
+        for e0, e1 in vg.chunks(options.chunk_matches):
+            if not bool(valid_cpu[e0:e1].any()):
+                continue
+            st, q, t, n_in, inlier, n_ref = _estimate_chunk(rec, vg.pair_slice(e0, e1), valid_in[e0:e1], e0,
+                                                            options, pool, bar)
+            st = torch.where(valid_cpu[e0:e1], st, status[e0:e1])
+            estimated = st == PAIR_OK
+            n = n_all[e0:e1]
+            num_inliers[e0:e1] = torch.where(estimated, n_in, -1)
+            ratio[e0:e1] = torch.where(estimated, n_in.double() / n.clamp_min(1), ratio[e0:e1])
+            # GLOMAP's filters: enough inliers, and a large enough share of the matches
+            st = torch.where(estimated & (n_in < options.min_num_inliers), PAIR_FEW_INLIERS, st)
+            st = torch.where((st == PAIR_OK) & (ratio[e0:e1] < options.min_inlier_ratio), PAIR_LOW_RATIO, st)
+            status[e0:e1] = st
+            good = st == PAIR_OK
+            est_q[e0:e1] = torch.where(good[:, None], q, est_q[e0:e1])
+            est_t[e0:e1] = torch.where(good[:, None], t / t.norm(dim=1, keepdim=True).clamp_min(1e-300), est_t[e0:e1])
+            report.num_refined += n_ref
+            if options.keep_inlier_matches_only:  # an estimated pair keeps its inliers only
+                m0, m1 = int(vg.match_offsets[e0]), int(vg.match_offsets[e1])
+                keep_match[m0:m1] = torch.where(torch.repeat_interleave(good, n), inlier, True)
+                kept[e0:e1] = torch.where(good, n_in, n)
     bar.close()
 
-    # filters and results, all pairs at once
-    est_inlier = torch.from_numpy(est_inlier)
-    estimated = est_status == PAIR_OK
-    n_in = torch.zeros(E, dtype=torch.long).index_add_(0, pms.cpu(), est_inlier.to(torch.long))
-    n_all = vg.num_matches().cpu()
-    num_inliers = torch.where(estimated, n_in, num_inliers)
-    ratio = torch.where(estimated, n_in.double() / n_all.clamp_min(1), ratio)
-    status = torch.where(valid_in.cpu(), est_status, status)
-    status = torch.where(estimated & (n_in < options.min_num_inliers), PAIR_FEW_INLIERS, status)
-    status = torch.where((status == PAIR_OK) & (ratio < options.min_inlier_ratio), PAIR_LOW_RATIO, status)
-    good = status == PAIR_OK
-    new_q = torch.where(good[:, None], est_q, vg.rel_quat.detach().cpu().to(torch.float64))
-    unit_t = est_t / est_t.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    new_t = torch.where(good[:, None], unit_t, vg.rel_trans.detach().cpu().to(torch.float64))
-    keep_match = torch.ones(int(vg.matches.shape[0]), dtype=torch.bool)
-    if options.keep_inlier_matches_only:
-        sel_cpu = sel.cpu()
-        on_good = good[pms.cpu()]
-        keep_match[sel_cpu[on_good]] = est_inlier[on_good]
-
-    report.num_refined = int(stored_ok.sum())
     ok = (status == PAIR_OK).to(device)
-    vg.rel_quat = so3.quat_normalize(new_q.to(device=device, dtype=dtype))
-    vg.rel_trans = new_t.to(device=device, dtype=dtype)
+    vg.rel_quat = so3.quat_normalize(est_q.to(device=device, dtype=dtype))
+    vg.rel_trans = est_t.to(device=device, dtype=dtype)
     Rm = so3.quat_to_matrix(vg.rel_quat)
     vg.E = torch.where(ok[:, None, None], so3.skew(vg.rel_trans) @ Rm, vg.E)
-    if options.keep_inlier_matches_only:
-        km = keep_match.to(device)
-        per_pair = torch.zeros(E, dtype=torch.long, device=device).index_add_(0, pm, km.to(torch.long))
-        vg.matches = vg.matches[km]
-        vg.match_offsets = offsets_from_counts(per_pair)
+    if options.keep_inlier_matches_only and not bool(keep_match.all()):
+        vg.matches = vg.matches[keep_match.to(device)]
+        vg.match_offsets = offsets_from_counts(kept).to(device)
     valid = ok
 
     touched = torch.zeros(num_images, dtype=torch.bool, device=device)

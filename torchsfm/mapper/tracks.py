@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data.model import Points3D, Reconstruction, Tracks
+from ..data.model import INDEX_DTYPE, Points3D, Reconstruction, Tracks
 from .graph import connected_components, edge_triangle_support, certified_support, stage_copy
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,14 @@ def _spread_groups(comp: Tensor, image: Tensor, xy: Tensor, num_images: int, max
     return first, bad
 
 
-def _merged_nodes(num_nodes: int, flat: Tensor, kp_offsets: Tensor, xy: Tensor, num_images: int,
+def _merged_nodes(labels: Tensor, flat: Tensor, kp_offsets: Tensor, xy: Tensor, num_images: int,
                   max_dist: float) -> Tensor:
-    """Bool (num_nodes,): keypoints whose match component holds two distant keypoints of one image."""
-    labels = connected_components(num_nodes, flat)
-    nodes = torch.unique(flat.reshape(-1))
+    """Bool (num_nodes,): keypoints whose match component (`labels`) holds two distant keypoints
+    of one image."""
+    num_nodes = labels.numel()
+    used = torch.zeros(num_nodes, dtype=torch.bool, device=flat.device)
+    used[flat.reshape(-1)] = True
+    nodes = torch.nonzero(used, as_tuple=True)[0]
     image = torch.searchsorted(kp_offsets, nodes, right=True) - 1
     lab = labels[nodes]
     o = torch.argsort(image, stable=True)
@@ -116,8 +119,9 @@ def _merged_nodes(num_nodes: int, flat: Tensor, kp_offsets: Tensor, xy: Tensor, 
 
 
 def split_merged_tracks(num_nodes: int, flat: Tensor, kp_offsets: Tensor, xy: Tensor, num_images: int,
-                        max_dist: float, rounds: int) -> tuple[Tensor, int]:
-    """Cut the wrong matches that merge tracks: (kept edges, number cut).
+                        max_dist: float, rounds: int) -> tuple[Tensor, int, Tensor]:
+    """Cut the wrong matches that merge tracks: (kept edges, number cut, component labels of the
+    kept edges' graph, as `connected_components` gives them).
 
     Only components with two distant keypoints in one image are touched. In round r, their
     matches that close at most r triangles in the match graph are cut: inside a track, matched
@@ -125,23 +129,28 @@ def split_merged_tracks(num_nodes: int, flat: Tensor, kp_offsets: Tensor, xy: Te
     drops such a component whole, losing every point it merged. Triangles are only counted for
     the matches that MinHash cannot already prove to close more than r (`certified_support`):
     counting them all would walk every neighbour of every match, 47M lookups on a 200-image
-    turntable.
+    turntable. Components are labelled once; after a cut only the merged ones are relabelled.
     """
     cut = 0
+    labels = connected_components(num_nodes, flat)
     for r in range(rounds):
         if flat.shape[0] == 0:
             break
-        merged = _merged_nodes(num_nodes, flat, kp_offsets, xy, num_images, max_dist)
+        merged = _merged_nodes(labels, flat, kp_offsets, xy, num_images, max_dist)
         query = torch.nonzero(merged[flat[:, 0]], as_tuple=True)[0]
         if query.numel() == 0:
             break
         query = query[~certified_support(num_nodes, flat, query, r + 1, seed=r)]
         weak = edge_triangle_support(num_nodes, flat, query) <= r
+        if not bool(weak.any()):
+            continue
         keep = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
         keep[query[weak]] = False
         cut += int(weak.sum())
         flat = flat[keep]
-    return flat, cut
+        # cuts only split merged components (whole components): relabel their nodes alone
+        labels = torch.where(merged, connected_components(num_nodes, flat[merged[flat[:, 0]]]), labels)
+    return flat, cut, labels
 
 
 def establish_tracks(rec: Reconstruction, options: TrackOptions | None = None) -> tuple[Reconstruction, TrackReport]:
@@ -158,24 +167,24 @@ def establish_tracks(rec: Reconstruction, options: TrackOptions | None = None) -
     num_images = len(rec.images)
     report = TrackReport()
 
-    pm = vg.pair_of_match()
-    m = vg.matches
+    # (M, 2) rows into keypoints.xy of the matches of valid pairs, built per pair (no per-match
+    # pair index): int32 while they fit, as this is the largest array of the stage
+    idx = INDEX_DTYPE if len(kp) <= torch.iinfo(INDEX_DTYPE).max else torch.long
+    counts, pairs, m = vg.num_matches(), vg.pairs, vg.matches
     if not bool(vg.valid.all()):
-        use = vg.valid[pm]
-        m, pm = m[use], pm[use]
-    ends = vg.pairs[pm]  # (M, 2) image rows of both keypoints
-    ok = ((m >= 0) & (m < kp.count()[ends])).all(1)
-    flat = kp.offsets[ends] + m  # (M, 2) rows into keypoints.xy
+        m = m[torch.repeat_interleave(vg.valid, counts)]
+        counts, pairs = counts[vg.valid], pairs[vg.valid]
+    flat = torch.repeat_interleave(kp.offsets[pairs].to(idx), counts, dim=0) + m.to(idx)
+    ok = ((m >= 0) & (m < torch.repeat_interleave(kp.count()[pairs].to(idx), counts, dim=0))).all(1)
     report.num_invalid_matches = int((~ok).sum())
     if report.num_invalid_matches:
         log.warning("tracks: %d matches index keypoints out of range; ignored", report.num_invalid_matches)
         flat = flat[ok]
     report.num_matches = int(flat.shape[0])
-    flat, report.num_matches_cut = split_merged_tracks(
+    flat, report.num_matches_cut, labels = split_merged_tracks(
         len(kp), flat, kp.offsets, kp.xy, num_images, options.max_keypoint_distance_px, options.split_rounds)
 
     # Components over all keypoints; those in no match are singletons and are not tracks.
-    labels = connected_components(len(kp), flat)
     used = torch.zeros(len(kp), dtype=torch.bool, device=device)
     used[flat.reshape(-1)] = True
     nodes = torch.nonzero(used, as_tuple=True)[0]  # flat keypoint rows, increasing

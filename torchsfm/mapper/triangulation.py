@@ -50,13 +50,13 @@ def normalized_matches(rec: Reconstruction, select: Tensor | None = None) -> tup
     used[flat] = True
     rows = torch.nonzero(used)[:, 0]
     slot = torch.cumsum(used, 0) - 1  # keypoint -> row of the unprojected subset
-    xn = unproject_cameras(rec.cameras, rec.images.camera[kp.image_of()[rows]], kp.xy[rows])[slot[flat]]
+    xn = unproject_cameras(rec.cameras, rec.images.camera[kp.image_of()[rows]], kp.xy[rows].to(rec.dtype))[slot[flat]]
     return xn[: pm.numel()], xn[pm.numel():]
 
 
 def bearings(rec: Reconstruction, image: Tensor, keypoint: Tensor) -> Tensor:
     """Unit rays in the camera frame of the observations (image row, keypoint index)."""
-    uv = rec.keypoints.xy[rec.keypoints.flat_index(image, keypoint)]
+    uv = rec.keypoints.xy[rec.keypoints.flat_index(image, keypoint)].to(rec.dtype)
     xy = unproject_cameras(rec.cameras, rec.images.camera[image], uv)
     ray = torch.cat([xy, torch.ones_like(xy[:, :1])], 1)
     return ray / ray.norm(dim=1, keepdim=True)
@@ -249,7 +249,7 @@ def split_inconsistent_tracks(rec: Reconstruction, tracks: Tracks, rays: Tensor,
             break
         new_id = num + s_of[move]  # the unexplained observations of track s: one new track
         point = tracks.point.clone()
-        point[obs[move]] = new_id
+        point[obs[move]] = new_id.to(point.dtype)
         splits += int(torch.unique(s_of[move]).numel())
         tracks = Tracks(point, tracks.image, tracks.keypoint)
     order = torch.argsort(tracks.point, stable=True)

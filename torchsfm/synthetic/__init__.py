@@ -11,17 +11,22 @@ Layouts (world axes as the camera's: x right, y down, z forward):
 - sphere: cameras on a sphere around the object looking at the centre (as pycolmap's
   synthesize_dataset);
 - random: cameras at random distances and directions, aimed near the centre, random roll;
-- forward: a camera moving along +z through a corridor whose walls carry the points.
+- forward: a camera moving along +z through a corridor whose walls carry the points;
+- loop: a camera driving `loop_laps` times around a closed circular corridor (every place is
+  seen once per lap: loop closures everywhere), with the images in random order (nothing in the
+  image ids follows the path), for unordered collections matched by retrieval.
 Object points lie in a shell around the origin and are seen only from the side they face
 (`max_view_angle_deg`), so tracks are partial, as on real objects. A point is observed by an
 image when it is in front of it, projects inside it (with a margin that keeps noisy keypoints
-inside too) and, for the corridor, is closer than 15 units. Only points seen by >= 2 images are
+inside too) and, for the corridors, is closer than 15 units (only the images near a point are
+tested then, so generation stays linear in the number of images). Only points seen by >= 2 images are
 kept; every image must see at least `min_pair_matches` points and the view graph must be
 connected, else ValueError (with what to change).
 
 Keypoints are exactly the observations (one per track element), in random order within each
 image so that indices carry no information. The view graph holds every pair (per `match_graph`)
-sharing >= `min_pair_matches` points, with all their true matches plus outliers. Its geometry is
+sharing >= `min_pair_matches` points, with all their true matches plus outliers; `retrieval` keeps, for every image, its
+`retrieval_neighbors` pairs sharing the most points (what image retrieval would propose). Its geometry is
 the ground truth: rel_quat/rel_trans = cam_j_from_cam_i (metric translation), E = [t/|t|]x R,
 F = K_j^-T E K_i^-1 scaled to unit Frobenius norm (exact for undistorted pixels; distortion
 moves distorted keypoints off the epipolar lines, by ~0.1 pixel at the default distortion), H = 0 (absent).
@@ -58,8 +63,9 @@ from ..io.database import first_occurrence, write_database
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("ring", "sphere", "forward", "random")
-MATCH_GRAPHS = ("exhaustive", "sequential", "sparse")
+LAYOUTS = ("ring", "sphere", "forward", "random", "loop")
+MATCH_GRAPHS = ("exhaustive", "sequential", "sparse", "retrieval")
+_LOCAL_LAYOUTS = ("forward", "loop")  # points are seen only from nearby images
 
 # Small distortion by default, per model (COLMAP parameter order after f/cx/cy).
 DEFAULT_DISTORTION = {
@@ -76,13 +82,14 @@ _CAMERA_DISTANCE = 4.5  # ring / sphere
 _CORRIDOR = (2.0, 1.5)  # half width, half height
 _CORRIDOR_STEP = 0.6  # forward motion per image
 _CORRIDOR_MAX_DEPTH = 15.0
+_LOOP_LANE = 0.4  # loop: radial offset between the lanes of successive laps
 
 
 @dataclass
 class SyntheticOptions:
     num_images: int = 20
     num_points: int = 500
-    layout: str = "ring"  # ring | sphere | forward | random
+    layout: str = "ring"  # ring | sphere | forward | random | loop
     camera_model: str = "SIMPLE_RADIAL"
     # 1: all images share one camera; num_images: one camera per image; k: k contiguous groups.
     num_cameras: int = 1
@@ -96,8 +103,10 @@ class SyntheticOptions:
     principal_point_offset: tuple[float, float] = (0.0, 0.0)
     pixel_noise: float = 0.0  # std of the Gaussian added to each keypoint coordinate (pixels)
     outlier_ratio: float = 0.0  # wrong matches / all matches of every pair
-    match_graph: str = "exhaustive"  # exhaustive | sequential | sparse
+    match_graph: str = "exhaustive"  # exhaustive | sequential | sparse | retrieval
     sequential_overlap: int = 5  # sequential: pairs (i, j) with j - i <= overlap
+    retrieval_neighbors: int = 20  # retrieval: pairs per image, most shared points first
+    loop_laps: int = 3  # loop: laps around the corridor
     sparse_ratio: float = 0.5  # sparse: fraction of co-visible pairs kept beyond a spanning tree
     min_pair_matches: int = 15  # pairs with fewer true matches are not in the view graph
     max_view_angle_deg: float = 75.0  # object layouts: largest angle between normal and view ray
@@ -115,6 +124,8 @@ class SyntheticOptions:
             raise ValueError(f"num_cameras must be in [1, num_images={self.num_images}], not {self.num_cameras}")
         if not 0.0 <= self.outlier_ratio < 1.0:
             raise ValueError(f"outlier_ratio must be in [0, 1), not {self.outlier_ratio}")
+        if self.loop_laps < 1 or self.retrieval_neighbors < 1:
+            raise ValueError("loop_laps and retrieval_neighbors must be >= 1")
         if not 0.0 <= self.sparse_ratio <= 1.0:
             raise ValueError(f"sparse_ratio must be in [0, 1], not {self.sparse_ratio}")
         if self.pixel_noise < 0:
@@ -184,6 +195,18 @@ def _poses(o: SyntheticOptions, g: torch.Generator) -> tuple[Tensor, Tensor]:
         centers[:, 2] = torch.arange(n, dtype=torch.float64) * _CORRIDOR_STEP
         centers[:, :2] += 0.1 * torch.randn(n, 2, generator=g, dtype=torch.float64)
         R = so3.exp(math.radians(2.0) * torch.randn(n, 3, generator=g, dtype=torch.float64))
+    elif o.layout == "loop":
+        radius, path = _loop_geometry(o)
+        theta = path / radius
+        lap = torch.floor(path * o.loop_laps / (n * _CORRIDOR_STEP)).clamp_max(o.loop_laps - 1)
+        r = radius + _LOOP_LANE * (lap - (o.loop_laps - 1) / 2) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+        y = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+        centers = torch.stack([r * torch.cos(theta), y, r * torch.sin(theta)], -1)
+        ahead = torch.stack([-torch.sin(theta), torch.zeros_like(theta), torch.cos(theta)], -1)  # driving direction
+        R = _look_at(centers, centers + ahead, torch.zeros(n, dtype=torch.float64))
+        R = so3.exp(math.radians(2.0) * torch.randn(n, 3, generator=g, dtype=torch.float64)) @ R
+        perm = torch.randperm(n, generator=g)  # unordered: image ids do not follow the path
+        centers, R = centers[perm], R[perm]
     else:
         targets = 0.1 * torch.randn(n, 3, generator=g, dtype=torch.float64)
         roll = torch.zeros(n, dtype=torch.float64)
@@ -206,9 +229,26 @@ def _poses(o: SyntheticOptions, g: torch.Generator) -> tuple[Tensor, Tensor]:
 # Points and visibility
 
 
+def _loop_geometry(o: SyntheticOptions) -> tuple[float, Tensor]:
+    """Loop layout: the corridor's centre-line radius and each image's distance along the path
+    (all laps one after the other)."""
+    circumference = o.num_images * _CORRIDOR_STEP / o.loop_laps
+    return circumference / (2 * math.pi), torch.arange(o.num_images, dtype=torch.float64) * _CORRIDOR_STEP
+
+
 def _candidate_points(o: SyntheticOptions, n: int, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
     """(n, 3) points and their surface normals (None: no facing test)."""
     rnd = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    if o.layout == "loop":  # the walls, floor and ceiling of a circular corridor
+        a, b = _CORRIDOR
+        radius, _ = _loop_geometry(o)
+        a = a + _LOOP_LANE * (o.loop_laps - 1) / 2  # room for every lap's lane
+        theta = 2 * math.pi * rnd(n)
+        s = 2 * rnd(n) - 1
+        wall = torch.multinomial(torch.tensor([b, b, a, a], dtype=torch.float64), n, replacement=True, generator=g)
+        r = radius + torch.where(wall == 0, -a, torch.where(wall == 1, a, s * a))
+        y = torch.where(wall == 2, -b, torch.where(wall == 3, b, s * b))
+        return torch.stack([r * torch.cos(theta), y, r * torch.sin(theta)], -1), None
     if o.layout == "forward":
         a, b = _CORRIDOR
         z_max = (o.num_images - 1) * _CORRIDOR_STEP + _CORRIDOR_MAX_DEPTH
@@ -223,31 +263,47 @@ def _candidate_points(o: SyntheticOptions, n: int, g: torch.Generator) -> tuple[
     return d * r[:, None], d
 
 
-def _visibility(o: SyntheticOptions, cameras: Cameras, cam_of_img: Tensor, R: Tensor, t: Tensor, X: Tensor,
-                normals: Tensor | None) -> tuple[Tensor, Tensor]:
-    """visible (P, N) bool and true pixels uv (P, N, 2) of points X (P, 3) in all images."""
-    P, N = X.shape[0], R.shape[0]
-    p_cam = torch.einsum("nij,pj->pni", R, X) + t[None]  # (P, N, 3)
-    cam = cam_of_img[None].expand(P, N).reshape(-1)
-    uv = project_cameras(cameras, cam, p_cam.reshape(-1, 3)).reshape(P, N, 2)
-    z = p_cam[..., 2]
+def _visible(o: SyntheticOptions, cameras: Cameras, cam_of_img: Tensor, R: Tensor, t: Tensor, X: Tensor,
+             normals: Tensor | None, point: Tensor, image: Tensor, p_cam: Tensor) -> tuple[Tensor, Tensor]:
+    """For candidate (point, image) pairs (K,) with camera-frame points p_cam (K, 3): visible (K,)
+    bool and true pixels uv (K, 2)."""
+    cam = cam_of_img[image]
+    uv = project_cameras(cameras, cam, p_cam)
+    z = p_cam[:, 2]
     margin = 1.0 + 4.0 * o.pixel_noise
-    W = cameras.width[cam_of_img].to(X.dtype)
-    H = cameras.height[cam_of_img].to(X.dtype)
-    inside = (uv[..., 0] >= margin) & (uv[..., 0] <= W - margin) & (uv[..., 1] >= margin) & (uv[..., 1] <= H - margin)
+    W = cameras.width[cam].to(X.dtype)
+    H = cameras.height[cam].to(X.dtype)
+    inside = (uv[:, 0] >= margin) & (uv[:, 0] <= W - margin) & (uv[:, 1] >= margin) & (uv[:, 1] <= H - margin)
     # Distortion polynomials fold back far outside the field of view; bound the pinhole ray too.
-    f = calibration_matrix(cameras)[cam_of_img, 0, 0]
+    f = calibration_matrix(cameras)[cam, 0, 0]
     r_max = 1.5 * 0.5 * torch.maximum(W, H) / f
     zs = z.clamp_min(1e-9)
-    r_pinhole = (p_cam[..., :2] / zs[..., None]).norm(dim=-1)
+    r_pinhole = (p_cam[:, :2] / zs[:, None]).norm(dim=-1)
     vis = (z > 0.05) & inside & (r_pinhole < r_max) & torch.isfinite(uv).all(-1)
-    if o.layout == "forward":
+    if o.layout in _LOCAL_LAYOUTS:
         vis &= z < _CORRIDOR_MAX_DEPTH
     if normals is not None:
-        centers = se3.center(R, t)  # (N, 3)
-        ray = torch.nn.functional.normalize(centers[None] - X[:, None], dim=-1)
-        vis &= (ray * normals[:, None]).sum(-1) > math.cos(math.radians(o.max_view_angle_deg))
+        ray = torch.nn.functional.normalize(se3.center(R[image], t[image]) - X[point], dim=-1)
+        vis &= (ray * normals[point]).sum(-1) > math.cos(math.radians(o.max_view_angle_deg))
     return vis, uv
+
+
+def _observations(o: SyntheticOptions, cameras: Cameras, cam_of_img: Tensor, R: Tensor, t: Tensor, X: Tensor,
+                  normals: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Visible observations (point, image, true uv) of points X (P, 3), sorted by (point, image).
+    Corridors only test the images within reach of each point (a visible point is at most ~1.2x
+    the maximum depth away), so the cost follows the observations, not points x images."""
+    P, N = X.shape[0], R.shape[0]
+    if o.layout in _LOCAL_LAYOUTS:
+        near = torch.cdist(X, se3.center(R, t)) < 1.5 * _CORRIDOR_MAX_DEPTH
+        point, image = torch.nonzero(near, as_tuple=True)
+        p_cam = (R[image] @ X[point][:, :, None])[:, :, 0] + t[image]
+    else:
+        point = torch.arange(P).repeat_interleave(N)
+        image = torch.arange(N).repeat(P)
+        p_cam = (torch.einsum("nij,pj->pni", R, X) + t[None]).reshape(-1, 3)
+    vis, uv = _visible(o, cameras, cam_of_img, R, t, X, normals, point, image, p_cam)
+    return point[vis], image[vis], uv[vis]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +320,18 @@ def _select_pairs(o: SyntheticOptions, keys: Tensor, counts: Tensor, g: torch.Ge
         return keys
     if o.match_graph == "sequential":
         return keys[(j - i) <= o.sequential_overlap]
+    if o.match_graph == "retrieval":  # each image's neighbours sharing the most points
+        img = torch.cat([i, j])
+        cnt = torch.cat([counts, counts])
+        order = torch.argsort(-cnt, stable=True)
+        order = order[torch.argsort(img[order], stable=True)]
+        first = torch.ones(order.numel(), dtype=torch.bool)
+        first[1:] = img[order][1:] != img[order][:-1]
+        pos = torch.arange(order.numel())
+        rank = pos - torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), 0).values
+        top = torch.zeros(img.numel(), dtype=torch.bool)
+        top[order[rank < o.retrieval_neighbors]] = True
+        return keys[top[: keys.numel()] | top[keys.numel():]]
     # sparse: a maximum co-visibility spanning tree keeps the graph connected; other pairs are
     # kept at random with probability sparse_ratio.
     from scipy.sparse import coo_matrix
@@ -360,17 +428,19 @@ def synthesize(options: SyntheticOptions | None = None, device: torch.device | s
     while have < o.num_points:
         need = o.num_points - have
         X, normals = _candidate_points(o, min(max(2 * need, 64), batch_cap), g)
-        vis, uv = _visibility(o, cameras, cam_of_img, R, t, X, normals)
-        good = torch.nonzero(vis.sum(1) >= 2)[:, 0][:need]
+        point, img, uv = _observations(o, cameras, cam_of_img, R, t, X, normals)  # sorted by (point, image)
+        good = torch.nonzero(torch.bincount(point, minlength=X.shape[0]) >= 2)[:, 0][:need]
         idle = idle + 1 if good.numel() == 0 else 0
         if idle >= 20:
             raise ValueError(f"could only place {have} of {o.num_points} points visible in >= 2 images "
                              f"({o.layout} layout)")
-        p_loc, img = torch.nonzero(vis[good], as_tuple=True)  # sorted by (point, image)
+        local = torch.full((X.shape[0],), -1, dtype=torch.long)
+        local[good] = torch.arange(good.numel())
+        sel = local[point] >= 0
         Xs.append(X[good])
-        obs_p.append(p_loc + have)
-        obs_i.append(img)
-        obs_uv.append(uv[good[p_loc], img])
+        obs_p.append(local[point[sel]] + have)
+        obs_i.append(img[sel])
+        obs_uv.append(uv[sel])
         have += good.numel()
     X = torch.cat(Xs)
     P = X.shape[0]
