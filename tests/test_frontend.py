@@ -315,6 +315,52 @@ def test_match_verifies_known_shift_and_resumes(shifted, tmp_path, verifier):
     assert (again.num_matched, again.num_resumed, again.num_verified) == (0, 6, 3)
 
 
+def test_torch_matcher_caps_raw_matches_per_pair(shifted, tmp_path):
+    """max_num_matches keeps each pair's best raw matches (COLMAP's cap); the geometry stays."""
+    db = tmp_path / "db.db"
+    extract(shifted, db, ExtractOptions(camera_mode="single", **FAST))
+    d = tmp_path / "capped.db"
+    d.write_bytes(db.read_bytes())
+    full = match(db, MatchOptions(mode="exhaustive", num_threads=1, progress=False))
+    capped = match(d, MatchOptions(mode="exhaustive", num_threads=1, progress=False, max_num_matches=40))
+    with contextlib.closing(sqlite3.connect(str(db))) as c1, contextlib.closing(sqlite3.connect(str(d))) as c2:
+        rows1 = dict(c1.execute("SELECT pair_id, rows FROM matches").fetchall())
+        rows2 = dict(c2.execute("SELECT pair_id, rows FROM matches").fetchall())
+    assert max(rows1.values()) > 40 and max(rows2.values()) == 40
+    assert all(rows2[k] == min(v, 40) for k, v in rows1.items() if v >= 15)
+    assert capped.num_verified == full.num_verified == 3
+    tvg, shift = _verified_shift(d, "a.png", "c.png")
+    assert len(tvg.inlier_matches) >= 30
+    np.testing.assert_allclose(shift, [-30, -5], atol=0.5)
+
+
+def test_guided_matching_is_colmap_only():
+    with pytest.raises(ValueError, match="--verifier colmap"):
+        MatchOptions(guided_matching=True)
+    assert MatchOptions(guided_matching=True, verifier="colmap").guided_matching
+
+
+def test_cli_ivf_options_reach_the_matcher(shifted, monkeypatch, tmp_path, capsys):
+    from torchsfm.cli import main
+    from torchsfm.frontend import torch_matcher
+
+    seen = {}
+    real = torch_matcher.descriptor_match_options
+
+    def spy(options, norm=512.0):
+        seen["dm"] = real(options, norm)
+        return seen["dm"]
+
+    monkeypatch.setattr(torch_matcher, "descriptor_match_options", spy)
+    db = tmp_path / "db.db"
+    extract(shifted, db, ExtractOptions(camera_mode="single", **FAST))
+    assert main(["-q", "match", "--database", str(db), "--ivf-probes", "3", "--ivf-exact-check",
+                 "--num-threads", "1"]) == 0
+    assert seen["dm"].ivf_probes == 3 and seen["dm"].ivf_exact_check is True
+    assert main(["-q", "match", "--database", str(db), "--SiftMatching.guided_matching", "1"]) == 2
+    assert "--verifier colmap" in capsys.readouterr().err
+
+
 def test_cli_extract_and_match(shifted, tmp_path, capsys):
     from torchsfm.cli import main
 

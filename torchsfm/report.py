@@ -19,8 +19,6 @@ from typing import Any
 if TYPE_CHECKING:
     import torch
 
-from .runtime import peak_memory
-
 log = logging.getLogger(__name__)
 
 
@@ -107,6 +105,8 @@ class RunReport:
     def stage(self, name: str, device: torch.device | None = None):
         """Time a stage (synchronising CUDA so the time is real), measure its peak memory and
         collect its report."""
+        from .runtime import peak_memory  # here: the report module stays torch-free (extraction workers)
+
         rep = StageReport(name)
         sync = (lambda: _cuda_sync(device)) if device is not None and device.type == "cuda" else (lambda: None)
         sync()

@@ -103,10 +103,10 @@ class ReprojectionProblem:
         self.X = rec.points3D.xyz[self.points].clone()
         self.camera_of_block = imgs.camera[self.images]
         # each evaluation chunk's camera-model rows, found once (a host read), not per iteration
-        cam_of_obs = self.camera_of_block[self.cam_index]
-        n_obs = int(cam_of_obs.numel())
-        self.groups = [model_groups(rec.cameras, cam_of_obs)] if n_obs <= self.obs_chunk else [
-            model_groups(rec.cameras, cam_of_obs[s:s + self.obs_chunk]) for s in range(0, n_obs, self.obs_chunk)]
+        self._groups: dict[tuple, list] = {}
+        n_obs = int(self.cam_index.numel())
+        for s in range(0, n_obs, self.obs_chunk) if n_obs > self.obs_chunk else [None]:
+            self._chunk_groups(slice(None) if s is None else slice(s, s + self.obs_chunk))
 
         # intrinsics: refined columns per camera, padded to m
         cams = rec.cameras
@@ -162,6 +162,12 @@ class ReprojectionProblem:
         self._trial = None
 
     # -- model --------------------------------------------------------------------------------
+    def _chunk_groups(self, sl: slice) -> list:
+        key = (sl.start, sl.stop)
+        if key not in self._groups:
+            self._groups[key] = model_groups(self.rec.cameras, self.camera_of_block[self.cam_index[sl]])
+        return self._groups[key]
+
     def _evaluate(self, R, t, params, X, jacobian: bool, sl: slice = slice(None)):
         """Residuals (and Jacobians) of the observations `sl`."""
         cams = self.rec.cameras
@@ -170,8 +176,7 @@ class ReprojectionProblem:
                               cams.has_prior_focal_length)
         ci, pi, xy = self.cam_index[sl], self.point_index[sl], self.xy[sl]
         cam = self.camera_of_block[ci]
-        groups = self.groups[0 if sl.start is None else sl.start // self.obs_chunk]
-        proj = project_world(cams, cam, R[ci], t[ci], X[pi], jacobian=jacobian, groups=groups)
+        proj = project_world(cams, cam, R[ci], t[ci], X[pi], jacobian=jacobian, groups=self._chunk_groups(sl))
         valid = proj.valid
         r = torch.where(valid[:, None], proj.uv - xy, torch.zeros_like(xy))
         if not jacobian:

@@ -109,12 +109,16 @@ MATCH_FLAGS = [
          "-1 runs all layers"),
     Flag("nn_engine", "--nn-engine", help="torch verifier's nearest-neighbour search: exact (batched products), "
          "ivf (an inverted file over all images), auto (exact on CUDA, ivf on the CPU)", choices=NN_ENGINES),
+    Flag("ivf_probes", "--ivf-probes", help="inverted file (--nn-engine ivf): lists each descriptor is compared with "
+         "(more: closer to exact search, slower)"),
+    Flag("ivf_exact_check", "--ivf-exact-check", help="inverted file: re-check its matches by exact search (only "
+         "matches exact search makes; about twice the time)"),
     Flag("max_ratio", "--max-ratio", ("--SiftMatching.max_ratio",), "SIFT ratio test"),
     Flag("max_distance", "--max-distance", ("--SiftMatching.max_distance",), "largest descriptor distance of a match"),
     Flag("cross_check", "--cross-check", ("--SiftMatching.cross_check",), "keep mutual best matches only"),
-    Flag("max_num_matches", "--max-num-matches", ("--SiftMatching.max_num_matches",), "most matches per pair"),
+    Flag("max_num_matches", "--max-num-matches", ("--SiftMatching.max_num_matches",), "most matches per pair (the best by ratio kept)"),
     Flag("guided_matching", "--guided-matching", ("--SiftMatching.guided_matching",),
-         "match again guided by the verified geometry"),
+         "match again guided by the verified geometry (--verifier colmap only)"),
     Flag("min_num_inliers", "--min-inliers", ("--TwoViewGeometry.min_num_inliers", "--min-num-inliers"),
          "a pair counts as verified with at least this many inliers"),
     Flag("max_error", "--max-error", ("--TwoViewGeometry.max_error",), "RANSAC threshold in pixels"),

@@ -96,6 +96,16 @@ def unit_matches(raw: RawMatches, num_pairs: int) -> UnitMatches:
     return UnitMatches(counts.cpu().numpy(), torch.stack([raw.idx1, raw.idx2], dim=1)[order].cpu().numpy())
 
 
+def cap_matches(um: UnitMatches, max_per_pair: int) -> UnitMatches:
+    """At most `max_per_pair` raw matches per pair, the first (best) of each pair's kept
+    (COLMAP's SiftMatchingOptions.max_num_matches); <= 0: no cap."""
+    if max_per_pair <= 0 or not len(um.counts) or um.counts.max() <= max_per_pair:
+        return um
+    start = np.repeat(np.cumsum(um.counts) - um.counts, um.counts)
+    keep = (np.arange(len(um.matches)) - start) < max_per_pair
+    return UnitMatches(np.minimum(um.counts, max_per_pair), um.matches[keep])
+
+
 @dataclass
 class VerifiedBatch:
     """Two-view geometries of a batch of pairs, as COLMAP stores them (degenerate where failed)."""

@@ -169,6 +169,10 @@ class MatchOptions:
     # torch verifier's nearest-neighbour engine: exact (batched products; the default on CUDA),
     # ivf (an inverted file over all images; the default on the CPU), auto
     nn_engine: str = "auto"
+    # the inverted file: lists each descriptor is compared with (COLMAP's nprobe), and an exact
+    # re-check of its matches (only matches exact search makes, for about twice its time)
+    ivf_probes: int = 8
+    ivf_exact_check: bool = False
     # geometric verification (COLMAP TwoViewGeometryOptions)
     min_num_inliers: int = 15
     max_error: float = 4.0
@@ -189,6 +193,11 @@ class MatchOptions:
         self.matcher = normalize_choice(self.matcher, MATCHERS, "matcher")
         if self.matcher == "lightglue" and self.verifier == "colmap":
             raise ValueError("--matcher lightglue needs --verifier torch (pycolmap's matcher cannot run LightGlue here)")
+        if self.guided_matching and self.verifier == "torch":
+            raise ValueError("--guided-matching needs --verifier colmap (the torch verifier does not re-match "
+                             "guided by the geometry)")
+        if self.ivf_probes < 1:
+            raise ValueError("ivf_probes must be >= 1")
         if self.lightglue_batch_size < 0:
             raise ValueError("lightglue_batch_size must be >= 0 (0: auto)")
         self.nn_engine = normalize_choice(self.nn_engine, NN_ENGINES, "nearest-neighbour engine")

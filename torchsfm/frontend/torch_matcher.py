@@ -27,8 +27,8 @@ from .colmap_db import pair_ids, read_features, write_pair_results
 from .descriptor_matching import DescriptorMatchOptions, MatchUnit, plan_matches
 from .executors import ExecutorStats, LocalExecutor, Task
 from .extractors import feature_type_of_colmap_type
-from .match_units import (TWO_VIEW_DEGENERATE, FeaturePack, UnitMatches, VerifiedBatch, assemble_pack, image_features,
-                          lightglue_task, match_task, verify_task)
+from .match_units import (TWO_VIEW_DEGENERATE, FeaturePack, UnitMatches, VerifiedBatch, assemble_pack, cap_matches,
+                          image_features, lightglue_task, match_task, verify_task)
 from .options import MatchOptions
 from .verification import VerificationOptions, plan_pair_batches
 
@@ -46,7 +46,8 @@ class TorchMatchStats:
 def descriptor_match_options(options: MatchOptions, descriptor_norm: float = 512.0) -> DescriptorMatchOptions:
     return DescriptorMatchOptions(
         max_ratio=options.max_ratio, max_distance=options.max_distance, cross_check=options.cross_check,
-        engine=options.nn_engine, seed=options.seed, descriptor_norm=descriptor_norm)
+        engine=options.nn_engine, seed=options.seed, descriptor_norm=descriptor_norm,
+        ivf_probes=options.ivf_probes, ivf_exact_check=options.ivf_exact_check)
 
 
 def _descriptor_norm(types: np.ndarray, desc: np.ndarray) -> float:
@@ -243,6 +244,7 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
 
     def verification_tasks(task: Task, um: UnitMatches):
         _, covered, pairs, pack = task.key
+        um = cap_matches(um, options.max_num_matches)
         stats.num_raw_matches += len(um.matches)
         raw_of = _split(um.matches, um.counts)
         # COLMAP neither verifies nor keeps the raw matches of pairs with fewer than

@@ -123,7 +123,7 @@ def _point_of_keypoint(rec: Reconstruction) -> Tensor:
     """(K,) the point each keypoint observes, -1 for none."""
     kp = rec.keypoints
     out = torch.full((len(kp),), -1, dtype=torch.long, device=kp.xy.device)
-    out[kp.flat_index(rec.tracks.image, rec.tracks.keypoint)] = rec.tracks.point
+    out[kp.flat_index(rec.tracks.image, rec.tracks.keypoint)] = rec.tracks.point.long()
     return out
 
 

@@ -36,7 +36,7 @@ def _candidates(rec: Reconstruction) -> Tensor:
     vg, kp, t = rec.view_graph, rec.keypoints, rec.tracks
     dev = kp.xy.device
     point_of = torch.full((len(kp),), -1, dtype=torch.long, device=dev)
-    point_of[kp.flat_index(t.image, t.keypoint)] = t.point
+    point_of[kp.flat_index(t.image, t.keypoint)] = t.point.long()
     pm = vg.pair_of_match()
     use = vg.valid[pm]
     m, pm = vg.matches[use], pm[use]
