@@ -18,10 +18,10 @@ the dataset's ground truth. Writes docs/bench_frontend.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -108,6 +108,15 @@ def _agreement(a: Path, b: Path, min_inliers: int = 15) -> dict:
             "jaccard_mean": round(float(np.mean(jac)) if jac else 0.0, 3)}
 
 
+def _copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy through SQLite's backup API: copying the file alone would miss what its
+    write-ahead log still holds (a copy that kept the deleted matches was the first bug here)."""
+    for p in (dst, Path(f"{dst}-wal"), Path(f"{dst}-shm")):
+        p.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(str(src))) as s, contextlib.closing(sqlite3.connect(str(dst))) as d:
+        s.backup(d)
+
+
 def bench_dataset(name: str, work: Path, env: dict, torchsfm_cmd: list[str], with_colmap_verifier: bool) -> dict:
     images, gt = DATA / name / "images", DATA / name / "gt"
     res: dict = {"dataset": name, "images": len(list(images.iterdir()))}
@@ -128,13 +137,13 @@ def bench_dataset(name: str, work: Path, env: dict, torchsfm_cmd: list[str], wit
     # 3. matching + verification alone, same features and pairs (torchsfm's shared-camera database)
     feats = work / name / "torchsfm" / "database.db"
     clean = work / name / "features.db"
-    shutil.copy(feats, clean)
-    with sqlite3.connect(str(clean)) as c:
+    _copy_db(feats, clean)
+    with contextlib.closing(sqlite3.connect(str(clean))) as c, c:
         c.execute("DELETE FROM matches")
         c.execute("DELETE FROM two_view_geometries")
     a, b = work / name / "match_pycolmap.db", work / name / "match_torch.db"
-    shutil.copy(clean, a)
-    shutil.copy(clean, b)
+    _copy_db(clean, a)
+    _copy_db(clean, b)
     wall_a, out_a = _run([sys.executable, "-c", PYCOLMAP_MATCH, str(a)], env)
     wall_b, _ = _run([*torchsfm_cmd, "match", "--database", str(b), "--mode", "exhaustive"], env)
     res["match_verify"] = {"pycolmap_wall_s": round(wall_a, 1), "pycolmap_call_s": round(float(out_a), 1),
