@@ -207,20 +207,36 @@ def test_cli_executor_ray_and_its_errors(ray_runtime, scene, local_db, tmp_path,
     assert "torchsfm[ray]" in err and "Traceback" not in err
 
 
-def test_an_address_nothing_answers_at_is_an_error_at_once():
+def test_an_address_nothing_answers_at_is_an_error_at_once(monkeypatch):
     import socket
 
+    import ray
+
+    from torchsfm.frontend import ray_executor
     from torchsfm.frontend.executors import ExecutorError
-    from torchsfm.frontend.ray_executor import probe_address
 
     with socket.socket() as s:  # a loopback port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
+    attempts = []
+    real = socket.create_connection
+
+    def spy(addr, timeout=None, *a, **k):
+        attempts.append((addr, timeout))
+        return real(addr, timeout, *a, **k)
+
+    def no_init(*a, **k):  # Ray's own join would retry for minutes
+        raise AssertionError("ray.init was called for an address nothing answers at")
+
+    monkeypatch.setattr(ray_executor.socket, "create_connection", spy)
+    monkeypatch.setattr(ray, "init", no_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(ExecutorError, match=rf"nothing answers at --ray-address 127\.0\.0\.1:{port} .*ray start --head"):
-        probe_address(f"127.0.0.1:{port}")
-    assert time.perf_counter() - t0 < 5
-    probe_address("auto")  # left to Ray
+        ray_executor.connect(f"127.0.0.1:{port}")
+    # one bounded connection attempt, no retries
+    assert attempts == [(("127.0.0.1", port), 5.0)]
+    ray_executor.probe_address("auto")  # left to Ray
+    assert len(attempts) == 1
 
 
 def test_image_missing_on_a_worker_is_an_error_naming_file_and_node(scene, tmp_path, monkeypatch):
