@@ -312,6 +312,13 @@ class Reconstruction:
         """Measured pixel of every observation of `tracks` (O, 2), in the model's dtype."""
         return self.keypoints.xy[self.keypoints.flat_index(tracks.image, tracks.keypoint)].to(self.dtype)
 
+    def point_of_keypoint(self) -> Tensor:
+        """(K,) int64: the row in points3D (or track index) each keypoint observes, -1 for none."""
+        kp = self.keypoints
+        out = torch.full((len(kp),), -1, dtype=torch.long, device=kp.xy.device)
+        out[kp.flat_index(self.tracks.image, self.tracks.keypoint)] = self.tracks.point.long()
+        return out
+
     def summary(self) -> dict:
         n_reg = int(self.images.registered.sum())
         lengths = self.tracks.lengths(len(self.points3D)).to(torch.float64)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..cameras.models import unproject_cameras
 from ..data.model import Points3D, Reconstruction, Tracks
 from ..segments import first_per_key, segment_median
 from .triangulation import bearings, max_triangulation_angle, reprojection_errors, triangulate
@@ -119,14 +118,6 @@ def keep_far_cameras(rec: Reconstruction, far: Tensor, opt: ImageKeepingOptions)
     return final, far & ~good, counts
 
 
-def _point_of_keypoint(rec: Reconstruction) -> Tensor:
-    """(K,) the point each keypoint observes, -1 for none."""
-    kp = rec.keypoints
-    out = torch.full((len(kp),), -1, dtype=torch.long, device=kp.xy.device)
-    out[kp.flat_index(rec.tracks.image, rec.tracks.keypoint)] = rec.tracks.point.long()
-    return out
-
-
 def complete_weak_images(rec: Reconstruction, weak: Tensor, opt: ImageKeepingOptions) -> tuple[Reconstruction, dict]:
     """Observations for the weak images (bool (I,)) from the view graph's matches with other
     registered images (see the module doc). Returns the model with them and per-image counts."""
@@ -143,7 +134,7 @@ def complete_weak_images(rec: Reconstruction, weak: Tensor, opt: ImageKeepingOpt
     o_img = torch.cat([ib[fwd], ia[bwd]])
     w_kp = torch.cat([m[fwd, 0], m[bwd, 1]])
     o_kp = torch.cat([m[fwd, 1], m[bwd, 0]])
-    point_of = _point_of_keypoint(rec)
+    point_of = rec.point_of_keypoint()
     w_pt, o_pt = point_of[kp.flat_index(w_img, w_kp)], point_of[kp.flat_index(o_img, o_kp)]
     thr = opt.max_reprojection_error
 

@@ -33,10 +33,8 @@ class TrackMergingOptions:
 
 def _candidates(rec: Reconstruction) -> Tensor:
     """(N, 2) distinct point pairs (p < q) joined by an inlier match of a valid pair."""
-    vg, kp, t = rec.view_graph, rec.keypoints, rec.tracks
-    dev = kp.xy.device
-    point_of = torch.full((len(kp),), -1, dtype=torch.long, device=dev)
-    point_of[kp.flat_index(t.image, t.keypoint)] = t.point.long()
+    vg, kp = rec.view_graph, rec.keypoints
+    point_of = rec.point_of_keypoint()
     pm = vg.pair_of_match()
     use = vg.valid[pm]
     m, pm = vg.matches[use], pm[use]

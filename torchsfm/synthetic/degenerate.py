@@ -207,8 +207,7 @@ def symmetric_scene(num_images: int = 12, num_points: int = 500, confused_pairs:
     scene = scene_from_geometry(R, t, X, pixel_noise=pixel_noise, seed=seed, match_point=key, normals=normals)
     # a pair is confused when one of its matches joins observations of different points
     gt, vg = scene.gt, scene.view_graph
-    pt_of_kp = torch.empty(len(gt.keypoints), dtype=gt.tracks.point.dtype)
-    pt_of_kp[gt.keypoints.flat_index(gt.tracks.image, gt.tracks.keypoint)] = gt.tracks.point
+    pt_of_kp = gt.point_of_keypoint()
     pm = vg.pair_of_match()
     pa = pt_of_kp[gt.keypoints.offsets[vg.pairs[pm, 0]] + vg.matches[:, 0]]
     pb = pt_of_kp[gt.keypoints.offsets[vg.pairs[pm, 1]] + vg.matches[:, 1]]
