@@ -35,6 +35,19 @@ def ba_case(method: str, loss: str, device, dtype):
     return run
 
 
+def points_case(loss: str, device, dtype):
+    """Points against fixed cameras: the separable solver (a trust region per point)."""
+    rec = perturbed(scene("SIMPLE_RADIAL", num_images=10, num_points=300, device=device), pose=0.0,
+                    point=0.05).to(device, dtype)
+
+    def run(n: int) -> int:
+        o = BundleAdjustmentOptions(refine_poses=False, refine_focal_length=False, refine_extra_params=False,
+                                    solver=SolverOptions(loss=loss, max_iterations=n, **ZERO_TOL))
+        return bundle_adjust(rec, o)[1].iterations
+
+    return run
+
+
 def bal_case(method: str, device, dtype):
     d = bal.synthetic_bal(12, 400, 4.0, seed=3, perturb=2e-2)
 
@@ -91,6 +104,8 @@ def cases(device: torch.device):
     for method in ("dense", "pcg", "pcg_explicit"):
         for loss in ("trivial", "huber", "cauchy"):
             yield f"ba-{method}-{loss}", lambda dt, m=method, lo=loss: ba_case(m, lo, device, dt)
+    for loss in ("trivial", "huber"):
+        yield f"ba-points-{loss}", lambda dt, lo=loss: points_case(lo, device, dt)
     for method in ("dense", "pcg"):
         yield f"bal-{method}", lambda dt, m=method: bal_case(m, device, dt)
     yield "global_positioning", lambda dt: gp_case(device, dt)

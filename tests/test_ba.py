@@ -159,6 +159,36 @@ def test_shared_and_per_image_intrinsics_reach_the_same_answer_as_ceres():
         assert s.num_reduced_unknowns == 6 * len(rec.images) + 3 * num_cameras
 
 
+@pytest.mark.parametrize("loss", ["trivial", "huber"])
+def test_points_alone_reach_ceres_cost_each_with_its_own_trust_region(loss):
+    """Cameras held: the problem separates into points, which the solver refines each with its own
+    radius and convergence test. The result must be the optimum Ceres finds, and a point far off
+    must still be brought back."""
+    gt = scene("SIMPLE_RADIAL", num_images=8, num_points=150, seed=4)
+    rec = perturbed(gt, pose=0.0, point=0.05)
+    rec.points3D.xyz[7] += torch.tensor([0.3, -0.2, 0.4], dtype=rec.dtype)
+    o = BundleAdjustmentOptions(refine_poses=False, refine_focal_length=False, refine_extra_params=False,
+                                solver=SolverOptions(loss=loss, loss_scale=2.0))
+    out, s = bundle_adjust(rec, o)
+    assert s.linear_solver == "separable" and s.converged, s.brief()
+    assert torch.equal(out.images.trans, rec.images.trans) and torch.equal(out.cameras.params, rec.cameras.params)
+    prec = to_pycolmap(rec)
+    opts = pycolmap.BundleAdjustmentOptions()
+    opts.print_summary = False
+    opts.refine_focal_length = opts.refine_extra_params = False
+    opts.refine_rig_from_world = opts.refine_sensor_from_rig = False
+    opts.ceres.loss_function_type = getattr(pycolmap.LossFunctionType, loss.upper())
+    opts.ceres.loss_function_scale = 2.0
+    cfg = pycolmap.BundleAdjustmentConfig()
+    for i in prec.reg_image_ids():
+        cfg.add_image(i)
+        cfg.set_constant_rig_from_world_pose(i)
+    ceres = pycolmap.create_default_ceres_bundle_adjuster(opts, cfg, prec).solve().ceres_summary
+    assert abs(ceres.initial_cost - s.initial_cost) <= 1e-9 * s.initial_cost
+    assert s.final_cost <= ceres.final_cost * (1 + 1e-6), (s.final_cost, ceres.final_cost)
+    assert (out.points3D.xyz[7] - gt.points3D.xyz[7]).norm() < 0.05
+
+
 def test_refine_switches_and_constant_parameters():
     gt = scene("OPENCV", num_cameras=2)
     rec = perturbed(gt)

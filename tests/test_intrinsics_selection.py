@@ -132,3 +132,45 @@ def test_candidate_masks_and_a_camera_with_few_images():
     assert rep["reference"]["iterations"] >= 1 and not rep["principal_point_refined"]
     with pytest.raises(ValueError):
         IntrinsicsSelectionOptions(distortion_levels=("two terms",)).validate()
+
+
+def test_the_test_on_a_sample_decides_as_on_all_and_refits_on_all():
+    """A camera with more images than `max_images` is tested on its best-observed ones, and the
+    cross-validation on at most `max_points` points; a freed model is then refitted on every
+    image, and a centred camera keeps the model exactly as it came."""
+    ba = MapperOptions().bundle_adjustment
+    for offset, freed in ((OFFSET, True), ((0.0, 0.0), False)):
+        s = synthesize(SyntheticOptions(**DENSE, principal_point_offset=offset))
+        models, _ = global_mapping(s.mapper_input(), MapperOptions(intrinsics=IntrinsicsSelectionOptions(
+            principal_point="never")))
+        rec = models[0]
+        small = IntrinsicsSelectionOptions(max_images=17, max_points=600)
+        out, rep = select_intrinsics(rec, ba, small)
+        cam = rep["cameras"][1]
+        assert rep["tested_on_images"] == 17 and cam["images"] == int(rec.images.registered.sum()) > 17
+        assert rep["principal_point_refined"] is freed, cam["reason"]
+        if freed:
+            assert cam["cross_validation_points"] == 600
+            err = (out.cameras.params[0, 1:3] - s.gt.cameras.params[0, 1:3]).abs()
+            assert float(err.max()) < 1.0, err
+            # every image took part in the refit, not only the 17 tested
+            moved = (out.images.trans - rec.images.trans).norm(dim=1) > 0
+            assert bool(moved[rec.images.registered].all())
+        else:
+            assert out is rec
+
+
+def test_best_observed_keeps_each_cameras_most_observed_images():
+    from torchsfm.mapper.intrinsics_uncertainty import best_observed
+
+    rec = synthesize(SyntheticOptions(num_images=12, num_points=400, layout="sphere", seed=1, num_cameras=2)).gt
+    n_obs = torch.bincount(rec.tracks.image, minlength=len(rec.images))
+    sub = best_observed(rec, 3)
+    for c in (0, 1):
+        mine = (rec.images.camera == c).nonzero()[:, 0]
+        top = mine[torch.argsort(n_obs[mine], descending=True, stable=True)[:3]]
+        assert set(sub.images.registered.nonzero()[:, 0].tolist()) >= set(top.tolist())
+        assert int(sub.images.registered[mine].sum()) == 3
+    length = torch.bincount(sub.tracks.point, minlength=len(rec.points3D))
+    assert bool(sub.images.registered[sub.tracks.image].all()) and int(length[length > 0].min()) >= 2
+    assert best_observed(rec, 6) is rec  # no camera has more images

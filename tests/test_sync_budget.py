@@ -1,6 +1,6 @@
 """Host-synchronisation budget of the iterative solvers (issue 18): at most 3 device -> host
-syncs (reads + data-dependent shapes) per LM iteration on the dense and PCG paths, for every loss
-and both precisions, per LM iteration of global positioning and view-graph calibration, and per
+syncs (reads + data-dependent shapes) per LM iteration on the dense, PCG and separable (points
+alone) paths, for every loss and both precisions, per LM iteration of global positioning and view-graph calibration, and per
 IRLS iteration of rotation averaging.
 
 Counted as ../shared/tools/count_syncs.py counts them (torchsfm.bench.syncs wraps the same torch
@@ -22,7 +22,7 @@ import torch
 BUDGET = 3.0
 HERE = Path(__file__).resolve().parent
 BA = [f"ba-{m}-{lo}" for m in ("dense", "pcg", "pcg_explicit") for lo in ("trivial", "huber", "cauchy")]
-OTHER = ["bal-dense", "bal-pcg", "global_positioning", "view_graph_calibration"]
+OTHER = ["ba-points-trivial", "ba-points-huber", "bal-dense", "bal-pcg", "global_positioning", "view_graph_calibration"]
 RA = ["rotation_averaging-dense", "rotation_averaging-cg", "rotation_averaging-cholesky"]
 
 

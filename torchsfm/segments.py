@@ -72,3 +72,11 @@ def first_per_key(key: Tensor, score: Tensor) -> Tensor:
     keep = torch.zeros_like(first)
     keep[o[first]] = True
     return keep
+
+
+def rank_in_runs(key: Tensor) -> Tensor:
+    """For a sorted key, the position of each item within its run of equal keys."""
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    pos = torch.arange(key.numel(), device=key.device)
+    return pos - torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), 0).values

@@ -34,12 +34,14 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch import Tensor
 
 from ..runtime import host_read, tune_cpu_allocator
 from . import losses, pcg
 from .options import LINEAR_SOLVERS, IterationRecord, SolverOptions, SolverSummary
 from .problem import SparseProblem
 from .schur import ReducedSystem
+from .separable import solve_separable
 from .structure import SchurStructure, count_pairs
 
 logger = logging.getLogger(__name__)
@@ -136,6 +138,21 @@ def _linearize(problem: SparseProblem, st: SchurStructure, opt: SolverOptions, m
 
 
 @torch.no_grad()
+def reduced_information(problem: SparseProblem, options: SolverOptions | None = None) -> Tensor:
+    """The Gauss-Newton information of the reduced unknowns at the problem's current parameters,
+    with every eliminated (point) block marginalised: the undamped Schur complement, dense
+    (n, n) in the numbering of problem.cam_param_map, robustified with options.loss. Its inverse
+    is the reduced unknowns' covariance in units of the residuals' variance."""
+    opt = _defaults(options or SolverOptions(), problem.cam_index.device)
+    st = SchurStructure(
+        problem.cam_index, problem.point_index, problem.num_cams, problem.num_points, problem.cam_dim,
+        problem.point_dim, problem.cam_param_map, explicit=True, segment_length=opt.segment_length,
+        device=problem.cam_index.device,
+    )
+    return _linearize(problem, st, opt, "dense")[1].information()
+
+
+@torch.no_grad()
 def solve(problem: SparseProblem, options: SolverOptions | None = None) -> SolverSummary:
     """Minimise 0.5 * sum rho(|r_i|^2) over the problem's parameters (in place)."""
     opt = options or SolverOptions()
@@ -151,6 +168,9 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
         n_unknowns = int(pm.max()) + 1 if pm is not None and pm.numel() else problem.num_cams * problem.cam_dim
         if pm is not None and not bool((pm >= 0).any()):
             n_unknowns = 0
+        if n_unknowns == 0:  # points against fixed cameras: each point its own problem
+            summary.linear_solver = "separable"
+            return solve_separable(problem, opt, summary, t_start)
         pairs = None
         if opt.linear_solver == "auto":
             pairs = count_pairs(problem.cam_index, problem.point_index, problem.num_points)

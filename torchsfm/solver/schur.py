@@ -230,6 +230,14 @@ class ReducedSystem:
         xo = layout.gather_soa(xc, self.st.cam_index)  # (nc, N)
         return (self.Jc * xo[None]).sum(1)
 
+    def information(self) -> Tensor:
+        """The undamped reduced matrix S = U - W V^-1 W^T, dense (n, n), in the reduced numbering:
+        the information of the reduced unknowns with every eliminated block marginalised (for
+        uncertainty, not for the LM step). Needs an explicit structure."""
+        _, K, _ = self._eliminate(torch.zeros((), dtype=self.dtype, device=self.r.device))
+        return self._dense_matrix(self._explicit_blocks(self._y_rows(K)), torch.zeros((), dtype=self.dtype,
+                                                                                      device=self.r.device))
+
     # ------------------------------------------------------------------------------------------
     def start(self, radius: Tensor | float) -> "StepSolve":
         """The linear solve of the LM step for trust-region radius `radius`, to be advanced by
