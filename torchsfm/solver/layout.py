@@ -43,3 +43,16 @@ def soa_to_rows(x: Tensor) -> Tensor:
 def gather_soa(table: Tensor, index: Tensor) -> Tensor:
     """Rows of table (R, m) picked by index (N,), returned as (m, N)."""
     return transpose(table.index_select(0, index))
+
+
+def sum_products(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """(a * b).sum(dim) for broadcastable a and b without materialising the product: one
+    multiply-add per index of the (short) summed axis. On per-observation blocks the full product
+    is the largest temporary of an LM step ((d, nc, N): 85 MB at 661k observations)."""
+    a, b = torch.broadcast_tensors(a, b)  # expanded views, no copy
+    if a.shape[dim] == 0:  # an empty axis (no eliminated coordinates): the sum is zero
+        return a.new_zeros(a.shape[:dim] + a.shape[dim + 1:])
+    out = a.select(dim, 0) * b.select(dim, 0)
+    for i in range(1, a.shape[dim]):
+        out.addcmul_(a.select(dim, i), b.select(dim, i))
+    return out

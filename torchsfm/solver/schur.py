@@ -166,11 +166,11 @@ class ReducedSystem:
         # their step is exactly zero instead of 0/0.
         self.empty_points = dV.abs().sum(0) == 0
         # U = sum Jc^T Jc per camera (C, nc, nc): per-camera segment GEMMs over Jacobian rows
-        self.Jrows = st.buffer("Jrows", (N + 1, d * nc), dt)  # reused: one linearisation lives at a time
-        layout.transpose(Jc.reshape(d * nc, N), out=self.Jrows[:N])
-        self.Jrows[N] = 0
+        Jrows = self._rows(d * nc)
+        layout.transpose(Jc.reshape(d * nc, N), out=Jrows[:N])
+        Jrows[N] = 0
         self.U = torch.zeros(C, nc, nc, dtype=dt, device=dev)
-        _gram_segments(self.Jrows, st.cam_segments, self.U, d, self.chunk_bytes)
+        _gram_segments(Jrows, st.cam_segments, self.U, d, self.chunk_bytes)
         dU = torch.diagonal(self.U, dim1=1, dim2=2)  # (C, nc)
         self.DC = st.to_reduced(dU).clamp(options.min_lm_diagonal, options.max_lm_diagonal)  # (n,)
         self.g_reduced = st.to_reduced(self.gc)
@@ -193,26 +193,43 @@ class ReducedSystem:
         tol = 1e-12 if self.dtype == torch.float64 else 1e-6
         M = _chol_inv_factor(Vd, k, tol)  # (k, k, P) upper
         N = st.num_obs
-        Mrows = layout.transpose(M.reshape(k * k, st.num_points)).index_select(0, st.point_index)
-        Mo = layout.transpose(Mrows).reshape(k, k, N)  # (k, k, N)
-        # K[:, c] = sum_{j<=c} Jp[:, j] M[j, c]   (M is upper triangular)
-        K = torch.empty(d, k, Mo.shape[-1], dtype=self.dtype, device=Mo.device)
-        for c in range(k):
-            kc = K[:, c]
-            torch.mul(self.Jp[:, 0], Mo[0, c], out=kc)
-            for j in range(1, c + 1):
-                kc.addcmul_(self.Jp[:, j], Mo[j, c])
+        Mt = layout.transpose(M.reshape(k * k, st.num_points))  # (P, k*k): rows to gather
+        # K[:, c] = sum_{j<=c} Jp[:, j] M[j, c]   (M is upper triangular), in chunks of
+        # observations: the gathered M per observation is never held whole
+        K = torch.empty(d, k, N, dtype=self.dtype, device=M.device)
+        per = max(1, self.chunk_bytes // (2 * max(k * k, 1) * M.element_size()))
+        for s in range(0, N, per):
+            e = min(N, s + per)
+            Mo = layout.gather_soa(Mt, st.point_index[s:e]).reshape(k, k, e - s)
+            Jp = self.Jp[:, :, s:e]
+            for c in range(k):
+                kc = K[:, c, s:e]
+                torch.mul(Jp[:, 0], Mo[0, c], out=kc)
+                for j in range(1, c + 1):
+                    kc.addcmul_(Jp[:, j], Mo[j, c])
         z = (M * self.gp[:, None, :]).sum(0)  # (k, P): z_c = sum_j M[j,c] g_j
         return M, K, z
 
+    def _rows(self, width: int) -> Tensor:
+        """An (N+1, width) work matrix of per-observation rows. The Jacobian rows (needed only
+        while U is formed) and the Y rows (each step) share one buffer, reused across
+        iterations: one linearisation and its step live at a time."""
+        N = self.st.num_obs
+        w = max(self.d, self.k) * self.nc
+        return self.st.buffer("rows", ((N + 1) * w,), self.dtype)[: (N + 1) * width].view(N + 1, width)
+
     def _y_rows(self, K: Tensor) -> Tensor:
-        """Y_a = K_a^T Jc_a as rows (N+1, k*nc), the last row zero (segment padding)."""
-        N = K.shape[-1]
-        Ys = K[0][:, None, :] * self.Jc[0][None]  # (k, nc, N)
-        for dd in range(1, self.d):
-            Ys.addcmul_(K[dd][:, None, :], self.Jc[dd][None])
-        Y = self.st.buffer("Yrows", (N + 1, self.k * self.nc), self.dtype)
-        layout.transpose(Ys.reshape(self.k * self.nc, N), out=Y[:N])
+        """Y_a = K_a^T Jc_a as rows (N+1, k*nc), the last row zero (segment padding). Formed in
+        chunks of observations, so the (k, nc, N) product is never held whole."""
+        N, k, nc = K.shape[-1], self.k, self.nc
+        Y = self._rows(k * nc)
+        per = max(1, self.chunk_bytes // (2 * max(k * nc, 1) * K.element_size()))
+        for s in range(0, N, per):
+            e = min(N, s + per)
+            Ys = K[0][:, None, s:e] * self.Jc[0][None, :, s:e]  # (k, nc, n)
+            for dd in range(1, self.d):
+                Ys.addcmul_(K[dd][:, None, s:e], self.Jc[dd][None, :, s:e])
+            layout.transpose(Ys.reshape(k * nc, e - s), out=Y[s:e])
         Y[N] = 0
         return Y
 
@@ -220,15 +237,15 @@ class ReducedSystem:
         """-(g_c - sum_a Jc_a^T K_a z_p) per camera block (C, nc)."""
         st = self.st
         zo = layout.gather_soa(layout.transpose(z), st.point_index)  # (k, N)
-        t = (K * zo[None]).sum(1)  # (d, N)
-        q = (self.Jc * t[:, None, :]).sum(0)  # (nc, N)
+        t = layout.sum_products(K, zo[None], 1)  # (d, N)
+        q = layout.sum_products(self.Jc, t[:, None, :], 0)  # (nc, N)
         corr = torch.zeros(self.nc, st.num_cams, dtype=self.dtype, device=q.device).index_add_(1, st.cam_index, q)
         return corr.T - self.gc
 
     def _cam_apply(self, xc: Tensor) -> Tensor:
         """e_a = Jc_a x_{cam a} for per-camera vectors (C, nc) -> (d, N)."""
         xo = layout.gather_soa(xc, self.st.cam_index)  # (nc, N)
-        return (self.Jc * xo[None]).sum(1)
+        return layout.sum_products(self.Jc, xo[None], 1)
 
     def information(self) -> Tensor:
         """The undamped reduced matrix S = U - W V^-1 W^T, dense (n, n), in the reduced numbering:
@@ -257,13 +274,13 @@ class ReducedSystem:
         st = self.st
         dc = st.from_reduced(x)  # (C, nc)
         e = self._cam_apply(dc)  # (d, N) = Jc dc
-        u = (K * e[:, None, :]).sum(0)  # (k, N) = K^T Jc dc
+        u = layout.sum_products(K, e[:, None, :], 0)  # (k, N) = K^T Jc dc
         w = z.clone().index_add_(1, st.point_index, u)
         dp = -(M * w[None, :, :]).sum(1)  # (k, P): dp_j = -sum_c M[j, c] w_c
         # linear model: f = J delta per residual block, cost change = -(r.f + |f|^2/2), summed in
         # float64 (in float32 it is a small difference of large sums)
         dpT = layout.transpose(dp)  # (P, k)
-        f = e + (self.Jp * layout.gather_soa(dpT, st.point_index)[None]).sum(1)
+        f = e + layout.sum_products(self.Jp, layout.gather_soa(dpT, st.point_index)[None], 1)
         f64 = torch.float64
         change = -((self.r * f).sum(dtype=f64) + 0.5 * f.square().sum(dtype=f64))
         return Step(cams=dc, points=dpT, reduced=x), change
