@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from torchsfm.ba.bundle_adjustment import BundleAdjustmentOptions, ReprojectionProblem  # noqa: E402
 from torchsfm.io.colmap_model import read_model  # noqa: E402
-from torchsfm.runtime import configure_threads, peak_memory  # noqa: E402
+from torchsfm.runtime import configure_threads, peak_memory, tune_cpu_allocator  # noqa: E402
 from torchsfm.solver import lm  # noqa: E402
 from torchsfm.solver.structure import SchurStructure  # noqa: E402
 
@@ -34,6 +34,7 @@ if __name__ == "__main__":
     ap.add_argument("--obs-chunk", type=int, help="observations per evaluation chunk (default: from chunk_bytes)")
     a = ap.parse_args()
     configure_threads(1)
+    tune_cpu_allocator()  # as solve() does: the heap behaves as in a real run
     rec = read_model(a.model)
     o = BundleAdjustmentOptions()
     o.solver.linear_solver = a.linear_solver

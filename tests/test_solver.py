@@ -154,6 +154,25 @@ def test_schur_step_equals_full_normal_equations(device, dtype, method, mapping)
     assert float(info.model_cost_change) > 0
 
 
+def test_structure_built_in_chunks_of_points_is_the_same(monkeypatch):
+    """The observation pairs are unranked a chunk of points at a time (bounded work arrays);
+    any chunk size gives the same blocks and the same pair segments, in the same order."""
+    p = bal.BALProblem(small_bal(num_cams=6, num_points=80), device="cpu", dtype=torch.float64)
+
+    def build():
+        st = SchurStructure(p.cam_index, p.point_index, p.num_cams, p.num_points, 9, 3, p.cam_param_map,
+                            explicit=True, segment_length=4, device=torch.device("cpu"))
+        return st.block_row, st.block_col, st.num_pairs, st.pair_segments
+
+    ref = build()
+    monkeypatch.setattr(SchurStructure, "PAIR_CHUNK", 7)  # many chunks (a chunk holds whole points)
+    got = build()
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1]) and ref[2] == got[2]
+    assert len(ref[3]) == len(got[3])
+    for a, b in zip(ref[3], got[3]):
+        assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3]
+
+
 def test_chunk_size_does_not_change_the_step():
     p = bal.BALProblem(small_bal(num_cams=10, num_points=200))
     out = []
