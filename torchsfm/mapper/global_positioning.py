@@ -217,6 +217,9 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
                                           initial_trust_region_radius=1e6, callback=None)
         wi = w
         for rnd in range(1 + opt.init_trim_rounds):
+            # every round starts from zero: the problem is convex, so the start does not change its
+            # optimum, and from the previous round's solution (on the other side of many kinks of
+            # d_o) LM crawled: corridor1000's second round took 45 iterations, 12 from zero
             init = ConvexInitProblem(c0, X0, v, cam_index, point_index, wi, fixed_cam=0)
             init_summary = solve(init, init_solver)
             log.info("global positioning, convex start %d: %s", rnd + 1, init_summary.brief())
@@ -229,6 +232,7 @@ def global_positioning(rec: Reconstruction, options: GlobalPositioningOptions | 
             ang = torch.rad2deg(torch.acos(((v * d).sum(1) / d.norm(dim=1).clamp_min(1e-300)).clamp(-1, 1)))
             lim = max(opt.max_angle_error, opt.init_trim_factor * float(ang[wi > 0].median()))
             wi = torch.where(ang > lim, torch.zeros_like(w), w)
+            c0, X0 = z(img_ids.numel()), z(solved_ids.numel())
         w = wi  # trimmed rays stay out of BATA too (the angle filter below drops them)
     elif opt.init == "random":
         gen = torch.Generator().manual_seed(opt.seed)
