@@ -28,6 +28,7 @@ from ..cameras.models import model_groups, param_mask, used_mask
 from ..cameras.projection import project_world
 from ..data.model import Reconstruction, Tracks
 from ..geometry import se3, so3
+from ..solver import layout
 from ..solver.lm import solve
 from ..solver.options import SolverOptions, SolverSummary
 from ..solver.problem import Linearization, Step
@@ -187,19 +188,25 @@ class ReprojectionProblem:
         Jp = proj.J_X * self.point_free[pi][:, None, None].to(proj.J_X.dtype)
         return r, Jc, Jp  # invalid rows already have zero Jacobians
 
-    def _evaluate_chunked(self, R, t, params, X, jacobian: bool):
+    def _evaluate_chunked(self, R, t, params, X, jacobian: bool, soa: bool = False):
         """`_evaluate` over all observations in chunks written into the outputs: the projection's
-        Jacobian temporaries (~1 kB per observation) stay bounded by the chunk, not the problem."""
+        Jacobian temporaries (~1 kB per observation) stay bounded by the chunk, not the problem.
+        soa: the outputs in the solver's layout (observations last), each chunk transposed as it
+        is written, so the whole problem is never held in both layouts at once."""
         n = int(self.cam_index.numel())
         if n <= self.obs_chunk:
-            return self._evaluate(R, t, params, X, jacobian)
+            out = self._evaluate(R, t, params, X, jacobian)
+            return tuple(None if p is None else layout.rows_to_soa(p) for p in out) if soa else out
         out = None
         for s in range(0, n, self.obs_chunk):
             part = self._evaluate(R, t, params, X, jacobian, slice(s, s + self.obs_chunk))
             if out is None:
-                out = [None if p is None else p.new_empty((n, *p.shape[1:])) for p in part]
+                out = [None if p is None else p.new_empty((*p.shape[1:], n) if soa else (n, *p.shape[1:]))
+                       for p in part]
             for o, p in zip(out, part):
-                if p is not None:
+                if p is not None and soa:
+                    o[..., s:s + p.shape[0]] = layout.rows_to_soa(p)
+                elif p is not None:
                     o[s:s + p.shape[0]] = p
         return tuple(out)
 
@@ -214,8 +221,8 @@ class ReprojectionProblem:
 
     # -- SparseProblem --------------------------------------------------------------------------
     def linearize(self) -> Linearization:
-        r, Jc, Jp = self._evaluate_chunked(self.R, self.t, self.params, self.X, True)
-        return Linearization(r, Jc, Jp)
+        r, Jc, Jp = self._evaluate_chunked(self.R, self.t, self.params, self.X, True, soa=True)
+        return Linearization(r, Jc, Jp, "soa")
 
     def residuals(self, step: Step | None = None) -> Tensor:
         if step is None:

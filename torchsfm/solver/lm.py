@@ -285,6 +285,9 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
                 radius = min(radius / max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), opt.max_trust_region_radius)
                 nu = 2.0
                 with tm("linearize"):
+                    # the old linearisation and its step go first: they would otherwise live
+                    # alongside the new one (at 2M observations, ~0.5 GB of Jacobians and factors)
+                    system = solve_ = step = info = new_r = None
                     _, system = _linearize(problem, st, opt, method)
                     gnorm_t = system.gradient_max_norm()
         else:

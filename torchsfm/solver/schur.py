@@ -147,19 +147,18 @@ class ReducedSystem:
         C, P = st.num_cams, st.num_points
         self.chunk_bytes = options.chunk_bytes
         self.r, self.Jc, self.Jp = r, Jc, Jp
-        # gradients g = J^T r, per camera block and per point
-        gco = Jc[0] * r[0]
-        gpo = Jp[0] * r[0]
-        for dd in range(1, d):
-            gco.addcmul_(Jc[dd], r[dd])
-            gpo.addcmul_(Jp[dd], r[dd])
-        self.gc = layout.transpose(torch.zeros(nc, C, dtype=dt, device=dev).index_add_(1, ci, gco))  # (C, nc)
-        self.gp = torch.zeros(k, P, dtype=dt, device=dev).index_add_(1, pi, gpo)  # (k, P)
-        # V = sum Jp^T Jp per point, (k*k, P)
-        Vo = Jp[0][:, None, :] * Jp[0][None, :, :]
-        for dd in range(1, d):
-            Vo.addcmul_(Jp[dd][:, None, :], Jp[dd][None, :, :])
-        self.V = torch.zeros(k * k, P, dtype=dt, device=dev).index_add_(1, pi, Vo.reshape(k * k, N))
+        # gradients g = J^T r per camera block and per point, and V = sum Jp^T Jp per point
+        # (k*k, P), accumulated over chunks of observations (no (k*k, N) temporary)
+        gc = torch.zeros(nc, C, dtype=dt, device=dev)
+        self.gp = torch.zeros(k, P, dtype=dt, device=dev)  # (k, P)
+        self.V = torch.zeros(k * k, P, dtype=dt, device=dev)
+        for s, e in self._chunks(max(nc, k * k)):
+            rc = r[:, None, s:e]
+            gc.index_add_(1, ci[s:e], layout.sum_products(Jc[:, :, s:e], rc, 0))
+            self.gp.index_add_(1, pi[s:e], layout.sum_products(Jp[:, :, s:e], rc, 0))
+            Jpc = Jp[:, :, s:e]
+            self.V.index_add_(1, pi[s:e], layout.sum_products(Jpc[:, :, None], Jpc[:, None], 0).reshape(k * k, e - s))
+        self.gc = layout.transpose(gc)  # (C, nc)
         dV = self.V[:: k + 1]  # (k, P)
         self.DV = dV.clamp(options.min_lm_diagonal, options.max_lm_diagonal)
         # points without any information (constant, or all residuals switched off): V = I, so
