@@ -10,7 +10,8 @@ holds the nominated tracks with all their observations. Every image keeps min(K,
 tracks; a track seen by many images is nominated by several, so the problem shrinks most where
 tracks are long. The other points are not lost: after positioning they are triangulated from the
 solved cameras, after a capped bundle adjustment they are triangulated again from the adjusted
-cameras and refined with the cameras held fixed, and the final rounds (after retriangulation) use every observation.
+cameras and refined with the cameras held fixed, and the final rounds (after retriangulation) use
+every observation.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def capped_bundle_adjust(rec: Reconstruction, options: BundleAdjustmentOptions, 
     # the other points: triangulated anew from the adjusted cameras (they were placed against the
     # cameras before the adjustment, often hundreds of pixels off now), then each refined alone
     # with the cameras held (templeRing's first round: cost 3.9e9 -> 1.6e6 in 63 iterations from
-    # the old positions, 7.5e5 -> 7.6e3 in 13 from the new ones)
+    # the old positions, 7.5e5 -> 7.6e3 in 5 from the new ones)
     t = rec.tracks
     rays = bearings(adjusted, t.image[~in_problem], t.keypoint[~in_problem])
     X, ok = triangulate(adjusted.images.rotation, adjusted.images.trans, rays, t.image[~in_problem],

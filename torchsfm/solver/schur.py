@@ -196,9 +196,7 @@ class ReducedSystem:
         # K[:, c] = sum_{j<=c} Jp[:, j] M[j, c]   (M is upper triangular), in chunks of
         # observations: the gathered M per observation is never held whole
         K = torch.empty(d, k, N, dtype=self.dtype, device=M.device)
-        per = max(1, self.chunk_bytes // (2 * max(k * k, 1) * M.element_size()))
-        for s in range(0, N, per):
-            e = min(N, s + per)
+        for s, e in self._chunks(k * k):
             Mo = layout.gather_soa(Mt, st.point_index[s:e]).reshape(k, k, e - s)
             Jp = self.Jp[:, :, s:e]
             for c in range(k):
@@ -222,12 +220,8 @@ class ReducedSystem:
         chunks of observations, so the (k, nc, N) product is never held whole."""
         N, k, nc = K.shape[-1], self.k, self.nc
         Y = self._rows(k * nc)
-        per = max(1, self.chunk_bytes // (2 * max(k * nc, 1) * K.element_size()))
-        for s in range(0, N, per):
-            e = min(N, s + per)
-            Ys = K[0][:, None, s:e] * self.Jc[0][None, :, s:e]  # (k, nc, n)
-            for dd in range(1, self.d):
-                Ys.addcmul_(K[dd][:, None, s:e], self.Jc[dd][None, :, s:e])
+        for s, e in self._chunks(k * nc):
+            Ys = layout.sum_products(K[:, :, None, s:e], self.Jc[:, None, :, s:e], 0)  # (k, nc, n)
             layout.transpose(Ys.reshape(k * nc, e - s), out=Y[s:e])
         Y[N] = 0
         return Y
