@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 import torch
@@ -39,13 +40,19 @@ def check_mapper_database(database: str | os.PathLike) -> None:
         raise DatabaseError(f"database {path} does not exist; create it with `torchsfm extract` and `torchsfm match`")
     if path.stat().st_size == 0:
         raise DatabaseError(f"database {path} is an empty file, not a COLMAP database")
-    check_database(path, frozenset({"cameras", "images", "keypoints", "two_view_geometries"}), allow_empty_schema=False)
+    check_database(path, frozenset({"cameras", "images", "keypoints", "two_view_geometries"}), allow_empty_schema=False,
+                   integrity=False)  # read only: damage is reported where SQLite meets it (load_mapper_input)
 
 
 def load_mapper_input(database: str | os.PathLike, device=None) -> Reconstruction:
     """A Reconstruction with cameras, unposed images, keypoints and the verified view graph."""
+    from .frontend.colmap_db import corrupt_database_error
+
     check_mapper_database(database)
-    cameras, images, keypoints, vg = read_view_graph(database, device=device)
+    try:
+        cameras, images, keypoints, vg = read_view_graph(database, device=device)
+    except sqlite3.DatabaseError as e:
+        raise corrupt_database_error(Path(database), e) from e
     dt, dev = keypoints.xy.dtype, keypoints.xy.device
     pts = Points3D(torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, 3, dtype=dt, device=dev),
                    torch.zeros(0, 3, dtype=torch.uint8, device=dev), torch.zeros(0, dtype=dt, device=dev))
