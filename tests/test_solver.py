@@ -281,6 +281,32 @@ def test_solver_paths_reach_the_same_cost(device, dtype):
         assert abs(c - ref) <= tol(dtype, 1e-6, 1e-4) * ref, costs
 
 
+def test_envelope_bounds_the_fill_of_chains_and_loops():
+    from torchsfm.solver.structure import envelope_blocks
+
+    n = 200
+    i = torch.arange(n - 3)
+    chain = torch.cat([torch.stack([i, i + k]) for k in (1, 2, 3)], 1)  # each image with its 3 successors
+    diag = torch.arange(n).expand(2, -1)
+    rows, cols = torch.cat([chain, diag], 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # any numbering of the images
+    e = envelope_blocks(perm[rows], perm[cols], n)
+    nnz = n + 3 * n - 6  # the lower triangle's blocks: the least an envelope holds
+    assert nnz <= e <= 1.1 * nnz  # RCM recovers the band (to a few blocks) from any numbering
+    # every image also matched to the one half a loop away (a ladder): the band widens
+    far = torch.stack([torch.arange(n // 2), torch.arange(n // 2) + n // 2])
+    loop = envelope_blocks(torch.cat([rows, far[0]]), torch.cat([cols, far[1]]), n)
+    assert loop > 3 * e
+
+
+def test_auto_leaves_the_sparse_solver_when_its_factor_would_be_too_large():
+    d = small_bal(num_cams=400, num_points=2000, seed=5)
+    opt = SolverOptions(dense_max_size=100, max_iterations=3)
+    assert solve(bal.BALProblem(d), opt).linear_solver == "sparse"
+    s = solve(bal.BALProblem(d), SolverOptions(dense_max_size=100, max_iterations=3, sparse_max_factor_mb=0.01))
+    assert s.linear_solver in ("pcg", "pcg_explicit") and s.final_cost < s.initial_cost
+
+
 @pytest.mark.parametrize("loss", ["trivial", "huber"])
 @pytest.mark.parametrize("method", ["dense", "pcg"])
 def test_float32_reaches_the_float64_cost(device, loss, method):

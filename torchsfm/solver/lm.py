@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ from .options import LINEAR_SOLVERS, IterationRecord, SolverOptions, SolverSumma
 from .problem import SparseProblem
 from .schur import ReducedSystem
 from .separable import solve_separable
-from .structure import SchurStructure, count_pairs
+from .structure import SchurStructure, count_pairs, envelope_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +118,15 @@ def choose_linear_solver(num_unknowns: int, device: torch.device, options: Solve
     return "pcg"
 
 
-def _defaults(options: SolverOptions, device: torch.device) -> SolverOptions:
-    from dataclasses import replace
+def _structure(problem, pm, method: str, opt: SolverOptions, device: torch.device) -> SchurStructure:
+    return SchurStructure(
+        problem.cam_index, problem.point_index, problem.num_cams, problem.num_points, problem.cam_dim,
+        problem.point_dim, pm, explicit=method in ("dense", "sparse", "pcg_explicit"),
+        segment_length=opt.segment_length, device=device,
+    )
 
+
+def _defaults(options: SolverOptions, device: torch.device) -> SolverOptions:
     cpu = device.type == "cpu"
     return replace(
         options,
@@ -144,11 +151,7 @@ def reduced_information(problem: SparseProblem, options: SolverOptions | None = 
     (n, n) in the numbering of problem.cam_param_map, robustified with options.loss. Its inverse
     is the reduced unknowns' covariance in units of the residuals' variance."""
     opt = _defaults(options or SolverOptions(), problem.cam_index.device)
-    st = SchurStructure(
-        problem.cam_index, problem.point_index, problem.num_cams, problem.num_points, problem.cam_dim,
-        problem.point_dim, problem.cam_param_map, explicit=True, segment_length=opt.segment_length,
-        device=problem.cam_index.device,
-    )
+    st = _structure(problem, problem.cam_param_map, "dense", opt, problem.cam_index.device)
     return _linearize(problem, st, opt, "dense")[1].information()
 
 
@@ -175,11 +178,15 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
         if opt.linear_solver == "auto":
             pairs = count_pairs(problem.cam_index, problem.point_index, problem.num_points)
         method = choose_linear_solver(n_unknowns, device, opt, pairs, int(problem.cam_index.numel()))
-        st = SchurStructure(
-            problem.cam_index, problem.point_index, problem.num_cams, problem.num_points, problem.cam_dim,
-            problem.point_dim, pm, explicit=method in ("dense", "sparse", "pcg_explicit"),
-            segment_length=opt.segment_length, device=device,
-        )
+        st = _structure(problem, pm, method, opt, device)
+        if method == "sparse" and opt.linear_solver == "auto":
+            factor_mb = envelope_blocks(st.block_row, st.block_col, problem.num_cams) * problem.cam_dim ** 2 * 16 / 2 ** 20
+            if factor_mb > opt.sparse_max_factor_mb:  # too much fill: iterate instead
+                logger.debug("sparse factor up to %.0f MB > %.0f MB: PCG", factor_mb, opt.sparse_max_factor_mb)
+                method = choose_linear_solver(n_unknowns, device, replace(opt, sparse_max_size=0), pairs,
+                                              int(problem.cam_index.numel()))
+                if method == "pcg":  # the explicit structure is not the implicit one
+                    st = _structure(problem, pm, method, opt, device)
     summary.linear_solver = method
     summary.num_reduced_unknowns = st.n
     summary.setup_time_s = time.perf_counter() - t_start

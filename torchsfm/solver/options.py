@@ -38,7 +38,14 @@ class SolverOptions:
     # on the explicit S while it has <= explicit_max_pairs observation pairs, implicit beyond.
     linear_solver: str = "auto"
     dense_max_size: int | None = None  # default: 2000 on the CPU, 12000 on CUDA
-    sparse_max_size: int = 20000
+    # corridor10000's global positioning (30,000 unknowns): sparse direct 41 LM iterations, 76 s;
+    # explicit PCG did not converge in 100 (291 s): CG on a long chain of images needs about as many
+    # iterations as the chain is long. The factor's size is checked first (sparse_max_factor_mb).
+    sparse_max_size: int = 100_000
+    # auto: the sparse direct solver is kept only while its factor, bounded
+    # by the envelope of the camera pattern in reverse Cuthill-McKee order (structure.envelope_blocks,
+    # L and U), stays below this; else PCG. A sequence of 10,000 images: ~100 MB
+    sparse_max_factor_mb: float = 2048.0
     explicit_max_pairs: int = 100_000_000  # beyond: implicit PCG (pair indices take 8 bytes/pair)
     explicit_max_pairs_per_observation: float = 16.0  # beyond (long tracks): implicit PCG at any size
     pcg_eta: float = 0.01  # Nash-Sofer forcing; 0.1 (Ceres' default) stalled on Ladybug-73

@@ -37,6 +37,27 @@ def count_pairs(cam_index: Tensor, point_index: Tensor, num_points: int) -> int:
     return int((k * (k + 1) / 2).sum())
 
 
+def envelope_blocks(block_row: Tensor, block_col: Tensor, num_cams: int) -> int:
+    """Blocks in the envelope of the camera-block pattern (lower triangle, diagonal included) in
+    reverse Cuthill-McKee order: an upper bound on the blocks a Cholesky factor of the reduced
+    system fills in that order (minimum-degree orderings fill less; the shared-intrinsics rows
+    aside). Host side (scipy), once per problem. A sequence of images (each block near the
+    diagonal) has an envelope of about images x neighbours; loop closures widen it."""
+    import numpy as np
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+    r, c = block_row.cpu().numpy(), block_col.cpu().numpy()
+    A = sp.coo_matrix((np.ones(r.size, np.int8), (r, c)), shape=(num_cams, num_cams)).tocsr()
+    perm = reverse_cuthill_mckee((A + A.T).tocsr(), symmetric_mode=True)
+    pos = np.empty_like(perm)
+    pos[perm] = np.arange(perm.size, dtype=perm.dtype)
+    pr, pc = pos[r], pos[c]
+    first = np.arange(num_cams)  # the first column of each row of the lower triangle
+    np.minimum.at(first, np.maximum(pr, pc), np.minimum(pr, pc))
+    return int((np.arange(num_cams) - first).sum()) + num_cams
+
+
 def _exclusive_cumsum(x: Tensor) -> Tensor:
     return torch.cumsum(x, 0) - x
 
