@@ -128,22 +128,3 @@ def test_bundle_adjustment_evaluates_in_chunks_exactly():
         assert torch.equal(x, y)
     assert torch.equal(whole.residuals(), chunked.residuals())
 
-
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_importing_torchsfm_asks_pytorch_for_huge_pages(opt_out):
-    """Large CPU tensors on 2 MB pages (PyTorch's THP_MEM_ALLOC_ENABLE, read at its first large
-    allocation, so it must be set on import), unless TORCHSFM_NO_MALLOC_TUNING opts out; a value
-    the user set is kept."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "TORCHSFM_NO_MALLOC_TUNING")}
-    if opt_out:
-        env["TORCHSFM_NO_MALLOC_TUNING"] = "1"
-    code = "import os, torchsfm; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == ("None" if opt_out else "1")
-    env["THP_MEM_ALLOC_ENABLE"] = "0"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "0"
