@@ -41,8 +41,11 @@ def _candidates(rec: Reconstruction) -> Tensor:
     a = point_of[kp.offsets[vg.pairs[pm, 0]] + m[:, 0]]
     b = point_of[kp.offsets[vg.pairs[pm, 1]] + m[:, 1]]
     ok = (a >= 0) & (b >= 0) & (a != b)
-    pairs = torch.stack([torch.minimum(a[ok], b[ok]), torch.maximum(a[ok], b[ok])], 1)
-    return torch.unique(pairs, dim=0) if pairs.numel() else pairs.view(0, 2)
+    a, b = a[ok].long(), b[ok].long()
+    # one int64 key per pair: a 1-D unique is ~50x faster than unique(dim=0) on 2M pairs
+    P = len(rec.points3D)
+    key = torch.unique(torch.minimum(a, b) * P + torch.maximum(a, b))
+    return torch.stack([key // P, key % P], 1)
 
 
 def _merge_round(rec: Reconstruction, opt: TrackMergingOptions) -> tuple[Reconstruction, int]:
