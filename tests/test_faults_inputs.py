@@ -107,9 +107,24 @@ def test_map_reports_a_damaged_table_where_it_reads_it(tmp_path, capsys):
     db = tmp_path / "damaged.db"
     write_synthetic_database(synthesize(SyntheticOptions(num_images=6, num_points=300, seed=2)), db)
     _damage_table(db, "two_view_geometries")
+    before = db.read_bytes()
     code, err = run_cli(capsys, "map", "--database", db, "--output", tmp_path / "out")
     assert code == 2 and "damaged.db is corrupt" in err and "malformed" in err
-    assert not (tmp_path / "out" / "sparse").exists()
+    assert not (tmp_path / "out" / "sparse").exists() and db.read_bytes() == before
+
+
+def test_map_reads_the_database_without_writing_to_it(tmp_path, capsys):
+    """The mapper reads with read-only SQLite connections: a database it maps is the same file,
+    byte for byte, afterwards (pycolmap's Database.open bumped SQLite's change counter)."""
+    db = tmp_path / "database.db"
+    write_synthetic_database(synthesize(SyntheticOptions(num_images=6, num_points=300, seed=2)), db)
+    with sqlite3.connect(db) as c:
+        c.execute("PRAGMA journal_mode=DELETE")  # no log beside it: the file is the whole database
+    c.close()
+    before = db.read_bytes()
+    code, _ = run_cli(capsys, "map", "--database", db, "--output", tmp_path / "out")
+    assert code == 0 and (tmp_path / "out" / "sparse" / "0").is_dir()
+    assert db.read_bytes() == before
 
 
 def test_map_reports_inconsistent_database_rows(tmp_path, capsys):

@@ -190,45 +190,46 @@ def write_database(
 # Reading
 
 
-def _read_cameras(db, device, dtype) -> Cameras:
-    cams = sorted(db.read_all_cameras(), key=lambda c: c.camera_id)
+def _read_cameras(con, device, dtype) -> Cameras:
+    """The cameras table read with SQLite, read-only (pycolmap's Database.open writes to the file)."""
+    cams = con.execute("SELECT camera_id, model, width, height, params, prior_focal_length FROM cameras "
+                       "ORDER BY camera_id").fetchall()
     params = np.zeros((len(cams), MAX_CAMERA_PARAMS))
     model_ids = []
-    for r, c in enumerate(cams):
-        info = model_info(int(c.model.value))
-        p = np.asarray(c.params, dtype=np.float64)
+    for r, (cid, model, _, _, blob, _) in enumerate(cams):
+        info = model_info(int(model))
+        p = np.frombuffer(blob or b"", dtype=np.float64)
         if p.size != info.num_params:
-            raise ValueError(f"cameras table: camera {c.camera_id} ({info.name}) has {p.size} params, "
+            raise ValueError(f"cameras table: camera {cid} ({info.name}) has {p.size} params, "
                              f"expected {info.num_params}")
         params[r, : p.size] = p
         model_ids.append(info.model_id)
     i64 = dict(dtype=torch.int64, device=device)
     return Cameras(
-        camera_id=torch.tensor([c.camera_id for c in cams], **i64).reshape(-1),
+        camera_id=torch.tensor([c[0] for c in cams], **i64).reshape(-1),
         model_id=torch.tensor(model_ids, **i64).reshape(-1),
-        width=torch.tensor([c.width for c in cams], **i64).reshape(-1),
-        height=torch.tensor([c.height for c in cams], **i64).reshape(-1),
+        width=torch.tensor([c[2] for c in cams], **i64).reshape(-1),
+        height=torch.tensor([c[3] for c in cams], **i64).reshape(-1),
         params=torch.tensor(params, dtype=dtype, device=device),
-        has_prior_focal_length=torch.tensor([bool(c.has_prior_focal_length) for c in cams], dtype=torch.bool,
-                                            device=device).reshape(-1),
+        has_prior_focal_length=torch.tensor([bool(c[5]) for c in cams], dtype=torch.bool, device=device).reshape(-1),
     )
 
 
-def _read_images(db, cameras: Cameras, device, dtype) -> Images:
-    ims = sorted(db.read_all_images(), key=lambda im: im.image_id)
+def _read_images(con, cameras: Cameras, device, dtype) -> Images:
+    ims = con.execute("SELECT image_id, name, camera_id FROM images ORDER BY image_id").fetchall()
     cam_row = {int(c): r for r, c in enumerate(cameras.camera_id.tolist())}
     rows = []
-    for im in ims:
-        if im.camera_id not in cam_row:
-            raise ValueError(f"images table: image {im.image_id} ({im.name}) names camera {im.camera_id}, "
+    for iid, name, cid in ims:
+        if cid not in cam_row:
+            raise ValueError(f"images table: image {iid} ({name}) names camera {cid}, "
                              "which the cameras table lacks")
-        rows.append(cam_row[im.camera_id])
+        rows.append(cam_row[cid])
     n = len(ims)
     quat = torch.zeros(n, 4, dtype=dtype, device=device)
     quat[:, 0] = 1
     return Images(
-        image_id=torch.tensor([im.image_id for im in ims], dtype=torch.int64, device=device).reshape(-1),
-        name=[im.name for im in ims],
+        image_id=torch.tensor([im[0] for im in ims], dtype=torch.int64, device=device).reshape(-1),
+        name=[im[1] for im in ims],
         camera=torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1),
         quat=quat,
         trans=torch.zeros(n, 3, dtype=dtype, device=device),
@@ -240,9 +241,12 @@ def read_cameras_images(path: str | os.PathLike, device: torch.device | str | No
                         dtype: torch.dtype = torch.float64) -> tuple[Cameras, Images]:
     """Cameras and images (sorted by image_id) of a COLMAP database, validated as in
     `read_view_graph`, without keypoints or pairs."""
-    with pycolmap.Database.open(str(path)) as db:
-        cameras = _read_cameras(db, device, dtype)
-        return cameras, _read_images(db, cameras, device, dtype)
+    con = connect_readonly(path)
+    try:
+        cameras = _read_cameras(con, device, dtype)
+        return cameras, _read_images(con, cameras, device, dtype)
+    finally:
+        con.close()
 
 
 def _row_of_ids(image_ids: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -309,11 +313,10 @@ def read_view_graph(
         raise FileNotFoundError(f"COLMAP database {path} does not exist")
     if source not in ("two_view_geometries", "matches"):
         raise ValueError(f"source must be 'two_view_geometries' or 'matches', not {source!r}")
-    with pycolmap.Database.open(str(path)) as db:
-        cameras = _read_cameras(db, device, dtype)
-        images = _read_images(db, cameras, device, dtype)
-    con = connect_readonly(path)
+    con = connect_readonly(path)  # read-only: the file is left as it was, byte for byte
     try:
+        cameras = _read_cameras(con, device, dtype)
+        images = _read_images(con, cameras, device, dtype)
         xy, kp_counts = read_keypoints(con, images.image_id.cpu().numpy())
         keypoints = Keypoints(xy=torch.from_numpy(xy).to(device), offsets=offsets_from_counts(
             torch.from_numpy(kp_counts)).to(device))
