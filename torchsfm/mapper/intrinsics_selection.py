@@ -295,15 +295,20 @@ def select_intrinsics(rec: Reconstruction, ba: BundleAdjustmentOptions, opt: Int
     return out, report
 
 
+def _camera_mask(rec: Reconstruction, cams_: list[int]) -> Tensor:
+    """(C,) bool: the cameras `cams_` (row indices)."""
+    m = torch.zeros(len(rec.cameras), dtype=torch.bool, device=rec.device)
+    m[cams_] = True
+    return m
+
+
 def _refit(rec: Reconstruction, ba: BundleAdjustmentOptions, opt: IntrinsicsSelectionOptions,
            changed: dict[int, str]):
     """The model refitted on all observations with the chosen distortion level per camera."""
-    C, dev = len(rec.cameras), rec.device
-    mask = candidate_mask(rec, ba, None, torch.zeros(C, dtype=torch.bool, device=dev))
+    mask = candidate_mask(rec, ba, None, _camera_mask(rec, []))
     start = rec
     for level in set(changed.values()):
-        sel = torch.zeros(C, dtype=torch.bool, device=dev)
-        sel[[c for c, lv in changed.items() if lv == level]] = True
+        sel = _camera_mask(rec, [c for c, lv in changed.items() if lv == level])
         mask = torch.where(sel[:, None], candidate_mask(rec, ba, level, sel), mask)
         start = _start(start, level, sel)
     return bundle_adjust(start, _ba_options(ba, mask, opt.max_iterations))
@@ -327,9 +332,7 @@ def _screen(rec: Reconstruction, ba: BundleAdjustmentOptions, opt: IntrinsicsSel
     the centred principal point's bias (templeRing subsets: k1 = -0.3 to -0.5 where the lens has
     none) distorts the whole structure, and the principal point looks undetermined there (±3-7 px)
     while the fit without it determines the principal point to ±1-2 px."""
-    C, dev = len(rec.cameras), rec.device
-    sel = torch.zeros(C, dtype=torch.bool, device=dev)
-    sel[cams_] = True
+    sel = _camera_mask(rec, cams_)
     f = focal_xy(rec.cameras).mean(1)
     passed: dict[int, list[str]] = {c: [] for c in cams_}
     for level in opt.distortion_levels:
@@ -380,15 +383,9 @@ def _validate(rec: Reconstruction, ba: BundleAdjustmentOptions, opt: IntrinsicsS
     point implausibly far from the centre. Of the others, the first distortion level of
     `distortion_levels` (the mapper's own) is kept unless another predicts the held-out tracks
     better than it by `min_z` standard errors."""
-    C, dev = len(rec.cameras), rec.device
+    dev = rec.device
     screened = list(passed)
     cams_ = [c for c in screened if passed[c]]
-
-    def mask_of(cs: list[int]) -> Tensor:
-        m = torch.zeros(C, dtype=torch.bool, device=dev)
-        m[cs] = True
-        return m
-
     g = torch.Generator().manual_seed(opt.seed)
     label = torch.randperm(len(rec.points3D), generator=g).to(dev)  # a random label per point
     seen = torch.bincount(rec.tracks.point, minlength=len(rec.points3D)) > 0
@@ -412,7 +409,7 @@ def _validate(rec: Reconstruction, ba: BundleAdjustmentOptions, opt: IntrinsicsS
         mean, se = _paired(diff, point[on], P)
         return -float(diff.sum()) / max(float(b[on].sum()), 1e-300), (-mean / se if se > 0 else 0.0)
 
-    base, _ = _cross_validate(rec, None, mask_of(cams_), ba, fold_of_obs, opt, tau)
+    base, _ = _cross_validate(rec, None, _camera_mask(rec, cams_), ba, fold_of_obs, opt, tau)
     held = {}
     for c in cams_:
         ev[c]["held_out"] = {CURRENT: {"cost": float(base[cam_of_obs == c].sum())}}
@@ -423,7 +420,7 @@ def _validate(rec: Reconstruction, ba: BundleAdjustmentOptions, opt: IntrinsicsS
         # the candidate fitted on all observations (by _screen, for every screened camera)
         fit = fits.get(frozenset((c, level) for c in screened)) if cams_l == screened else None
         start = None if fit is None else fit[0] if keep_obs is None else _with_tracks(fit[0], keep_obs)
-        held[level], pps = _cross_validate(rec, level, mask_of(cams_l), ba, fold_of_obs, opt, tau, start)
+        held[level], pps = _cross_validate(rec, level, _camera_mask(rec, cams_l), ba, fold_of_obs, opt, tau, start)
         for c in cams_l:
             on = cam_of_obs == c
             gain, z = compare(held[level], base, on)

@@ -180,7 +180,8 @@ def solve(problem: SparseProblem, options: SolverOptions | None = None) -> Solve
         method = choose_linear_solver(n_unknowns, device, opt, pairs, int(problem.cam_index.numel()))
         st = _structure(problem, pm, method, opt, device)
         if method == "sparse" and opt.linear_solver == "auto":
-            factor_mb = envelope_blocks(st.block_row, st.block_col, problem.num_cams) * problem.cam_dim ** 2 * 16 / 2 ** 20
+            blocks = envelope_blocks(st.block_row, st.block_col, problem.num_cams)
+            factor_mb = blocks * problem.cam_dim ** 2 * 16 / 2 ** 20  # float64 L and U
             if factor_mb > opt.sparse_max_factor_mb:  # too much fill: iterate instead
                 logger.debug("sparse factor up to %.0f MB > %.0f MB: PCG", factor_mb, opt.sparse_max_factor_mb)
                 method = choose_linear_solver(n_unknowns, device, replace(opt, sparse_max_size=0), pairs,
