@@ -95,6 +95,28 @@ def test_a_weak_image_gets_back_what_its_matches_support():
     assert float(err[added].max()) < 2.0
 
 
+def test_two_weak_images_matched_to_each_other_share_no_keypoint():
+    """Images 0 and 1, both weak, matched to each other: their matches are looked at in both
+    orientations, yet each keypoint ends in one point (a keypoint in two points is a model that
+    COLMAP refuses to read: "point2D.point3D_id == point3D_id")."""
+    s = synthesize(SyntheticOptions(num_images=8, num_points=400, pixel_noise=0.3, seed=4))
+    rec = s.gt.clone()
+    rec.view_graph = s.view_graph.clone()
+    tr = rec.tracks
+    keep = torch.ones(len(tr), dtype=torch.bool)
+    for i in (0, 1):
+        keep[torch.nonzero(tr.image == i)[:, 0][5:]] = False
+    keep &= ~torch.isin(tr.point, tr.point[tr.image >= 2].unique()[::2])  # free keypoints elsewhere too
+    rec.tracks = Tracks(tr.point[keep], tr.image[keep], tr.keypoint[keep])
+    weak = torch.zeros(8, dtype=torch.bool)
+    weak[:2] = True
+    out, counts = complete_weak_images(rec, weak, ImageKeepingOptions())
+    assert counts["image00000.png"]["new_two_view_points"] > 20
+    t = out.tracks
+    flat = out.keypoints.flat_index(t.image, t.keypoint)
+    assert torch.unique(flat).numel() == flat.numel()
+
+
 def _weaken(s, image: int, keep_pairs: int, keep_matches: int, noise: float = 0.0):
     """Mapper input where `image` keeps `keep_matches` matches to its first `keep_pairs` partners,
     its keypoints with `noise` px more noise (a blurred photo)."""

@@ -153,12 +153,13 @@ def complete_weak_images(rec: Reconstruction, weak: Tensor, opt: ImageKeepingOpt
     keep = ok & first_per_key(kp.flat_index(cand.image, cand.keypoint), e) & first_per_key(pair_key, e)
     added = Tracks(cand.point[keep], cand.image[keep], cand.keypoint[keep])
 
-    # 2. new two-view points from matched keypoints in no point
-    n2 = (w_pt < 0) & (o_pt < 0)
+    # 2. new two-view points from matched keypoints in no point; a match between two weak images
+    # is in both orientations above: it counts once
+    n2 = (w_pt < 0) & (o_pt < 0) & ~(weak[o_img] & (w_img > o_img))
     wi, oi, wk, ok_ = w_img[n2], o_img[n2], w_kp[n2], o_kp[n2]
     taken = torch.zeros(len(kp), dtype=torch.bool, device=dev)
-    taken[kp.flat_index(added.image, added.keypoint)] = True
-    free = ~taken[kp.flat_index(wi, wk)]
+    taken[kp.flat_index(added.image, added.keypoint)] = True  # (the other end may be weak too)
+    free = ~taken[kp.flat_index(wi, wk)] & ~taken[kp.flat_index(oi, ok_)]
     wi, oi, wk, ok_ = wi[free], oi[free], wk[free], ok_[free]
     N = wi.numel()
     new_pts = torch.zeros(0, 3, dtype=rec.dtype, device=dev)
@@ -173,7 +174,9 @@ def complete_weak_images(rec: Reconstruction, weak: Tensor, opt: ImageKeepingOpt
         ang = max_triangulation_angle(rec.images.centers, Xn, img2, pt2, N)
         good &= ang >= opt.min_triangulation_angle
         score = torch.where(good, err2.view(N, 2).max(1).values, torch.full((N,), math.inf, dtype=rec.dtype, device=dev))
-        good &= first_per_key(kp.flat_index(wi, wk), score) & first_per_key(kp.flat_index(oi, ok_), score)
+        # a keypoint joins one new point, whichever end of its matches it is
+        win = first_per_key(torch.cat([kp.flat_index(wi, wk), kp.flat_index(oi, ok_)]), score.repeat(2))
+        good &= win[:N] & win[N:]
         sel = torch.nonzero(good)[:, 0]
         new_pts = Xn[sel]
         base = len(rec.points3D)
