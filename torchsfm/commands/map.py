@@ -20,6 +20,13 @@ MAPPER_FLAGS = [
          choices=("auto", "always", "never")),
     Flag("skip_view_graph_calibration", "--skip-view-graph-calibration", ("--skip_view_graph_calibration",),
          "no focal-length calibration from the view graph"),
+    Flag("loop_consistency.mode", "--loop-consistency",
+         help="drop image pairs whose relative rotation the triangles of the view graph contradict (wrong pairs "
+         "of symmetric or repetitive scenes, which fold the model): auto = only when most triangles do not close, "
+         "always, never", choices=("auto", "always", "never")),
+    Flag("loop_consistency.max_cycle_error_deg", "--loop-max-cycle-error",
+         help="degrees: a triangle of pairs is consistent when its composed rotation is within this of the "
+         "identity", metavar="DEG"),
     Flag("skip_retriangulation", "--skip-retriangulation", ("--skip_retriangulation",), "no retriangulation round"),
     Flag("min_component_size", "--min-component-size", ("--Mapper.min_model_size",),
          "images; smaller connected components of the view graph are not reconstructed"),

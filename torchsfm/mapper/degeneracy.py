@@ -136,15 +136,16 @@ def detect_no_parallax(rec: Reconstruction, options: DegeneracyOptions | None = 
     return n > 0 and frac >= o.rotation_only_pair_fraction, counts, Rfit
 
 
-def symmetry_warning(edges_in: int, edges_dropped: int, options: DegeneracyOptions | None = None) -> str | None:
-    """A warning text when rotation averaging dropped a suspicious share of its edges."""
+def symmetry_warning(edges_in: int, edges_dropped: int, options: DegeneracyOptions | None = None,
+                     by: str = "rotation averaging") -> str | None:
+    """A warning text when a stage (`by`) dropped a suspicious share of the image pairs."""
     o = options or DegeneracyOptions()
     if edges_in <= 0 or edges_dropped < o.symmetry_min_dropped_edges:
         return None
     frac = edges_dropped / edges_in
     if frac < o.symmetry_dropped_edge_fraction:
         return None
-    return (f"rotation averaging dropped {edges_dropped} of {edges_in} image pairs ({100 * frac:.0f}%) as "
+    return (f"{by} dropped {edges_dropped} of {edges_in} image pairs ({100 * frac:.0f}%) as "
             "inconsistent: the scene may be symmetric or repetitive (or many pairs are mismatched); check the "
             "model for folded or duplicated parts (Doppelganger-style pair filtering or retrieval can help)")
 

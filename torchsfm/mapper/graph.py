@@ -3,7 +3,7 @@
 - `connected_components`: label propagation with pointer jumping in torch (any device, no loop
   over nodes or edges); it also builds tracks from millions of matches.
 - `edge_triangle_support`: common neighbours of the two ends of each edge (a merge test), and
-  `certified_support`, its cheap MinHash prefilter.
+  `certified_support`, its cheap MinHash prefilter; `triangles`: every triangle of a graph, once.
 - `largest_component`: node mask of the component with the most nodes.
 - `maximum_spanning_tree`: scipy on the CPU (spanning tree + breadth-first rooting). The graph
   has a node per image and an edge per pair, so the host round trip is small; `compose_along_tree`
@@ -190,6 +190,52 @@ def edge_triangle_support(num_nodes: int, edges: Tensor, query: Tensor, chunk: i
             support.index_add_(0, rep, (keys[pos] == look).to(torch.long))
         q0 = q1
     return support
+
+
+def triangles(num_nodes: int, edges: Tensor, chunk: int = 1 << 22, max_lookups: int | None = None) -> Tensor | None:
+    """Every triangle of an undirected simple graph, once: (T, 3) int64 edge rows (xy, xz, yz);
+    None when finding them would take more than `max_lookups` lookups (a bound on T).
+
+    edges (E, 2) without duplicates. Nodes are ranked by (degree, index) and each edge points from
+    its lower- to its higher-ranked end; a triangle x < y < z (in rank) is found from its edge
+    x -> y, among the later out-neighbours z of x, by looking y-z up in the sorted edge keys. The
+    work is the sum of squared out-degrees (O(E^1.5)), done in chunks of at most `chunk` lookups.
+    """
+    device = edges.device
+    out = torch.zeros(0, 3, dtype=torch.long, device=device)
+    if edges.shape[0] < 3:
+        return out
+    a, b = edges[:, 0].long(), edges[:, 1].long()
+    deg = torch.bincount(torch.cat([a, b]), minlength=num_nodes)
+    rank = torch.empty(num_nodes, dtype=torch.long, device=device)
+    rank[torch.argsort(deg * num_nodes + torch.arange(num_nodes, device=device))] = torch.arange(
+        num_nodes, device=device)
+    up = rank[a] < rank[b]
+    lo, hi = torch.where(up, a, b), torch.where(up, b, a)
+    order = torch.argsort(lo * num_nodes + rank[hi])  # out-lists by source, targets in rank order
+    src, dst = lo[order], hi[order]
+    ends = torch.cumsum(torch.bincount(src, minlength=num_nodes), 0)
+    later = ends[src] - 1 - torch.arange(src.numel(), device=device)  # out-neighbours after dst
+    ukey = torch.minimum(a, b) * num_nodes + torch.maximum(a, b)
+    skey, srow = torch.sort(ukey)
+    total = torch.cumsum(later, 0)
+    if max_lookups is not None and total.numel() and int(total[-1]) > max_lookups:
+        return None
+    found, p0 = [], 0
+    while p0 < src.numel():
+        base = int(total[p0 - 1]) if p0 else 0
+        p1 = max(p0 + 1, int(torch.searchsorted(total, torch.tensor(base + chunk, device=device), right=True)))
+        p1 = min(p1, src.numel())
+        rep = torch.repeat_interleave(torch.arange(p0, p1, device=device), later[p0:p1])
+        if rep.numel():
+            q = rep + 1 + torch.arange(rep.numel(), device=device) - (total[rep] - later[rep] - base)
+            y, z = dst[rep], dst[q]
+            look = torch.minimum(y, z) * num_nodes + torch.maximum(y, z)
+            pos = torch.searchsorted(skey, look).clamp_max(skey.numel() - 1)
+            hit = skey[pos] == look
+            found.append(torch.stack([order[rep[hit]], order[q[hit]], srow[pos[hit]]], 1))
+        p0 = p1
+    return torch.cat(found) if found else out
 
 
 def largest_component(num_nodes: int, edges: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

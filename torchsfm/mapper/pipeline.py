@@ -41,6 +41,7 @@ from .finite import check_finite
 from .global_positioning import GlobalPositioningOptions, global_positioning
 from .problem_caps import capped_bundle_adjust
 from .graph import connected_components, image_reasons, mark_images
+from .loop_consistency import LoopConsistencyOptions, filter_by_loop_consistency
 from .relative_pose import RelativePoseOptions, estimate_relative_poses
 from .rotation_averaging import RotationAveragingOptions, rotation_averaging
 from .tracks import TrackOptions, establish_tracks
@@ -100,6 +101,7 @@ class MapperOptions:
     view_graph_calibration: ViewGraphCalibrationOptions = field(default_factory=ViewGraphCalibrationOptions)
     calibration_check: CalibrationCheckOptions = field(default_factory=CalibrationCheckOptions)
     relative_pose: RelativePoseOptions = field(default_factory=RelativePoseOptions)
+    loop_consistency: LoopConsistencyOptions = field(default_factory=LoopConsistencyOptions)
     rotation_averaging: RotationAveragingOptions = field(default_factory=RotationAveragingOptions)
     tracks: TrackOptions = field(default_factory=TrackOptions)
     global_positioning: GlobalPositioningOptions = field(default_factory=GlobalPositioningOptions)
@@ -263,8 +265,22 @@ def _relative_pose_step(rec: Reconstruction, run: _Run) -> Reconstruction:
     return rec
 
 
+def _loop_consistency_step(rec: Reconstruction, run: _Run) -> Reconstruction:
+    if run.opt.loop_consistency.mode == "never":
+        return rec
+    with run.report.stage("loop_consistency", run.dev) as st:
+        rec, r = filter_by_loop_consistency(rec, run.opt.loop_consistency)
+        st.record(r)
+    msg = symmetry_warning(r.num_pairs_in, r.num_pairs_dropped, run.opt.degeneracy, "loop consistency")
+    if msg:
+        run.report.summary["symmetry_suspected"] = True
+        run.warn(msg)
+    return rec
+
+
 COMMON_STEPS: list[tuple[str, Callable]] = [("view_graph_calibration", _calibration_step),
-                                            ("relative_poses", _relative_pose_step)]
+                                            ("relative_poses", _relative_pose_step),
+                                            ("loop_consistency", _loop_consistency_step)]
 
 
 # -- steps of one connected component ----------------------------------------------------------
