@@ -24,9 +24,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _extractor(name: str, **kw):
+    """An extractor of upright descriptors (N, D) unless `learned_rotations` is given."""
     from torchsfm.frontend.extractors import create_extractor
     from torchsfm.frontend.options import ExtractOptions
 
+    kw.setdefault("learned_rotations", 1)
     return create_extractor(ExtractOptions(features=name, **kw), "cpu")
 
 
@@ -73,7 +75,7 @@ def test_keypoints_in_colmap_pixel_convention(size, max_size):
             return [(k, torch.eye(3, 64), torch.tensor([3.0, 2.0, 1.0]))] * b
 
     w, h = size
-    ex = Stub(ExtractOptions(learned_max_image_size=max_size), "cpu")
+    ex = Stub(ExtractOptions(learned_max_image_size=max_size, learned_rotations=1), "cpu")
     (kp, de), = ex.extract_batch([np.zeros((h, w), np.uint8)])
     nh, nw = seen["shape"][2:]
     assert max(nw, nh) <= max_size and seen["shape"][:2] == (1, 3)
@@ -250,6 +252,137 @@ def test_padded_batch_gives_each_pair_its_own_matches():
     assert len(alone[0]) > 50
     for p in range(3):
         assert alone.get(p, set()) == together.get(p, set()), f"pair {p}"
+
+
+# --------------------------------------------------------------------------- turned images
+
+
+def test_turned_points_follow_torch_rot90():
+    """A pixel centre moved by `turn_points` lands where torch.rot90 puts that pixel, in the
+    network frame (size - 1) and in COLMAP's corner frame (size), for every quarter turn."""
+    from torchsfm.frontend.learned.rotations import turn_points, turned_size
+
+    h, w = 5, 7
+    for k in range(4):
+        img = torch.zeros(h, w)
+        img[1, 4] = 1
+        turned = torch.rot90(img, k, dims=(-2, -1))
+        y, x = torch.nonzero(turned)[0].tolist()
+        assert turned_size(w, h, k) == (turned.shape[1], turned.shape[0])
+        assert turn_points(torch.tensor([[4.0, 1.0]]), k, w - 1, h - 1).tolist() == [[x, y]]
+        assert turn_points(torch.tensor([[4.5, 1.5]]), k, w, h).tolist() == [[x + 0.5, y + 0.5]]
+    # per-row turns and sizes (a batch of pairs)
+    xy = torch.tensor([[[4.5, 1.5]], [[4.5, 1.5]]])
+    out = turn_points(xy, torch.tensor([1, 2]), torch.tensor([7.0, 7.0]), torch.tensor([5.0, 5.0]))
+    assert out.tolist() == [[[1.5, 2.5]], [[2.5, 3.5]]]
+
+
+def test_best_turn_is_the_one_sharing_most_mutual_neighbours():
+    from torchsfm.frontend.learned.rotations import best_turns
+
+    g = torch.Generator().manual_seed(0)
+    d0 = torch.nn.functional.normalize(torch.randn(2, 60, 16, generator=g), dim=-1)
+    d1 = torch.nn.functional.normalize(torch.randn(2, 50, 4, 16, generator=g), dim=-1)
+    d1[0, :40, 2] = d0[0, :40] + 0.01 * torch.randn(40, 16, generator=g)  # pair 0: turn 2
+    d1[1, :40, 0] = d0[1, :40]  # pair 1: upright
+    valid0 = torch.ones(2, 60, dtype=torch.bool)
+    valid1 = torch.ones(2, 50, dtype=torch.bool)
+    assert best_turns(d0, d1, valid0, valid1).tolist() == [2, 0]
+    valid1[0, :40] = False  # padding does not count
+    assert best_turns(d0, d1, valid0, valid1)[0] != 2
+
+
+@needs_extra
+@pytest.mark.parametrize("name", FEATURES)
+def test_turned_descriptors_of_an_upright_image_are_its_own(name):
+    """`_describe` at the detected keypoints gives the descriptors the detector gave."""
+    ex = _extractor(name, learned_max_keypoints=300)
+    x = torch.from_numpy(_texture(192, 256, 2)).float()[None, None].expand(1, 3, -1, -1) / 255
+    with torch.inference_mode():
+        kp, de, _ = ex._detect(x)[0]
+        again = ex._describe(x, [kp])[0]
+    torch.testing.assert_close(again, de, atol=1e-5, rtol=0)
+
+
+@needs_extra
+@pytest.mark.parametrize("name,tolerance", [("aliked", 3.0), ("xfeat", 8.0)])
+@pytest.mark.parametrize("k", [1, 2])
+def test_lightglue_matches_a_turned_image_with_learned_rotations(name, tolerance, k):
+    """The second image of a warped pair turned by k quarter turns. With learned_rotations 4 the
+    matches are right: mapped back through the turn and the homography, within 3 px for ALIKED
+    (its detector is equivariant under turns), within 8 px for XFeat (whose detector puts a
+    turned image's keypoints 2-4 px elsewhere on the content: the true partner is not among the
+    keypoints). Upright only, a few wrong matches (XFeat is not rotation invariant; ALIKED's
+    descriptors are, but LightGlue's positional encoding is not)."""
+    from torchsfm.frontend.learned.lightglue_matcher import iter_lightglue_matches
+    from torchsfm.frontend.learned.rotations import turn_points
+
+    img1 = _texture(288, 384)
+    img2 = np.ascontiguousarray(np.rot90(_warp(img1, H_TRUE, img1.shape), k))
+    h2, w2 = img2.shape
+
+    def correct(rotations):
+        (k1, d1), (k2, d2) = _extractor(name, learned_max_keypoints=1024,
+                                        learned_rotations=rotations).extract_batch([img1, img2])
+        xy = torch.from_numpy(np.concatenate([k1[:, :2], k2[:, :2]])).double()
+        desc = torch.from_numpy(np.concatenate([d1, d2]))
+        offsets = torch.tensor([0, len(k1), len(k1) + len(k2)])
+        wh = torch.tensor([[384, 288], [w2, h2]])
+        m = [u for _, u in iter_lightglue_matches(desc, offsets, xy, wh, torch.tensor([[0, 1]]), name)]
+        i1, i2 = torch.cat([u.idx1 for u in m]).numpy(), torch.cat([u.idx2 for u in m]).numpy()
+        p = np.c_[k1[i1, :2], np.ones(len(i1))] @ H_TRUE.T
+        expect = turn_points(torch.from_numpy(p[:, :2] / p[:, 2:]), k, 384, 288).numpy()
+        return int((np.linalg.norm(expect - k2[i2, :2], axis=1) < tolerance).sum()), len(i1)
+
+    good, n = correct(4)
+    assert good >= 200 and good >= 0.9 * n, (good, n)
+    good_upright, n_upright = correct(1)
+    assert good_upright < 0.05 * good, (good_upright, n_upright)
+
+
+def test_turned_descriptors_round_trip(tmp_path):
+    """(N, R, D) descriptors: COLMAP's table holds the upright ones (COLMAP reads them as
+    before), ours the R - 1 turns; read_turned gives them back for the images that have them, and
+    None when one image lacks them; deleting the features deletes them."""
+    from torchsfm.frontend.colmap_db import read_turned
+
+    rng = np.random.default_rng(0)
+    kp = np.zeros((20, 6), np.float32)
+    de = rng.standard_normal((20, 4, 64)).astype(np.float32)
+    with FrontendDatabase(tmp_path / "database.db") as db:
+        with db.transaction():
+            cam = db.add_camera(1, 100, 80, np.array([90.0, 90, 50, 40]), False)
+            a, b = db.add_image("a.png", cam), db.add_image("b.png", cam)
+        db.write_features(a, kp, de, XFEAT.colmap_type)
+        db.write_features(b, kp[:5], de[:5, 0], XFEAT.colmap_type)
+        assert db.turned_state() == {a: 4}
+        with sqlite3.connect(tmp_path / "database.db") as conn:
+            xy, desc, offsets, _ = read_features(conn, [a])
+            np.testing.assert_array_equal(desc, de[:, 0])
+            np.testing.assert_array_equal(read_turned(conn, [a], np.diff(offsets), 64), de[:, 1:])
+            assert read_turned(conn, [a, b], np.array([20, 5]), 64) is None
+        with db.transaction():
+            db.delete_features(a)
+        assert db.turned_state() == {}
+
+
+def test_resume_reextracts_images_without_the_turns_asked_for(tmp_path):
+    """An image extracted with other `learned_rotations` than asked is not complete: a rerun
+    extracts it again (SIFT ignores the option)."""
+    from torchsfm.frontend.features import _complete
+    from torchsfm.frontend.options import ExtractOptions
+
+    kp = np.zeros((5, 6), np.float32)
+    de = np.ones((5, 4, 64), np.float32)
+    with FrontendDatabase(tmp_path / "database.db") as db:
+        with db.transaction():
+            cam = db.add_camera(1, 100, 80, np.array([90.0, 90, 50, 40]), False)
+            a, b = db.add_image("a.png", cam), db.add_image("b.png", cam)
+        db.write_features(a, kp, de, XFEAT.colmap_type)
+        db.write_features(b, kp, de[:, 0], XFEAT.colmap_type)
+        assert _complete(db, ExtractOptions(features="xfeat", learned_rotations=4)) == {a}
+        assert _complete(db, ExtractOptions(features="xfeat", learned_rotations=1)) == {b}
+        assert _complete(db, ExtractOptions(features="sift")) == {b}
 
 
 # --------------------------------------------------------------------------- errors

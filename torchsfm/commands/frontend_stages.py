@@ -67,6 +67,9 @@ EXTRACT_FLAGS = [
          help="learned features run on a copy whose longer side is at most this; keypoints are scaled back"),
     Flag("learned_max_keypoints", "--learned-max-keypoints", help="most learned keypoints per image (best scores)"),
     Flag("learned_batch_size", "--learned-batch-size", help="images of one size per network batch"),
+    Flag("learned_rotations", "--learned-rotations", help="learned features are also described on each image "
+         "turned by quarter turns, so --matcher lightglue matches images rotated against each other: 1 (upright "
+         "only), 2 (and upside down), 4 (every quarter turn)", metavar="{1,2,4}", type=int),
     Flag("max_image_size", "--max-image-size", ("--SiftExtraction.max_image_size",),
          "SIFT runs on a copy downscaled to this size; keypoints are scaled back"),
     Flag("max_num_features", "--max-features", ("--SiftExtraction.max_num_features", "--max-num-features"),

@@ -153,12 +153,20 @@ class FrontendDatabase:
         for (fid,) in rows:
             self.conn.execute("DELETE FROM frame_data WHERE frame_id = ?", (fid,))
             self.conn.execute("DELETE FROM frames WHERE frame_id = ?", (fid,))
-        for table in ("keypoints", "descriptors", "images"):
-            self.conn.execute(f"DELETE FROM {table} WHERE image_id = ?", (image_id,))
+        self.delete_features(image_id)
+        self.conn.execute("DELETE FROM images WHERE image_id = ?", (image_id,))
 
     def delete_features(self, image_id: int) -> None:
         self.conn.execute("DELETE FROM keypoints WHERE image_id = ?", (image_id,))
         self.conn.execute("DELETE FROM descriptors WHERE image_id = ?", (image_id,))
+        if _has_table(self.conn, TURNED_TABLE):
+            self.conn.execute(f"DELETE FROM {TURNED_TABLE} WHERE image_id = ?", (image_id,))
+
+    def turned_state(self) -> dict[int, int]:
+        """image id -> the turns (`learned_rotations`) its features were described with (1: none)."""
+        if not _has_table(self.conn, TURNED_TABLE):
+            return {}
+        return dict(self.conn.execute(f"SELECT image_id, rotations FROM {TURNED_TABLE}"))
 
     def write_keypoints(self, image_id: int, keypoints: np.ndarray) -> None:
         kp = np.ascontiguousarray(keypoints, dtype=np.float32)
@@ -180,12 +188,27 @@ class FrontendDatabase:
 
     def write_features(self, image_id: int, keypoints: np.ndarray, descriptors: np.ndarray,
                        descriptor_type: int = DESCRIPTOR_SIFT) -> None:
-        """Keypoints and descriptors of one image, atomically."""
+        """Keypoints and descriptors of one image, atomically. Descriptors (N, R, D) of R > 1
+        turns (`learned.rotations`) go to COLMAP's table upright, the other turns to ours."""
         with self.transaction():
             self.delete_features(image_id)
             self.write_keypoints(image_id, keypoints)
-            self.write_descriptors(image_id, descriptors, descriptor_type)
+            upright = descriptors[:, 0] if descriptors.ndim == 3 else descriptors
+            self.write_descriptors(image_id, upright, descriptor_type)
+            if descriptors.ndim == 3 and descriptors.shape[1] > 1:
+                self.write_turned(image_id, descriptors[:, 1:])
 
+    def write_turned(self, image_id: int, turned: np.ndarray) -> None:
+        """float32 descriptors (N, R - 1, D) of the turned copies, in our own table."""
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {TURNED_TABLE} (image_id INTEGER PRIMARY KEY NOT NULL, "
+                          "rotations INTEGER NOT NULL, rows INTEGER NOT NULL, cols INTEGER NOT NULL, data BLOB)")
+        t = np.ascontiguousarray(turned, dtype=np.float32)
+        self.conn.execute(f"INSERT OR REPLACE INTO {TURNED_TABLE}(image_id, rotations, rows, cols, data) "
+                          "VALUES (?, ?, ?, ?, ?)", (image_id, t.shape[1] + 1, t.shape[0], t.shape[2], t.tobytes()))
+
+
+# our table of the descriptors of learned features on turned images (learned.rotations)
+TURNED_TABLE = "torchsfm_turned_descriptors"
 
 # COLMAP 4.2 descriptor types whose rows are float32 (ALIKED_N16ROT, ALIKED_N32, LOMA_B, LOMA_B128)
 _COLMAP_FLOAT_TYPES = frozenset({1, 2, 3, 4})
@@ -219,6 +242,30 @@ def read_descriptors(conn: sqlite3.Connection, image_ids: list[int]) -> list[np.
         else:
             out.append(decode_descriptors(*row))
     return out
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+def read_turned(conn: sqlite3.Connection, image_ids: list[int], counts: np.ndarray, dim: int) -> np.ndarray | None:
+    """The turned descriptors (K, R - 1, D) of the given images, in read_features' order (image i
+    has counts[i] keypoints), or None unless every image with keypoints has them for one R."""
+    if not _has_table(conn, TURNED_TABLE):
+        return None
+    parts, turns = [], set()
+    for iid, n in zip(image_ids, counts):
+        if not n:
+            continue
+        row = conn.execute(f"SELECT rotations, rows, cols, data FROM {TURNED_TABLE} WHERE image_id = ?",
+                           (int(iid),)).fetchone()
+        if row is None or row[1] != n or row[2] != dim:
+            return None
+        turns.add(row[0])
+        parts.append(np.frombuffer(row[3], dtype=np.float32).reshape(row[1], row[0] - 1, row[2]))
+    if len(turns) != 1:
+        return None
+    return np.concatenate(parts)
 
 
 def _blob(a) -> bytes | None:

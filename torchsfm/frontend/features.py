@@ -314,6 +314,15 @@ def _register(db: FrontendDatabase, records: list[ImageRecord], options: Extract
     return ids
 
 
+def _complete(db: FrontendDatabase, options: ExtractOptions) -> set[int]:
+    """Images whose features need no extraction: keypoints and descriptors, and for learned
+    features the turns `learned_rotations` asks for."""
+    complete, _ = db.feature_state()
+    turns = options.learned_rotations if options.features != "sift" else 1
+    have = db.turned_state()
+    return {i for i in complete if have.get(i, 1) == turns}
+
+
 def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: ExtractOptions | None = None) -> ExtractReport:
     """Image folder -> COLMAP database with cameras, images and SIFT features.
 
@@ -341,7 +350,7 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     trusted: set[str] = set()
     if database.exists():
         with FrontendDatabase(database) as db:
-            complete, _ = db.feature_state()
+            complete = _complete(db, options)
             trusted = {n for n, (iid, _) in db.images().items() if iid in complete}
     scan = scan_images(image_dir, options, trusted)
     report.num_files, report.skipped = scan.num_files, list(scan.skipped)
@@ -368,7 +377,7 @@ def extract(image_dir: str | os.PathLike, database: str | os.PathLike, options: 
     try:
         with FrontendDatabase(database) as db:
             ids = _register(db, records, options, report)
-            complete, _ = db.feature_state()
+            complete = _complete(db, options)
             todo = [r for r in records if r.name in ids and ids[r.name] not in complete]
             report.num_resumed = sum(1 for r in records if r.name in ids and ids[r.name] in complete)
             failed = []

@@ -81,6 +81,9 @@ class ExtractOptions:
     learned_max_image_size: int = 1024
     learned_max_keypoints: int = 2048
     learned_batch_size: int = 4
+    # learned features are described again on each image turned by quarter turns (1: upright
+    # only; 2: and upside down; 4: every quarter turn) so that LightGlue matches rotated images
+    learned_rotations: int = 4
     extensions: frozenset[str] = IMAGE_EXTENSIONS
     min_images: int = 2
     device: str = "auto"  # SIFT device: auto uses CUDA only when the installed pycolmap has it
@@ -105,6 +108,8 @@ class ExtractOptions:
         if min(self.max_image_size, self.max_num_features, self.learned_max_image_size, self.learned_max_keypoints,
                self.learned_batch_size) <= 0:
             raise ValueError("max_image_size, max_num_features and the learned_* sizes must be positive")
+        if self.learned_rotations not in (1, 2, 4):
+            raise ValueError(f"learned_rotations must be 1, 2 or 4, not {self.learned_rotations}")
         if self.default_focal_length_factor <= 0:
             raise ValueError("default_focal_length_factor must be positive")
         self.image_names = tuple(self.image_names)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..io.database import read_cameras_images
-from .colmap_db import pair_ids, read_features, write_pair_results
+from .colmap_db import pair_ids, read_features, read_turned, write_pair_results
 from .descriptor_matching import DescriptorMatchOptions, MatchUnit, plan_matches
 from .executors import ExecutorStats, LocalExecutor, Task
 from .extractors import feature_type_of_colmap_type
@@ -200,6 +200,10 @@ def match_and_verify(database: Path, image_ids: list[int], rows: np.ndarray, opt
     image_camera = images.camera[torch.tensor([row_of_id[int(i)] for i in inv_ids], dtype=torch.long)].numpy()
     with contextlib.closing(sqlite3.connect(str(database))) as conn:
         xy, desc, offsets, types = read_features(conn, inv_ids.tolist())
+        if options.matcher == "lightglue":  # the turned copies' descriptors too, (K, R, D)
+            turned = read_turned(conn, inv_ids.tolist(), np.diff(offsets), desc.shape[1])
+            if turned is not None:
+                desc = np.concatenate([desc[:, None], turned], 1)
     stats.images_without_features = inv_ids[np.diff(offsets) == 0].tolist()
     dm_options = descriptor_match_options(options, _descriptor_norm(types, desc))
     vopts = verification_options(options)

@@ -30,3 +30,11 @@ class Extractor(LearnedExtractor):
 
     def _detect(self, images: torch.Tensor):
         return [(f.keypoints, f.descriptors, f.keypoint_scores) for f in self.model(images)]
+
+    def _describe(self, images: torch.Tensor, keypoints: list[torch.Tensor]) -> list[torch.Tensor]:
+        # ALIKED's descriptor head samples the dense map at keypoints in [-1, 1] (corners at +-1)
+        dense, _ = self.model.extract_dense_map(images)
+        h, w = images.shape[-2:]
+        wh = torch.tensor([w - 1, h - 1], device=dense.device, dtype=dense.dtype)
+        desc, _ = self.model.desc_head(dense, [2 * kp.to(dense) / wh - 1 for kp in keypoints])
+        return list(desc)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..extractors import FeatureType
 from ..options import ExtractOptions
+from .rotations import quarter_turns, turn_points
 
 MODULES = {"xfeat": "xfeat", "aliked": "aliked", "disk": "disk"}
 
@@ -33,9 +34,10 @@ def build_extractor(name: str, options: ExtractOptions, device: str = "cpu") -> 
 
 class LearnedExtractor:
     """Subclasses set `feature_type`, `multiple` (image sides are rounded down to a multiple of it)
-    and implement `_load()` (the network, on the CPU) and `_detect(images)` ((B, 3, H, W) RGB in
+    and implement `_load()` (the network, on the CPU), `_detect(images)` ((B, 3, H, W) RGB in
     [0, 1] -> per image (keypoints (N, 2) in the model's integer-centre frame, descriptors (N, D),
-    scores (N,)))."""
+    scores (N,))) and `_describe(images, keypoints)` (the unit descriptors (N, D) of given
+    keypoints per image: for the turned copies of `learned_rotations`)."""
 
     feature_type: FeatureType
     multiple: int = 1
@@ -47,6 +49,7 @@ class LearnedExtractor:
         self.max_image_size = int(options.learned_max_image_size)
         self.max_keypoints = int(options.learned_max_keypoints)
         self.batch_size = max(1, int(options.learned_batch_size))
+        self.turns = quarter_turns(int(options.learned_rotations))
         with contextlib.redirect_stdout(io.StringIO()):  # some wheels print while loading weights
             self.model = self._load().to(self.device).eval()
 
@@ -54,6 +57,9 @@ class LearnedExtractor:
         raise NotImplementedError
 
     def _detect(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _describe(self, images: torch.Tensor, keypoints: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
@@ -68,8 +74,9 @@ class LearnedExtractor:
 
     @torch.inference_mode()
     def extract_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(keypoints (N, 6) float32 in COLMAP's layout, descriptors (N, D) float32) per image;
-        images of one size run as one batch (of at most `batch_size`)."""
+        """(keypoints (N, 6) float32 in COLMAP's layout, descriptors (N, D) float32, or (N, R, D)
+        with the R > 1 turns of `learned_rotations`, upright first) per image; images of one size
+        run as one batch (of at most `batch_size`)."""
         out: list = [None] * len(images)
         groups = defaultdict(list)
         for i, im in enumerate(images):
@@ -89,15 +96,22 @@ class LearnedExtractor:
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nw < w)
         scale = torch.tensor([w / nw, h / nh], device=self.device, dtype=torch.float64)
         shift = 0.5 - torch.tensor(self.frame_bias, device=self.device, dtype=torch.float64)
-        results = []
+        kps, descs = [], []
         for kp, desc, score in self._detect(x):
             order = torch.argsort(score, descending=True, stable=True)[: self.max_keypoints]
-            xy = (kp[order].double() + shift) * scale
-            n = len(order)
-            k6 = torch.zeros(n, 6, dtype=torch.float64, device=self.device)
-            k6[:, :2] = xy
+            kps.append(kp[order])
+            descs.append([desc[order].float()])
+        for k in self.turns[1:]:  # the same keypoints, described on the turned copy
+            turned = [turn_points(kp.float(), k, nw - 1, nh - 1) for kp in kps]
+            for d, t in zip(descs, self._describe(torch.rot90(x, k, dims=(-2, -1)), turned)):
+                d.append(t.float())
+        results = []
+        for kp, d in zip(kps, descs):
+            k6 = torch.zeros(len(kp), 6, dtype=torch.float64, device=self.device)
+            k6[:, :2] = (kp.double() + shift) * scale
             k6[:, 2], k6[:, 5] = scale[0], scale[1]  # one model pixel, in image pixels
-            results.append((k6.float().cpu().numpy(), desc[order].float().contiguous().cpu().numpy()))
+            de = d[0] if len(d) == 1 else torch.stack(d, 1)
+            results.append((k6.float().cpu().numpy(), de.contiguous().cpu().numpy()))
         return results
 
 

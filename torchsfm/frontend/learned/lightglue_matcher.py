@@ -9,6 +9,10 @@ dual-softmax assignment is masked the same way, so a padded pair gives what it g
 stopping (`depth_confidence`) ends a batch at a layer when every pair of it is confident, as
 kornia does for a batch; point pruning (`width_confidence`) is not used in batches.
 
+With descriptors of turned images (`rotations`: desc (K, R, D)), each pair is matched with the
+second image at the quarter turn whose descriptors share the most mutual nearest neighbours with
+the first image's upright ones (its keypoints turned with it).
+
 A match's `ratio` is 1 - its LightGlue confidence, so the verifier's ordering (lowest ratio first,
 PROSAC-like sampling) follows LightGlue's confidence.
 """
@@ -24,6 +28,7 @@ from torch import Tensor
 from ..descriptor_matching import RawMatches, concat_matches
 from ..descriptor_matching import _pad_rows as pad_rows
 from ..extractors import feature_type_of_colmap_type
+from .rotations import best_turns, quarter_turns, turn_points, turned_size
 from .weights import LearnedExtraMissing, load_state, package_file, require_kornia
 
 # per feature: (network configuration over kornia's defaults, package, weight file, key prefix kept)
@@ -177,8 +182,16 @@ def lightglue_unit(desc: Tensor, offsets: Tensor, xy: Tensor, image_wh: Tensor, 
     d1, v1 = _padded(desc, offsets, b, w)
     k0, _ = _padded(xy, offsets, a, w)
     k1, _ = _padded(xy, offsets, b, w)
+    wh0, wh1 = wh[a], wh[b]
+    if desc.ndim == 3:  # (K, R, D): the second image's best turn against the first one upright
+        d0, d1 = d0[:, :, 0].float(), d1.float()
+        r = best_turns(d0, d1, v0, v1)
+        d1 = d1[torch.arange(len(r), device=device), :, r]
+        k = torch.tensor(quarter_turns(desc.shape[1]), device=device)[r]
+        k1 = turn_points(k1.float(), k, wh1[:, 0], wh1[:, 1])
+        wh1 = torch.stack(turned_size(wh1[:, 0], wh1[:, 1], k), 1)
     # the networks' frame: pixel centres at integers
-    m0, s0 = match_batch(model, k0.float() - 0.5, k1.float() - 0.5, d0.float(), d1.float(), wh[a], wh[b], v0, v1, options)
+    m0, s0 = match_batch(model, k0.float() - 0.5, k1.float() - 0.5, d0.float(), d1.float(), wh0, wh1, v0, v1, options)
     p, i = torch.nonzero(m0 >= 0, as_tuple=True)
     return concat_matches([RawMatches(sel[p], i, m0[p, i], 1.0 - s0[p, i].float())], device)
 

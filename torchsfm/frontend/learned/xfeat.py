@@ -3,6 +3,7 @@ run on the device we choose. Sides are multiples of 32, so XFeat's own resize is
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import XFEAT
 from .base import LearnedExtractor
@@ -30,3 +31,11 @@ class Extractor(LearnedExtractor):
         self.model.dev = self.device  # XFeat moves its input to the device it chose when built
         out = self.model.detectAndCompute(images, top_k=self.max_keypoints)
         return [(o["keypoints"], o["descriptors"], o["scores"]) for o in out]
+
+    def _describe(self, images: torch.Tensor, keypoints: list[torch.Tensor]) -> list[torch.Tensor]:
+        # XFeat's own sampling (detectAndCompute's): bicubic on the normalised dense map
+        dense, _, _ = self.model.net(images.to(self.device).float())
+        dense = F.normalize(dense, dim=1)
+        h, w = images.shape[-2:]
+        return [F.normalize(self.model.interpolator(dense[b : b + 1], kp[None].to(dense), H=h, W=w)[0], dim=-1)
+                for b, kp in enumerate(keypoints)]
