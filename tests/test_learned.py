@@ -340,7 +340,7 @@ def test_lightglue_matches_a_turned_image_with_learned_rotations(name, tolerance
     assert good_upright < 0.05 * good, (good_upright, n_upright)
 
 
-def test_turned_descriptors_round_trip(tmp_path):
+def test_turned_descriptors_round_trip(tmp_path, caplog):
     """(N, R, D) descriptors: COLMAP's table holds the upright ones (COLMAP reads them as
     before), ours the R - 1 turns; read_turned gives them back for the images that have them, and
     None when one image lacks them; deleting the features deletes them."""
@@ -360,7 +360,8 @@ def test_turned_descriptors_round_trip(tmp_path):
             xy, desc, offsets, _ = read_features(conn, [a])
             np.testing.assert_array_equal(desc, de[:, 0])
             np.testing.assert_array_equal(read_turned(conn, [a], np.diff(offsets), 64), de[:, 1:])
-            assert read_turned(conn, [a, b], np.array([20, 5]), 64) is None
+            assert read_turned(conn, [a, b], np.array([20, 5]), 64) is None  # b has none: a warning
+        assert "matched upright" in caplog.text
         with db.transaction():
             db.delete_features(a)
         assert db.turned_state() == {}

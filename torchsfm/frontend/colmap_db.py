@@ -10,6 +10,7 @@ exception unwinds it, while sqlite3 lets us roll back.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -260,10 +261,15 @@ def read_turned(conn: sqlite3.Connection, image_ids: list[int], counts: np.ndarr
         row = conn.execute(f"SELECT rotations, rows, cols, data FROM {TURNED_TABLE} WHERE image_id = ?",
                            (int(iid),)).fetchone()
         if row is None or row[1] != n or row[2] != dim:
-            return None
+            turns.add(None)
+            break
         turns.add(row[0])
         parts.append(np.frombuffer(row[3], dtype=np.float32).reshape(row[1], row[0] - 1, row[2]))
-    if len(turns) != 1:
+    if len(turns) != 1 or None in turns:
+        if turns:
+            logging.getLogger(__name__).warning(
+                "some images have no or other turned descriptors (--learned-rotations): every pair is matched "
+                "upright; extract again with one --learned-rotations to match turned images")
         return None
     return np.concatenate(parts)
 
