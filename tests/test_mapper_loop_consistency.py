@@ -103,7 +103,7 @@ def test_a_pair_with_one_consistent_triangle_is_kept():
 
 
 def test_auto_filters_only_a_mostly_inconsistent_graph():
-    """mode auto: a ring with a few wrong pairs (most triangles close) is left as it is; with half
+    """mode auto: a ring with a few wrong pairs (most triangles close) is left as it is; with 35 % of
     the pairs wrong (most triangles do not close) nearly all wrong ones are dropped."""
     R_gt, rec = _ring(seed=4)
     vg = rec.view_graph
@@ -111,7 +111,7 @@ def test_auto_filters_only_a_mostly_inconsistent_graph():
     g = torch.Generator().manual_seed(7)
     R_rel = so3.quat_to_matrix(vg.rel_quat)
     order = torch.randperm(E, generator=g)
-    for bad, applied in ((order[:4], False), (order[: E // 2], True)):
+    for bad, applied in ((order[:4], False), (order[: int(0.35 * E)], True)):
         axis = torch.nn.functional.normalize(torch.randn(len(bad), 3, generator=g, dtype=torch.float64), dim=-1)
         angle = math.radians(40) + torch.rand(len(bad), 1, generator=g, dtype=torch.float64) * math.radians(140)
         wrong = R_rel.clone()
@@ -132,3 +132,16 @@ def test_a_view_graph_too_dense_to_check_is_kept_with_a_warning(caplog):
     assert rep.too_dense and not rep.applied and out is rec
     assert "too many triangles" in caplog.text
     assert triangles(len(rec.images), rec.view_graph.pairs, max_lookups=10) is None
+
+
+def test_nothing_is_dropped_when_the_kept_pairs_would_lose_most_images(caplog):
+    """Every pair wrong (no triangle closes): dropping them all would leave no model; the pairs
+    are kept, with a warning, and rotation averaging's own robustness decides."""
+    _, rec = _ring(seed=6)
+    vg = rec.view_graph
+    g = torch.Generator().manual_seed(8)
+    axis = torch.nn.functional.normalize(torch.randn(len(vg), 3, generator=g, dtype=torch.float64), dim=-1)
+    vg.rel_quat = so3.matrix_to_quat(so3.exp(axis * math.radians(90)) @ so3.quat_to_matrix(vg.rel_quat))
+    out, rep = filter_by_loop_consistency(rec)
+    assert rep.too_few_kept and not rep.applied and rep.num_pairs_dropped == 0 and out is rec
+    assert "are kept" in caplog.text

@@ -21,6 +21,9 @@ mostly consistent graph gains nothing: the pairs the rule would drop there are m
 whose rotations are noisy (wide baselines, focal lengths not yet calibrated on fixating rings), and
 on sparse captures each lost pair costs accuracy (measured on the robustness subsets: README).
 
+When the pairs it would keep hold fewer than half of the images together (too few triangles
+close to tell right pairs from wrong ones), nothing is dropped and a warning says so.
+
 Host reads: one per round (whether the kept set changed), plus the triangle enumeration's chunking.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import Tensor
 
 from ..data.model import Reconstruction
 from ..geometry import so3
-from .graph import stage_copy, triangles
+from .graph import largest_component, stage_copy, triangles
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,10 @@ class LoopConsistencyOptions:
     # a denser view graph (finding its triangles would take more lookups, each a bound on one
     # triangle's 12 bytes) is left unchecked, with a warning
     max_lookups: int = 50_000_000
+    # the result is not used when its largest connected component would hold fewer than this
+    # share of the input's largest component's images (a graph with too few consistent
+    # triangles to tell right pairs from wrong ones: better the mapper's own robustness)
+    min_kept_fraction: float = 0.5
 
 
 @dataclass
@@ -63,6 +70,7 @@ class LoopConsistencyReport:
     num_consistent_triangles: int = 0
     applied: bool = False  # pairs were filtered (mode always, or auto on a mostly inconsistent graph)
     too_dense: bool = False  # not checked: more than max_lookups triangle lookups
+    too_few_kept: bool = False  # not applied: the kept pairs would hold too few images together
     num_pairs_in_no_triangle: int = 0  # kept unchecked
     num_pairs_dropped: int = 0
     rounds: int = 0
@@ -127,6 +135,15 @@ def filter_by_loop_consistency(
         if torch.equal(keep, alive):
             break
         alive = keep
+    n = len(rec.images)
+    before, _ = largest_component(n, pairs)
+    after, _ = largest_component(n, pairs, alive)
+    if int(after.sum()) < o.min_kept_fraction * int(before.sum()):
+        report.applied, report.too_few_kept = False, True
+        log.warning("loop consistency: the pairs that %d of %d triangles confirm hold only %d of %d images together; "
+                    "all %d pairs are kept", report.num_consistent_triangles, report.num_triangles,
+                    int(after.sum()), int(before.sum()), E)
+        return rec, report
     drop = rows[~alive]
     report.num_pairs_dropped = int(drop.numel())
     if drop.numel() == 0:
