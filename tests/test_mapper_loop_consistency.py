@@ -76,7 +76,7 @@ def test_wrong_pairs_are_dropped_and_right_ones_kept(device):
 
 
 def test_pairs_in_no_triangle_are_kept_and_disabled_changes_nothing():
-    R_gt, rec = _ring(seed=1)
+    _, rec = _ring(seed=1)
     vg = rec.view_graph
     chain = (vg.pairs[:, 1] - vg.pairs[:, 0]) == 1  # a chain: no triangle at all
     vg.valid = chain.clone()
@@ -98,14 +98,14 @@ def test_a_pair_with_one_consistent_triangle_is_kept():
     vg = rec.view_graph
     d = vg.pairs[:, 1] - vg.pairs[:, 0]
     vg.valid = (d == 1) | (d == 2)
-    out, rep = filter_by_loop_consistency(rec, LoopConsistencyOptions(mode="always"))
+    _, rep = filter_by_loop_consistency(rec, LoopConsistencyOptions(mode="always"))
     assert rep.num_triangles > 0 and rep.num_pairs_dropped == 0
 
 
 def test_auto_filters_only_a_mostly_inconsistent_graph():
     """mode auto: a ring with a few wrong pairs (most triangles close) is left as it is; with 35 % of
     the pairs wrong (most triangles do not close) nearly all wrong ones are dropped."""
-    R_gt, rec = _ring(seed=4)
+    _, rec = _ring(seed=4)
     vg = rec.view_graph
     E = len(vg)
     g = torch.Generator().manual_seed(7)

@@ -82,7 +82,6 @@ def cycle_errors_deg(pairs: Tensor, R_rel: Tensor, tri: Tensor) -> Tensor:
     xy, xz, yz = tri[:, 0], tri[:, 1], tri[:, 2]
     x = torch.where((pairs[xy, 0] == pairs[xz, 0]) | (pairs[xy, 0] == pairs[xz, 1]), pairs[xy, 0], pairs[xy, 1])
     y = pairs[xy].sum(1) - x
-    z = pairs[xz].sum(1) - x
 
     def oriented(e: Tensor, frm: Tensor) -> Tensor:  # R_{to <- frm}
         R = R_rel[e]

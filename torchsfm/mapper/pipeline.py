@@ -1,8 +1,10 @@
 """The global mapper: a verified view graph in, one COLMAP-style model per connected component out.
 
 Stages, each `(data, options) -> (new data, report)`, composed in GLOMAP's order:
-view-graph calibration -> relative poses -> rotation averaging -> tracks -> global positioning ->
-bundle-adjustment rounds with filtering -> retriangulation -> final BA -> normalisation.
+view-graph calibration -> relative poses -> loop consistency (ours: drops pairs that no triangle
+of the view graph confirms, on graphs that wrong pairs dominate) -> rotation averaging -> tracks ->
+global positioning -> bundle-adjustment rounds with filtering -> retriangulation -> final BA ->
+normalisation.
 
 Reliability (see docs/fault-cases.md):
 - non-finite values are looked for in the input and after every stage and quarantined
