@@ -383,3 +383,23 @@ def test_unknown_model_is_rejected():
         M.project("FULL_OPENCV", torch.zeros(12, dtype=F64), torch.ones(1, 3, dtype=F64))
     with pytest.raises(ValueError, match="needs 8 parameters"):
         M.project("OPENCV", torch.zeros(4, dtype=F64), torch.ones(1, 3, dtype=F64))
+
+
+def test_project_cameras_in_chunks_equals_whole(monkeypatch):
+    """On the CPU the projections run in cache-sized row chunks (also within each model's rows):
+    the same numbers as in one piece."""
+    import torchsfm.runtime.chunks as chunks
+
+    gen = torch.Generator().manual_seed(12)
+    cams = make_cameras(NAMES, gen, "cpu")
+    n = 300
+    cam = torch.randint(0, len(cams), (n,), generator=gen)
+    X = rand_points(n, gen)
+    whole = M.project_cameras(cams, cam, X, jacobian=True)
+    back = M.unproject_cameras(cams, cam, whole[0])
+    monkeypatch.setattr(chunks, "CPU_CHUNK_ROWS", 7)
+    assert len(chunks.row_chunks(n, "cpu")) == 43
+    parts = M.project_cameras(cams, cam, X, jacobian=True)
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(M.unproject_cameras(cams, cam, whole[0]), back, rtol=0, atol=1e-12, equal_nan=True)

@@ -109,3 +109,21 @@ def test_certified_support_proves_dense_cliques():
     edges = torch.stack([i, j], 1)
     q = torch.arange(edges.shape[0])
     assert bool(certified_support(n, edges, q, 2).all())  # every edge closes 10 triangles
+
+
+def test_certified_support_of_few_queries_in_a_large_graph():
+    """With few queried edges, only the graph around their ends is hashed (renumbered nodes):
+    the same proofs, never more than the exact count."""
+    from torchsfm.mapper.graph import certified_support, edge_triangle_support
+
+    n = 12
+    i, j = torch.triu_indices(n, n, 1)
+    clique = torch.stack([i, j], 1) + 50_000
+    path = torch.stack([torch.arange(0, 999), torch.arange(1, 1000)], 1) * 7
+    edges = torch.cat([path, clique])
+    q = torch.tensor([3, 500, 999, 1000, 1050])  # two path edges, three clique edges
+    assert 4 * q.numel() < edges.shape[0]
+    got = certified_support(60_000, edges, q, 2)
+    assert got.tolist() == [False, False, True, True, True]
+    exact = edge_triangle_support(60_000, edges, q)
+    assert exact.tolist() == [0, 0, 10, 10, 10]

@@ -151,3 +151,44 @@ def test_track_joining_two_points_is_split(device, split_rounds):
         assert len(rec.points3D) == P - 1 + 1
     else:
         assert float(dist.min()) > 0.01  # the merged track fits neither point: lost
+
+
+def test_chunked_triangulation_and_errors_equal_whole(monkeypatch):
+    """Bearings, triangulation and reprojection errors run in row chunks on the CPU: the same
+    model as in one piece."""
+    import torchsfm.runtime.chunks as chunks
+    from torchsfm.mapper.triangulation import bearings, reprojection_errors
+
+    gt = _scene(noise=0.5)
+    opt = TriangulationOptions()
+    rec, counts = triangulate_tracks(gt, gt.tracks, opt)
+    err, front = reprojection_errors(gt, gt.points3D.xyz, gt.tracks)
+    rays = bearings(gt, gt.tracks.image, gt.tracks.keypoint)
+    monkeypatch.setattr(chunks, "CPU_CHUNK_ROWS", 13)
+    rec2, counts2 = triangulate_tracks(gt, gt.tracks, opt)
+    assert counts2 == counts
+    torch.testing.assert_close(rec2.points3D.xyz, rec.points3D.xyz, rtol=0, atol=1e-10)
+    err2, front2 = reprojection_errors(gt, gt.points3D.xyz, gt.tracks)
+    torch.testing.assert_close(err2, err, rtol=0, atol=1e-10)
+    assert torch.equal(front2, front)
+    torch.testing.assert_close(bearings(gt, gt.tracks.image, gt.tracks.keypoint), rays, rtol=0, atol=1e-14)
+
+
+def test_unprojected_keypoints_cover_the_matched_keypoints_only():
+    """The keypoint table a chunked stage builds once: matched keypoints unprojected, the rest
+    NaN; matches gathered from it equal those computed on their own."""
+    from torchsfm.mapper.triangulation import normalized_matches, unprojected_keypoints
+
+    rec = synthesize(SyntheticOptions(num_images=8, num_points=200, layout="ring", seed=5)).mapper_input()
+    vg = rec.view_graph
+    select = vg.pair_of_match() < len(vg) // 2
+    table = unprojected_keypoints(rec, select)
+    kp = rec.keypoints
+    m, pm = vg.matches[select], vg.pair_of_match()[select]
+    used = torch.zeros(len(kp), dtype=torch.bool)
+    for side in (0, 1):
+        used[kp.offsets[vg.pairs[pm, side]] + m[:, side]] = True
+    assert torch.isfinite(table[used]).all() and torch.isnan(table[~used]).all()
+    assert (~used).any()
+    for a, b in zip(normalized_matches(rec, select, table), normalized_matches(rec, select)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..data.model import MAX_CAMERA_PARAMS, Cameras
 from ..data.camera_models import MODELS_BY_ID, ModelInfo, model_info
+from ..runtime.chunks import row_chunks
 
 # COLMAP's IterativeUndistortion constants (src/colmap/sensor/models.h).
 UNDISTORT_MAX_ITERATIONS = 100
@@ -311,7 +312,6 @@ def project_cameras(
     columns beyond each model's parameter count zero. `groups`: `model_groups(cameras, cam)`,
     precomputed (no host read here then).
     """
-    params = cameras.params[cam]
     n = p_cam.shape[0]
     uv = p_cam.new_empty(n, 2)
     if jacobian:
@@ -319,23 +319,24 @@ def project_cameras(
         J_params = p_cam.new_zeros(n, 2, MAX_CAMERA_PARAMS)
     for m, idx in (_groups(cameras, cam) if groups is None else groups):
         k = MODELS_BY_ID[m].num_params
-        sel = slice(None) if idx is None else idx
-        out = project(m, params[sel], p_cam[sel], jacobian, check_cheirality)
-        if jacobian:
-            uv[sel], J_point[sel] = out[0], out[1]
-            J_params[sel, :, :k] = out[2]
-        else:
-            uv[sel] = out
+        for c in row_chunks(n if idx is None else idx.numel(), p_cam.device):
+            sel = c if idx is None else idx[c]
+            out = project(m, cameras.params[cam[sel]], p_cam[sel], jacobian, check_cheirality)
+            if jacobian:
+                uv[sel], J_point[sel] = out[0], out[1]
+                J_params[sel, :, :k] = out[2]
+            else:
+                uv[sel] = out
     return (uv, J_point, J_params) if jacobian else uv
 
 
 def unproject_cameras(cameras: Cameras, cam: Tensor, uv: Tensor) -> Tensor:
     """`unproject` for pixels of mixed-model cameras: cam (N,) rows into `cameras`."""
-    params = cameras.params[cam]
     out = uv.new_empty(uv.shape[0], 2)
     for m, idx in _groups(cameras, cam):
-        sel = slice(None) if idx is None else idx
-        out[sel] = unproject(m, params[sel], uv[sel])
+        for c in row_chunks(uv.shape[0] if idx is None else idx.numel(), uv.device):
+            sel = c if idx is None else idx[c]
+            out[sel] = unproject(m, cameras.params[cam[sel]], uv[sel])
     return out
 
 

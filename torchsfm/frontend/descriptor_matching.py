@@ -104,6 +104,29 @@ def _passes(best: Tensor, second: Tensor, options: DescriptorMatchOptions) -> Te
     return (best <= max_d2) & (best < (options.max_ratio**2) * second)
 
 
+def mutual_nearest(d2: Tensor, v1: Tensor, v2: Tensor, passes, cross_check: bool = True,
+                   reverse_passes: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Nearest neighbours in batched squared distances d2 (P, n1, n2), invalid rows and columns
+    (v1 (P, n1), v2 (P, n2) False) at +inf: per row its nearest column (P, n1), whether it is
+    kept, and the best and second-best distances (a missing second is +inf). A row is kept when
+    `passes(best, second)` (bool) holds and, with `cross_check`, it is also the nearest row of
+    that column, whose own test must pass too unless not `reverse_passes`."""
+    n1, n2 = d2.shape[1], d2.shape[2]
+    v12, i12 = torch.topk(d2, min(2, n2), dim=2, largest=False)  # (P, n1, k)
+    v21, i21 = torch.topk(d2, min(2, n1), dim=1, largest=False)  # (P, k, n2)
+    sec12 = v12[..., 1] if n2 > 1 else torch.full_like(v12[..., 0], float("inf"))
+    keep = passes(v12[..., 0], sec12) & v1
+    m12 = torch.where(keep, i12[..., 0], -1)
+    if cross_check:
+        back_ok = v2
+        if reverse_passes:
+            sec21 = v21[:, 1] if n1 > 1 else torch.full_like(v21[:, 0], float("inf"))
+            back_ok = back_ok & passes(v21[:, 0], sec21)
+        m21 = torch.where(back_ok, i21[:, 0], -1)  # (P, n2)
+        keep = keep & (m21.gather(1, m12.clamp_min(0)) == torch.arange(n1, device=d2.device)[None])
+    return m12, keep, v12[..., 0], sec12
+
+
 # --------------------------------------------------------------------------------------------
 # exact engine
 
@@ -131,25 +154,10 @@ def _exact_chunk(desc: Tensor, offsets: Tensor, pairs: Tensor, pair_index: Tenso
         dot = torch.bmm(a, b.transpose(1, 2))
     d2 = (sq1[:, :, None] + sq2[:, None, :] - 2 * dot).clamp_min_(0)
     d2.masked_fill_(~(v1[:, :, None] & v2[:, None, :]), float("inf"))
-    k2 = min(2, n2)
-    k1 = min(2, n1)
-    v12, i12 = torch.topk(d2, k2, dim=2, largest=False)  # (P, n1, k)
-    v21, i21 = torch.topk(d2, k1, dim=1, largest=False)  # (P, k, n2)
-    inf1 = torch.full_like(v12[..., 0], float("inf"))
-    inf2 = torch.full_like(v21[:, 0], float("inf"))
-    sec12 = v12[..., 1] if k2 > 1 else inf1
-    sec21 = v21[:, 1] if k1 > 1 else inf2
-    ok12 = _passes(v12[..., 0], sec12, options) & v1
-    m12 = torch.where(ok12, i12[..., 0], -1)  # (P, n1)
-    ok21 = _passes(v21[:, 0], sec21, options) & v2
-    m21 = torch.where(ok21, i21[:, 0], -1)  # (P, n2)
-    keep = ok12
-    if options.cross_check:
-        back = m21.gather(1, m12.clamp_min(0))
-        keep = keep & (back == torch.arange(n1, device=desc.device)[None])
+    m12, keep, best, second = mutual_nearest(d2, v1, v2, lambda b, s: _passes(b, s, options), options.cross_check)
     p, i = torch.nonzero(keep, as_tuple=True)
     j = m12[p, i]
-    ratio = (v12[p, i, 0] / sec12[p, i]).sqrt()
+    ratio = (best[p, i] / second[p, i]).sqrt()
     return RawMatches(pair_index[p], i, j, ratio)
 
 

@@ -47,18 +47,17 @@ class DegeneracyOptions:
     chunk_matches: int = 1 << 19  # matches per pass of the rotation-only fit (whole pairs)
 
 
-def _bearings_of_matches(rec: Reconstruction, max_per_pair: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Unit bearings (M', 3) of both ends of the matches and their pair index (M',): all matches,
-    or at most about `max_per_pair` of each pair, evenly spread."""
+def _bearings_of_matches(rec: Reconstruction, table: Tensor, select: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit bearings (M', 3) of both ends of the matches in the bool mask `select` (all when
+    None) and their pair index (M',); `table`: the graph's `unprojected_keypoints`."""
     from .triangulation import normalized_matches
 
     pm = rec.view_graph.pair_of_match()
-    sub = None if not max_per_pair else spread_subset(pm, len(rec.view_graph), max_per_pair)
     out = []
-    for xy in normalized_matches(rec, sub):
+    for xy in normalized_matches(rec, select, table):
         ray = torch.cat([xy, torch.ones_like(xy[:, :1])], 1)
         out.append(ray / ray.norm(dim=1, keepdim=True))
-    return out[0], out[1], (pm if sub is None else pm[sub])
+    return out[0], out[1], (pm if select is None else pm[select])
 
 
 def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = None) -> tuple[Tensor, Tensor]:
@@ -79,21 +78,29 @@ def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = N
     Rfit = torch.eye(3, dtype=dt, device=dev).repeat(E, 1, 1)
     if E == 0 or vg.matches.shape[0] == 0:
         return ratio, Rfit
+    from .triangulation import unprojected_keypoints
+
+    select = None
+    if o.rotation_only_max_matches:
+        select = spread_subset(vg.pair_of_match(), E, o.rotation_only_max_matches)
+    table = unprojected_keypoints(rec, select)  # once: per chunk it cost O(keypoints) each
     for e0, e1 in vg.chunks(o.chunk_matches):  # whole pairs: each pair's fit is its own
         sub = Reconstruction(rec.cameras, rec.images, rec.keypoints, rec.points3D, rec.tracks, vg.pair_slice(e0, e1),
                              rec.meta)
-        ratio[e0:e1], Rfit[e0:e1] = _rotation_only_fit(sub, o)
+        m0, m1 = int(vg.match_offsets[e0]), int(vg.match_offsets[e1])
+        ratio[e0:e1], Rfit[e0:e1] = _rotation_only_fit(sub, table, None if select is None else select[m0:m1], o)
     return ratio, Rfit
 
 
-def _rotation_only_fit(rec: Reconstruction, o: DegeneracyOptions) -> tuple[Tensor, Tensor]:
+def _rotation_only_fit(rec: Reconstruction, table: Tensor, select: Tensor | None, o: DegeneracyOptions
+                       ) -> tuple[Tensor, Tensor]:
     vg = rec.view_graph
     E, dt, dev = len(vg), rec.dtype, rec.device
     ratio = torch.zeros(E, dtype=dt, device=dev)
     Rfit = torch.eye(3, dtype=dt, device=dev).repeat(E, 1, 1)
     if vg.matches.shape[0] == 0:
         return ratio, Rfit
-    bi, bj, pm = _bearings_of_matches(rec, o.rotation_only_max_matches)
+    bi, bj, pm = _bearings_of_matches(rec, table, select)
     finite = torch.isfinite(bi).all(1) & torch.isfinite(bj).all(1)
     bi, bj = torch.nan_to_num(bi), torch.nan_to_num(bj)
     f = focal_length(rec.cameras)[rec.images.camera[vg.pairs[pm, 1]]]

@@ -1,6 +1,6 @@
 """Relative poses of all valid pairs, from their matches, with the current intrinsics.
 
-Keypoints are unprojected once each (`triangulation.normalized_matches`, so distortion is
+Keypoints are unprojected once each (`triangulation.unprojected_keypoints`, so distortion is
 removed for every supported model) and gathered per match. Two ways to a pose, per pair:
 
 - `init="database"` (default): the verified two-view geometry already holds a pose (COLMAP
@@ -53,7 +53,7 @@ from .graph import (
     mark_images,
     stage_copy,
 )
-from .triangulation import normalized_matches
+from .triangulation import normalized_matches, unprojected_keypoints
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,11 @@ def _refine_stored_poses(vg, valid_in: Tensor, pms: Tensor, xn: list[Tensor], fm
 
 
 def _estimate_chunk(rec: Reconstruction, vg, valid_in: Tensor, first_pair: int, options: RelativePoseOptions,
-                    pool, bar):
+                    pool, bar, table: Tensor):
     """Poses of the valid pairs of one chunk of the view graph (`vg`, a `pair_slice` starting at
     pair `first_pair`). Returns, per pair of the chunk (CPU): status, quat, trans, inlier count,
     then per match the inlier mask (over all the chunk's matches; False where not estimated) and
-    how many stored poses were kept."""
+    how many stored poses were kept. `table`: `unprojected_keypoints` of the whole graph."""
     import poselib
 
     cams, images = rec.cameras, rec.images
@@ -183,7 +183,7 @@ def _estimate_chunk(rec: Reconstruction, vg, valid_in: Tensor, first_pair: int, 
     use = valid_in[pm]
     sel = torch.nonzero(use, as_tuple=True)[0]
     pms = pm[sel]
-    xn = list(normalized_matches(sub, use))
+    xn = list(normalized_matches(sub, use, table))
     fm = [focal_length(cams)[images.camera[vg.pairs[pms, side]]] for side in (0, 1)]
     x1 = (xn[0] * fm[0][:, None]).detach().cpu().numpy().astype(np.float64)
     x2 = (xn[1] * fm[1][:, None]).detach().cpu().numpy().astype(np.float64)
@@ -277,12 +277,13 @@ def estimate_relative_poses(
     threads = options.num_threads or _default_threads()
     bar = progress_bar(total=report.num_pairs_in, enabled=options.progress is not False, desc="relative poses",
                        unit="pair")
+    table = unprojected_keypoints(rec, valid_in[vg.pair_of_match()])  # once, not per chunk
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for e0, e1 in vg.chunks(options.chunk_matches):
             if not bool(valid_cpu[e0:e1].any()):
                 continue
             st, q, t, n_in, inlier, n_ref = _estimate_chunk(rec, vg.pair_slice(e0, e1), valid_in[e0:e1], e0,
-                                                            options, pool, bar)
+                                                            options, pool, bar, table)
             st = torch.where(valid_cpu[e0:e1], st, status[e0:e1])
             estimated = st == PAIR_OK
             n = n_all[e0:e1]

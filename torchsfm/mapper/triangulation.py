@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..cameras.models import project_cameras, unproject_cameras
 from ..data.model import Points3D, Reconstruction, Tracks, group_pairs, offsets_from_counts
+from ..runtime.chunks import row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +35,59 @@ class TriangulationOptions:
     max_pairs_for_angle: int = 2_000_000  # chunk size of the pairwise angle computation
 
 
-def normalized_matches(rec: Reconstruction, select: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Undistorted normalised coordinates (M, 2) of both ends of every view-graph match (of the
-    matches in the bool mask `select` only, when given).
-
-    Every keypoint in a match is unprojected once and then gathered per match: a keypoint takes
-    part in many matches (13 on average on a 1,000-image corridor), and undistortion is
-    iterative; keypoints in no match (most of SIFT's on real images) are not unprojected."""
+def _match_keypoints(rec: Reconstruction, select: Tensor | None) -> Tensor:
+    """Flat keypoint rows (2M,) of both ends of the view-graph matches (those in `select`)."""
     kp, vg = rec.keypoints, rec.view_graph
     pm, m = vg.pair_of_match(), vg.matches
     if select is not None:
         pm, m = pm[select], m[select]
-    flat = torch.cat([kp.offsets[vg.pairs[pm, side]] + m[:, side] for side in (0, 1)])
-    used = torch.zeros(len(kp), dtype=torch.bool, device=flat.device)
-    used[flat] = True
+    return torch.cat([kp.offsets[vg.pairs[pm, side]] + m[:, side] for side in (0, 1)])
+
+
+def unprojected_keypoints(rec: Reconstruction, select: Tensor | None = None) -> Tensor:
+    """(K, 2) undistorted normalised coordinates of every keypoint in a view-graph match (in a
+    match of the bool mask `select`, when given), NaN for the others.
+
+    Each such keypoint is unprojected once: a keypoint takes part in many matches (13 on average
+    on a 1,000-image corridor), undistortion is iterative, and keypoints in no match (most of
+    SIFT's on real images) are left out. A stage that walks the view graph in chunks builds the
+    table once and passes it to `normalized_matches`: built per chunk, its O(keypoints) work
+    made the stage quadratic in the scene size."""
+    kp, vg = rec.keypoints, rec.view_graph
+    used = torch.zeros(len(kp), dtype=torch.bool, device=kp.xy.device)
+    pm = vg.pair_of_match()
+    for c in row_chunks(pm.numel(), pm.device):  # in cache-sized pieces: one pass over all matches
+        p, m = pm[c], vg.matches[c]
+        if select is not None:
+            p, m = p[select[c]], m[select[c]]
+        for side in (0, 1):
+            used[kp.offsets[vg.pairs[p, side]] + m[:, side]] = True
     rows = torch.nonzero(used)[:, 0]
-    slot = torch.cumsum(used, 0) - 1  # keypoint -> row of the unprojected subset
-    xn = unproject_cameras(rec.cameras, rec.images.camera[kp.image_of()[rows]], kp.xy[rows].to(rec.dtype))[slot[flat]]
-    return xn[: pm.numel()], xn[pm.numel():]
+    out = torch.full((len(kp), 2), float("nan"), dtype=rec.dtype, device=kp.xy.device)
+    out[rows] = unproject_cameras(rec.cameras, rec.images.camera[kp.image_of()[rows]], kp.xy[rows].to(rec.dtype))
+    return out
+
+
+def normalized_matches(rec: Reconstruction, select: Tensor | None = None,
+                       table: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Undistorted normalised coordinates (M, 2) of both ends of every view-graph match (of the
+    matches in the bool mask `select` only, when given); `table`: `unprojected_keypoints` of
+    a graph holding these matches (made here when not given)."""
+    flat = _match_keypoints(rec, select)
+    xn = (unprojected_keypoints(rec, select) if table is None else table)[flat]
+    half = flat.numel() // 2
+    return xn[:half], xn[half:]
 
 
 def bearings(rec: Reconstruction, image: Tensor, keypoint: Tensor) -> Tensor:
     """Unit rays in the camera frame of the observations (image row, keypoint index)."""
-    uv = rec.keypoints.xy[rec.keypoints.flat_index(image, keypoint)].to(rec.dtype)
-    xy = unproject_cameras(rec.cameras, rec.images.camera[image], uv)
-    ray = torch.cat([xy, torch.ones_like(xy[:, :1])], 1)
-    return ray / ray.norm(dim=1, keepdim=True)
+    out = torch.empty(image.shape[0], 3, dtype=rec.dtype, device=image.device)
+    for c in row_chunks(image.shape[0], image.device):
+        uv = rec.keypoints.xy[rec.keypoints.flat_index(image[c], keypoint[c])].to(rec.dtype)
+        xy = unproject_cameras(rec.cameras, rec.images.camera[image[c]], uv)
+        ray = torch.cat([xy, torch.ones_like(xy[:, :1])], 1)
+        out[c] = ray / ray.norm(dim=1, keepdim=True)
+    return out
 
 
 def triangulate(R: Tensor, t: Tensor, rays: Tensor, obs_image: Tensor, obs_track: Tensor, num_tracks: int,
@@ -69,40 +97,49 @@ def triangulate(R: Tensor, t: Tensor, rays: Tensor, obs_image: Tensor, obs_track
     R, t: cam_from_world (I,3,3), (I,3); rays: unit bearings (O,3) in camera frames.
     Returns points (T,3) and a bool mask of tracks whose 3x3 system was well conditioned.
     """
-    Ri, ti = R[obs_image], t[obs_image]
-    # Distance of X from the ray: |(I - b b^T)(R X + t)|.  Normal equations per observation:
-    # A = R^T (I - b b^T) R,  rhs = -R^T (I - b b^T) t.
-    P = torch.eye(3, dtype=rays.dtype, device=rays.device) - rays[:, :, None] * rays[:, None, :]
-    RtP = Ri.transpose(1, 2) @ P
-    A = RtP @ Ri
-    b = -(RtP @ ti[:, :, None])[:, :, 0]
-    if weight is not None:
-        A = A * weight[:, None, None]
-        b = b * weight[:, None]
-    AA = torch.zeros(num_tracks, 3, 3, dtype=A.dtype, device=A.device).index_add_(0, obs_track, A)
-    bb = torch.zeros(num_tracks, 3, dtype=A.dtype, device=A.device).index_add_(0, obs_track, b)
+    num_obs, dt, dev = rays.shape[0], rays.dtype, rays.device
+    AA = torch.zeros(num_tracks, 3, 3, dtype=dt, device=dev)
+    bb = torch.zeros(num_tracks, 3, dtype=dt, device=dev)
+    eye = torch.eye(3, dtype=dt, device=dev)
+    for c in row_chunks(num_obs, dev):
+        Ri, ti, ray = R[obs_image[c]], t[obs_image[c]], rays[c]
+        # Distance of X from the ray: |(I - b b^T)(R X + t)|.  Normal equations per observation:
+        # A = R^T (I - b b^T) R,  rhs = -R^T (I - b b^T) t.
+        RtP = Ri.transpose(1, 2) @ (eye - ray[:, :, None] * ray[:, None, :])
+        A = RtP @ Ri
+        b = -(RtP @ ti[:, :, None])[:, :, 0]
+        if weight is not None:
+            A = A * weight[c, None, None]
+            b = b * weight[c, None]
+        AA.index_add_(0, obs_track[c], A)
+        bb.index_add_(0, obs_track[c], b)
     # Non-finite input (a NaN ray or pose) and tracks with (nearly) parallel rays, whose system is
     # near-singular, are flagged and solved against the identity instead.
-    eye = torch.eye(3, dtype=A.dtype, device=A.device)
     finite = torch.isfinite(AA).all(2).all(1) & torch.isfinite(bb).all(1)
     AA = torch.where(finite[:, None, None], AA, eye.expand_as(AA))
     bb = torch.where(finite[:, None], bb, torch.zeros_like(bb))
     ev = torch.linalg.eigvalsh(AA)
-    rcond = max(1e-9, 100 * torch.finfo(A.dtype).eps)  # what float32 can still solve
-    ok = finite & (ev[:, 0] > rcond * ev[:, 2].clamp_min(torch.finfo(A.dtype).tiny))
+    rcond = max(1e-9, 100 * torch.finfo(dt).eps)  # what float32 can still solve
+    ok = finite & (ev[:, 0] > rcond * ev[:, 2].clamp_min(torch.finfo(dt).tiny))
     X, info = torch.linalg.solve_ex(torch.where(ok[:, None, None], AA, eye.expand_as(AA)), bb)
     return X, ok & (info == 0)
 
 
 def reprojection_errors(rec: Reconstruction, xyz: Tensor, tracks: Tracks) -> tuple[Tensor, Tensor]:
     """Pixel reprojection error of every observation and whether its point is in front (depth > 0)."""
-    R = rec.images.rotation[tracks.image]
-    p_cam = (R @ xyz[tracks.point][:, :, None])[:, :, 0] + rec.images.trans[tracks.image]
-    front = p_cam[:, 2] > 1e-8 * p_cam.norm(dim=1).clamp_min(1e-300)
-    safe = torch.where(front[:, None], p_cam, torch.ones_like(p_cam))
-    uv = project_cameras(rec.cameras, rec.images.camera[tracks.image], safe)
-    err = (uv - rec.observation_xy_of(tracks)).norm(dim=1)
-    return torch.where(front, err, torch.full_like(err, float("inf"))), front
+    n, dev = len(tracks), xyz.device
+    err = torch.empty(n, dtype=xyz.dtype, device=dev)
+    front = torch.empty(n, dtype=torch.bool, device=dev)
+    R_all = rec.images.rotation
+    for c in row_chunks(n, dev):
+        sub = Tracks(tracks.point[c], tracks.image[c], tracks.keypoint[c])
+        p_cam = (R_all[sub.image] @ xyz[sub.point][:, :, None])[:, :, 0] + rec.images.trans[sub.image]
+        front[c] = p_cam[:, 2] > 1e-8 * p_cam.norm(dim=1).clamp_min(1e-300)
+        safe = torch.where(front[c, None], p_cam, torch.ones_like(p_cam))
+        uv = project_cameras(rec.cameras, rec.images.camera[sub.image], safe)
+        e = (uv - rec.observation_xy_of(sub)).norm(dim=1)
+        err[c] = torch.where(front[c], e, torch.full_like(e, float("inf")))
+    return err, front
 
 
 def max_triangulation_angle(centers: Tensor, xyz: Tensor, obs_image: Tensor, obs_track: Tensor, num_tracks: int,

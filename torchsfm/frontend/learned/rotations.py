@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..descriptor_matching import mutual_nearest
+
 ROTATIONS = (1, 2, 4)
 
 
@@ -52,18 +54,12 @@ def turn_points(xy: Tensor, k: Tensor | int, width: Tensor | float, height: Tens
 
 
 def mutual_counts(d0: Tensor, d1: Tensor, valid0: Tensor, valid1: Tensor, max_ratio: float = 0.9) -> Tensor:
-    """Mutual nearest neighbours passing the ratio test between unit descriptors d0 (B, M, D) and
-    d1 (B, N, D), padded rows masked out: (B,) counts."""
-    sim = torch.einsum("bmd,bnd->bmn", d0, d1)
-    ok = valid0[:, :, None] & valid1[:, None, :]
-    sim = sim.masked_fill(~ok, -2.0)
-    top = sim.topk(min(2, sim.shape[2]), dim=2)
-    best0 = top.indices[..., 0]
-    best1 = sim.argmax(1)
-    mutual = best1.gather(1, best0) == torch.arange(sim.shape[1], device=sim.device)[None]
-    dist = (2 - 2 * top.values.clamp(-1, 1)).clamp_min(0).sqrt()
-    ratio = dist[..., 0] < max_ratio * dist[..., -1] if top.values.shape[-1] > 1 else torch.ones_like(mutual)
-    return (mutual & ratio & valid0 & (top.values[..., 0] > -2)).sum(1)
+    """Mutual nearest neighbours passing the ratio test (in this direction) between unit
+    descriptors d0 (B, M, D) and d1 (B, N, D), padded rows masked out: (B,) counts."""
+    d2 = (2 - 2 * torch.einsum("bmd,bnd->bmn", d0, d1)).clamp_min(0)
+    d2 = d2.masked_fill(~(valid0[:, :, None] & valid1[:, None, :]), float("inf"))
+    _, keep, _, _ = mutual_nearest(d2, valid0, valid1, lambda b, s: b < max_ratio**2 * s, reverse_passes=False)
+    return keep.sum(1)
 
 
 def best_turns(d0: Tensor, d1_turns: Tensor, valid0: Tensor, valid1: Tensor, keypoints: int = 512) -> Tensor:
