@@ -174,16 +174,21 @@ def test_chunked_triangulation_and_errors_equal_whole(monkeypatch):
     torch.testing.assert_close(bearings(gt, gt.tracks.image, gt.tracks.keypoint), rays, rtol=0, atol=1e-14)
 
 
-def test_unprojected_keypoints_cover_the_matched_keypoints_only():
-    """The keypoint table a chunked stage builds once: matched keypoints unprojected, the rest
-    NaN; matches gathered from it equal those computed on their own."""
+def test_unprojected_keypoints_cover_the_matched_keypoints_only(monkeypatch):
+    """The keypoint table a chunked stage builds once (reading the matches in ranges of pairs):
+    keypoints matched in the chosen pairs unprojected, the rest NaN; matches gathered from it
+    equal those computed on their own."""
+    import torchsfm.mapper.triangulation as tri
     from torchsfm.mapper.triangulation import normalized_matches, unprojected_keypoints
 
     rec = synthesize(SyntheticOptions(num_images=8, num_points=200, layout="ring", seed=5)).mapper_input()
     vg = rec.view_graph
-    select = vg.pair_of_match() < len(vg) // 2
-    table = unprojected_keypoints(rec, select)
+    pairs = torch.arange(len(vg)) < len(vg) // 2
+    monkeypatch.setattr(tri, "CPU_CHUNK_ROWS", 50)  # many ranges of pairs
+    assert len(vg.chunks(50)) > 5
+    table = unprojected_keypoints(rec, pairs)
     kp = rec.keypoints
+    select = pairs[vg.pair_of_match()]
     m, pm = vg.matches[select], vg.pair_of_match()[select]
     used = torch.zeros(len(kp), dtype=torch.bool)
     for side in (0, 1):

@@ -80,15 +80,14 @@ def rotation_only_fit(rec: Reconstruction, options: DegeneracyOptions | None = N
         return ratio, Rfit
     from .triangulation import unprojected_keypoints
 
-    select = None
-    if o.rotation_only_max_matches:
-        select = spread_subset(vg.pair_of_match(), E, o.rotation_only_max_matches)
-    table = unprojected_keypoints(rec, select)  # once: per chunk it cost O(keypoints) each
+    table = unprojected_keypoints(rec)  # once: per chunk it cost O(keypoints) each
     for e0, e1 in vg.chunks(o.chunk_matches):  # whole pairs: each pair's fit is its own
         sub = Reconstruction(rec.cameras, rec.images, rec.keypoints, rec.points3D, rec.tracks, vg.pair_slice(e0, e1),
                              rec.meta)
-        m0, m1 = int(vg.match_offsets[e0]), int(vg.match_offsets[e1])
-        ratio[e0:e1], Rfit[e0:e1] = _rotation_only_fit(sub, table, None if select is None else select[m0:m1], o)
+        select = None
+        if o.rotation_only_max_matches:
+            select = spread_subset(sub.view_graph.pair_of_match(), e1 - e0, o.rotation_only_max_matches)
+        ratio[e0:e1], Rfit[e0:e1] = _rotation_only_fit(sub, table, select, o)
     return ratio, Rfit
 
 

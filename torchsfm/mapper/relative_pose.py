@@ -277,7 +277,7 @@ def estimate_relative_poses(
     threads = options.num_threads or _default_threads()
     bar = progress_bar(total=report.num_pairs_in, enabled=options.progress is not False, desc="relative poses",
                        unit="pair")
-    table = unprojected_keypoints(rec, valid_in[vg.pair_of_match()])  # once, not per chunk
+    table = unprojected_keypoints(rec, valid_in)  # once, not per chunk
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for e0, e1 in vg.chunks(options.chunk_matches):
             if not bool(valid_cpu[e0:e1].any()):

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..cameras.models import project_cameras, unproject_cameras
 from ..data.model import Points3D, Reconstruction, Tracks, group_pairs, offsets_from_counts
-from ..runtime.chunks import row_chunks
+from ..runtime.chunks import CPU_CHUNK_ROWS, row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +44,26 @@ def _match_keypoints(rec: Reconstruction, select: Tensor | None) -> Tensor:
     return torch.cat([kp.offsets[vg.pairs[pm, side]] + m[:, side] for side in (0, 1)])
 
 
-def unprojected_keypoints(rec: Reconstruction, select: Tensor | None = None) -> Tensor:
-    """(K, 2) undistorted normalised coordinates of every keypoint in a view-graph match (in a
-    match of the bool mask `select`, when given), NaN for the others.
+def unprojected_keypoints(rec: Reconstruction, pairs: Tensor | None = None) -> Tensor:
+    """(K, 2) undistorted normalised coordinates of every keypoint in a view-graph match (of the
+    pairs in the bool mask `pairs` (E,), when given), NaN for the others.
 
     Each such keypoint is unprojected once: a keypoint takes part in many matches (13 on average
     on a 1,000-image corridor), undistortion is iterative, and keypoints in no match (most of
     SIFT's on real images) are left out. A stage that walks the view graph in chunks builds the
     table once and passes it to `normalized_matches`: built per chunk, its O(keypoints) work
-    made the stage quadratic in the scene size."""
+    made the stage quadratic in the scene size. The matches are read in cache-sized ranges of
+    pairs, with no per-match array of the whole graph (45M matches at 10,000 images)."""
     kp, vg = rec.keypoints, rec.view_graph
     used = torch.zeros(len(kp), dtype=torch.bool, device=kp.xy.device)
-    pm = vg.pair_of_match()
-    for c in row_chunks(pm.numel(), pm.device):  # in cache-sized pieces: one pass over all matches
-        p, m = pm[c], vg.matches[c]
-        if select is not None:
-            p, m = p[select[c]], m[select[c]]
+    for e0, e1 in vg.chunks(CPU_CHUNK_ROWS):
+        sub = vg.pair_slice(e0, e1)
+        p, m = sub.pair_of_match(), sub.matches
+        if pairs is not None:
+            keep = pairs[e0:e1][p]
+            p, m = p[keep], m[keep]
         for side in (0, 1):
-            used[kp.offsets[vg.pairs[p, side]] + m[:, side]] = True
+            used[kp.offsets[sub.pairs[p, side]] + m[:, side]] = True
     rows = torch.nonzero(used)[:, 0]
     out = torch.full((len(kp), 2), float("nan"), dtype=rec.dtype, device=kp.xy.device)
     out[rows] = unproject_cameras(rec.cameras, rec.images.camera[kp.image_of()[rows]], kp.xy[rows].to(rec.dtype))
@@ -74,7 +76,7 @@ def normalized_matches(rec: Reconstruction, select: Tensor | None = None,
     matches in the bool mask `select` only, when given); `table`: `unprojected_keypoints` of
     a graph holding these matches (made here when not given)."""
     flat = _match_keypoints(rec, select)
-    xn = (unprojected_keypoints(rec, select) if table is None else table)[flat]
+    xn = (unprojected_keypoints(rec) if table is None else table)[flat]
     half = flat.numel() // 2
     return xn[:half], xn[half:]
 
