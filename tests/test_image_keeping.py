@@ -1,6 +1,7 @@
 """Images kept that the data can hold (mapper/image_keeping.py): far cameras re-positioned from
 their own observations, weak images completed from their matches, and every image that is still
 dropped reported with its reason and counts."""
+import pytest
 import torch
 
 from torchsfm import metrics
@@ -189,7 +190,14 @@ def test_split_tracks_that_one_point_explains_are_merged():
     pts = rec.points3D
     rec.points3D = type(pts)(torch.cat([pts.point3D_id, pts.point3D_id[-1:] + 1]), torch.cat([pts.xyz, pts.xyz[p:p + 1]]),
                              torch.cat([pts.rgb, pts.rgb[p:p + 1]]), torch.cat([pts.error, pts.error[p:p + 1]]))
-    assert _candidates(rec).shape[0] > 10  # the split pair and pairs joined by wrong matches
+    cand = _candidates(rec)
+    assert cand.shape[0] > 10  # the split pair and pairs joined by wrong matches
+    import torchsfm.runtime.chunks as chunks
+
+    with pytest.MonkeyPatch.context() as mp:  # read in many ranges of pairs: the same candidates
+        mp.setattr(chunks, "CPU_CHUNK_ROWS", 40)
+        assert len(rec.view_graph.chunks(40)) > 5
+        assert torch.equal(_candidates(rec), cand)
     out, counts = merge_tracks(rec)
     assert counts["points_merged"] == 1 and len(out.points3D) == len(s.gt.points3D)
     assert torch.equal(torch.sort(torch.bincount(out.tracks.point)).values, torch.sort(length).values)

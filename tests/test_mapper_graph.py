@@ -127,3 +127,17 @@ def test_certified_support_of_few_queries_in_a_large_graph():
     assert got.tolist() == [False, False, True, True, True]
     exact = edge_triangle_support(60_000, edges, q)
     assert exact.tolist() == [0, 0, 10, 10, 10]
+
+
+def test_connected_components_in_edge_chunks_equal_one_pass(monkeypatch):
+    import torchsfm.runtime.chunks as chunks
+    from torchsfm.mapper.graph import connected_components
+
+    g = torch.Generator().manual_seed(3)
+    edges = torch.randint(0, 400, (300, 2), generator=g)
+    whole = connected_components(400, edges)
+    monkeypatch.setattr(chunks, "CPU_CHUNK_ROWS", 7)
+    assert torch.equal(connected_components(400, edges), whole)
+    # every edge joins one component, labelled by its smallest node
+    assert torch.equal(whole[edges[:, 0]], whole[edges[:, 1]])
+    assert bool((whole <= torch.arange(400)).all())

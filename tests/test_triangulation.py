@@ -178,13 +178,13 @@ def test_unprojected_keypoints_cover_the_matched_keypoints_only(monkeypatch):
     """The keypoint table a chunked stage builds once (reading the matches in ranges of pairs):
     keypoints matched in the chosen pairs unprojected, the rest NaN; matches gathered from it
     equal those computed on their own."""
-    import torchsfm.mapper.triangulation as tri
+    import torchsfm.runtime.chunks as chunks
     from torchsfm.mapper.triangulation import normalized_matches, unprojected_keypoints
 
     rec = synthesize(SyntheticOptions(num_images=8, num_points=200, layout="ring", seed=5)).mapper_input()
     vg = rec.view_graph
     pairs = torch.arange(len(vg)) < len(vg) // 2
-    monkeypatch.setattr(tri, "CPU_CHUNK_ROWS", 50)  # many ranges of pairs
+    monkeypatch.setattr(chunks, "CPU_CHUNK_ROWS", 50)  # many ranges of pairs
     assert len(vg.chunks(50)) > 5
     table = unprojected_keypoints(rec, pairs)
     kp = rec.keypoints

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.model import Points3D, Reconstruction, Tracks
+from ..runtime.chunks import rows_per_chunk
 from .triangulation import bearings, reprojection_errors, triangulate
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,22 @@ def _candidates(rec: Reconstruction) -> Tensor:
     """(N, 2) distinct point pairs (p < q) joined by an inlier match of a valid pair."""
     vg, kp = rec.view_graph, rec.keypoints
     point_of = rec.point_of_keypoint()
-    pm = vg.pair_of_match()
-    use = vg.valid[pm]
-    m, pm = vg.matches[use], pm[use]
-    a = point_of[kp.offsets[vg.pairs[pm, 0]] + m[:, 0]]
-    b = point_of[kp.offsets[vg.pairs[pm, 1]] + m[:, 1]]
-    ok = (a >= 0) & (b >= 0) & (a != b)
-    a, b = a[ok].long(), b[ok].long()
-    # one int64 key per pair: a 1-D unique is ~50x faster than unique(dim=0) on 2M pairs
     P = len(rec.points3D)
-    key = torch.unique(torch.minimum(a, b) * P + torch.maximum(a, b))
+    keys = []
+    # ranges of pairs, each deduplicated on its own first (neighbouring image pairs repeat the
+    # same point pairs): no per-match array of the whole graph
+    for e0, e1 in vg.chunks(rows_per_chunk(point_of.device, vg.matches.shape[0])):
+        sub = vg.pair_slice(e0, e1)
+        pm = sub.pair_of_match()
+        use = sub.valid[pm]
+        m, pm = sub.matches[use], pm[use]
+        a = point_of[kp.offsets[sub.pairs[pm, 0]] + m[:, 0]]
+        b = point_of[kp.offsets[sub.pairs[pm, 1]] + m[:, 1]]
+        ok = (a >= 0) & (b >= 0) & (a != b)
+        a, b = a[ok].long(), b[ok].long()
+        # one int64 key per pair: a 1-D unique is ~50x faster than unique(dim=0) on 2M pairs
+        keys.append(torch.unique(torch.minimum(a, b) * P + torch.maximum(a, b)))
+    key = torch.unique(torch.cat(keys)) if keys else point_of.new_zeros(0)
     return torch.stack([key // P, key % P], 1)
 
 

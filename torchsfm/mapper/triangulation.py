@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..cameras.models import project_cameras, unproject_cameras
 from ..data.model import Points3D, Reconstruction, Tracks, group_pairs, offsets_from_counts
-from ..runtime.chunks import CPU_CHUNK_ROWS, row_chunks
+from ..runtime.chunks import row_chunks, rows_per_chunk
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def unprojected_keypoints(rec: Reconstruction, pairs: Tensor | None = None) -> T
     pairs, with no per-match array of the whole graph (45M matches at 10,000 images)."""
     kp, vg = rec.keypoints, rec.view_graph
     used = torch.zeros(len(kp), dtype=torch.bool, device=kp.xy.device)
-    for e0, e1 in vg.chunks(CPU_CHUNK_ROWS):
+    for e0, e1 in vg.chunks(rows_per_chunk(kp.xy.device, vg.matches.shape[0])):
         sub = vg.pair_slice(e0, e1)
         p, m = sub.pair_of_match(), sub.matches
         if pairs is not None:
@@ -96,20 +96,23 @@ def triangulate(R: Tensor, t: Tensor, rays: Tensor, obs_image: Tensor, obs_track
                 weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Least-squares point per track minimising the squared distances to the observation rays.
 
-    R, t: cam_from_world (I,3,3), (I,3); rays: unit bearings (O,3) in camera frames.
+    R, t: cam_from_world rotations (I,3,3) and translations (I,3); rays: unit bearings (O,3) in
+    camera frames.
     Returns points (T,3) and a bool mask of tracks whose 3x3 system was well conditioned.
     """
     num_obs, dt, dev = rays.shape[0], rays.dtype, rays.device
     AA = torch.zeros(num_tracks, 3, 3, dtype=dt, device=dev)
     bb = torch.zeros(num_tracks, 3, dtype=dt, device=dev)
     eye = torch.eye(3, dtype=dt, device=dev)
+    centers = -(R.transpose(1, 2) @ t[:, :, None])[:, :, 0]
     for c in row_chunks(num_obs, dev):
-        Ri, ti, ray = R[obs_image[c]], t[obs_image[c]], rays[c]
+        img, ray = obs_image[c], rays[c]
         # Distance of X from the ray: |(I - b b^T)(R X + t)|.  Normal equations per observation:
-        # A = R^T (I - b b^T) R,  rhs = -R^T (I - b b^T) t.
-        RtP = Ri.transpose(1, 2) @ (eye - ray[:, :, None] * ray[:, None, :])
-        A = RtP @ Ri
-        b = -(RtP @ ti[:, :, None])[:, :, 0]
+        # A = R^T (I - b b^T) R = I - w w^T and rhs = -R^T (I - b b^T) t = c + w (b.t), with the
+        # world ray w = R^T b and the centre c = -R^T t (R a rotation): no 3x3 products per ray.
+        w = torch.einsum("nji,nj->ni", R[img], ray)
+        A = eye - w[:, :, None] * w[:, None, :]
+        b = centers[img] + w * (ray * t[img]).sum(1, keepdim=True)
         if weight is not None:
             A = A * weight[c, None, None]
             b = b * weight[c, None]

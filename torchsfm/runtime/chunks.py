@@ -20,3 +20,9 @@ def row_chunks(n: int, device: torch.device | str, rows: int | None = None) -> l
     if torch.device(device).type != "cpu" or n <= step:
         return [slice(0, n)]
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def rows_per_chunk(device: torch.device | str, n: int) -> int:
+    """How many rows a chunked pass takes at a time: CPU_CHUNK_ROWS on the CPU, all `n` (at
+    least 1) elsewhere."""
+    return CPU_CHUNK_ROWS if torch.device(device).type == "cpu" else max(1, n)
