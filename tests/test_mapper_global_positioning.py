@@ -53,3 +53,31 @@ def test_trimming_keeps_wrong_rays_out_of_the_start():
     assert counts["observations_dropped"] >= 0.8 * int(bad.sum())
     one, _ = global_positioning(rec, GlobalPositioningOptions(init_trim_rounds=0))
     assert metrics.evaluate(one, sc.gt)["median_translation_error_deg"] < 0.5
+
+
+@pytest.mark.parametrize("convex", [False, True])
+def test_positioning_problem_in_row_chunks_equals_one_piece(monkeypatch, convex):
+    """BATA's (and the convex start's) per-observation parts run in row chunks on the CPU: the
+    same residuals, Jacobians and scales as in one piece."""
+    import torchsfm.runtime.chunks as chunks
+    from torchsfm.mapper.global_positioning import ConvexInitProblem, PositioningProblem
+    from torchsfm.solver.problem import Step
+
+    g = torch.Generator().manual_seed(4)
+    C, P, N = 6, 20, 61
+    c, X = torch.randn(C, 3, generator=g, dtype=torch.float64), 3 * torch.randn(P, 3, generator=g, dtype=torch.float64)
+    v = torch.nn.functional.normalize(torch.randn(N, 3, generator=g, dtype=torch.float64), dim=1)
+    ci, pi = torch.randint(0, C, (N,), generator=g), torch.randint(0, P, (N,), generator=g)
+    w = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+
+    def run():
+        prob = (ConvexInitProblem(c, X, v, ci, pi, w, 0) if convex else PositioningProblem(c, X, v, ci, pi, w, 0, 1e-5))
+        lin = prob.linearize()
+        step = Step(0.1 * torch.ones(C, 3, dtype=torch.float64), -0.1 * torch.ones(P, 3, dtype=torch.float64),
+                    torch.zeros(0, dtype=torch.float64))
+        return [prob.s, lin.residuals, lin.jac_cam, lin.jac_point, prob.residuals(), prob.residuals(step)]
+
+    whole = run()
+    monkeypatch.setattr(chunks, "CPU_CHUNK_ROWS", 8)
+    for a, b in zip(whole, run()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
