@@ -81,3 +81,10 @@ def test_positioning_problem_in_row_chunks_equals_one_piece(monkeypatch, convex)
     monkeypatch.setattr(chunks, "CPU_CHUNK_ROWS", 8)
     for a, b in zip(whole, run()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    prob = ConvexInitProblem(c, X, v, ci, pi, w, 0) if convex else PositioningProblem(c, X, v, ci, pi, w, 0, 1e-5)
+    assert prob.linearize().layout == "soa"  # written in the solver's layout
+    if convex:  # exact Jacobians (BATA's are Kaufman's variable-projection approximation)
+        from torchsfm.solver import check_jacobians
+
+        chk = check_jacobians(prob, eps=1e-6)
+        assert chk.max_rel_error_cam < 1e-6 and chk.max_rel_error_point < 1e-6, chk

@@ -85,15 +85,20 @@ class PositioningProblem:
         self.cam_param_map = compact_param_map(pm)[0]
         self._trial_s: Tensor | None = None
 
-    def _rows(self, fn, widths: tuple) -> tuple[Tensor, ...]:
+    def _rows(self, fn, widths: tuple, soa: bool = False) -> tuple[Tensor, ...]:
         """fn(rows) -> per-observation parts of those rows, written into outputs of the given
-        trailing shapes, in cache-sized row chunks (`runtime.chunks`): the per-observation chains
-        of a 10,000-image corridor (1.8M observations) ran 3x slower per observation in one piece."""
+        trailing shapes (with `soa`, the solver's layout: observations last), in cache-sized row
+        chunks (`runtime.chunks`): the per-observation chains of a 10,000-image corridor (1.8M
+        observations) ran 3x slower per observation in one piece, and transposing the whole
+        linearisation afterwards took 3.2 s of its positioning."""
         n, ref = self.v.shape[0], self.v
-        outs = tuple(ref.new_empty(n, *w) for w in widths)
+        outs = tuple(ref.new_empty(*w, n) if soa else ref.new_empty(n, *w) for w in widths)
         for c in row_chunks(n, ref.device):
             for o, part in zip(outs, fn(c)):
-                o[c] = part
+                if soa:
+                    o[..., c] = part.movedim(0, -1)
+                else:
+                    o[c] = part
         return outs
 
     def _parts(self, c: Tensor, X: Tensor, s: Tensor, rows):
@@ -121,7 +126,7 @@ class PositioningProblem:
             Pm = torch.eye(3, dtype=d.dtype, device=d.device) - dh[:, :, None] * dh[:, None, :]
             Jc = Pm * (self.w[rows] * self.s[rows])[:, None, None]  # dr/dc = w s I, dr/dX = -w s I
             return r, Jc, -Jc
-        return Linearization(*self._rows(part, ((3,), (3, 3), (3, 3))))
+        return Linearization(*self._rows(part, ((3,), (3, 3), (3, 3)), soa=True), "soa")
 
     def residuals(self, step: Step | None = None) -> Tensor:
         if step is None:
@@ -170,7 +175,7 @@ class ConvexInitProblem(PositioningProblem):
             Pm = eye - torch.where(free[:, None, None], v[:, :, None] * v[:, None, :], torch.zeros_like(eye))
             Jx = Pm * self.w[rows, None, None]
             return r, -Jx, Jx
-        return Linearization(*self._rows(part, ((3,), (3, 3), (3, 3))))
+        return Linearization(*self._rows(part, ((3,), (3, 3), (3, 3)), soa=True), "soa")
 
 
 def _triangulate_rest(R: Tensor, t: Tensor, rays: Tensor, obs_image: Tensor, point: Tensor, chosen: Tensor,
