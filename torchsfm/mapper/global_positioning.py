@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from ..data.model import Points3D, Reconstruction, spread_subset
+from ..runtime.chunks import row_chunks
 from ..solver.options import SolverOptions
 from ..solver.problem import Linearization, Step, compact_param_map
 from .problem_caps import nominated_tracks
-from ..runtime.chunks import row_chunks
 from .triangulation import bearings, triangulate
 
 log = logging.getLogger(__name__)
