@@ -50,8 +50,9 @@ def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------- keypoint convention
 
 
-@pytest.mark.parametrize("size,max_size", [((256, 192), 1024), ((512, 384), 256), ((500, 375), 256)])
-def test_keypoints_in_colmap_pixel_convention(size, max_size):
+@pytest.mark.parametrize("size,max_size,min_size", [((256, 192), 1024, 0), ((512, 384), 256, 0), ((500, 375), 256, 0),
+                                                     ((250, 190), 1024, 512), ((256, 192), 512, 256)])
+def test_keypoints_in_colmap_pixel_convention(size, max_size, min_size):
     """The networks (kornia's ALIKED and DISK, XFeat) give pixel centres at integer coordinates on
     the copy they see; COLMAP puts the corner at 0. A detection on the centre of the resized
     copy's pixel (i, j) must come out at ((i + 0.5) * w / nw, (j + 0.5) * h / nh): that pixel's
@@ -75,10 +76,11 @@ def test_keypoints_in_colmap_pixel_convention(size, max_size):
             return [(k, torch.eye(3, 64), torch.tensor([3.0, 2.0, 1.0]))] * b
 
     w, h = size
-    ex = Stub(ExtractOptions(learned_max_image_size=max_size, learned_rotations=1), "cpu")
+    ex = Stub(ExtractOptions(learned_max_image_size=max_size, learned_min_image_size=min_size, learned_rotations=1),
+              "cpu")
     (kp, de), = ex.extract_batch([np.zeros((h, w), np.uint8)])
     nh, nw = seen["shape"][2:]
-    assert max(nw, nh) <= max_size and seen["shape"][:2] == (1, 3)
+    assert max(min(max(w, h), max_size), min_size) == max(nw, nh) and seen["shape"][:2] == (1, 3)
     sx, sy = w / nw, h / nh
     expect = np.array([[0.5 * sx, 0.5 * sy], [w - 0.5 * sx, h - 0.5 * sy], [3.5 * sx, 5.5 * sy]])
     np.testing.assert_allclose(kp[:, :2], expect, rtol=1e-6)

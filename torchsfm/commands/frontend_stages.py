@@ -65,6 +65,9 @@ EXTRACT_FLAGS = [
          "extra: xfeat, aliked (n16rot), disk", choices=tuple(sorted(feature_types()))),
     Flag("learned_max_image_size", "--learned-max-image-size",
          help="learned features run on a copy whose longer side is at most this; keypoints are scaled back"),
+    Flag("learned_min_image_size", "--learned-min-image-size",
+         help="smaller images are upscaled for learned features until their longer side is this (0: never): "
+         "finer keypoints"),
     Flag("learned_max_keypoints", "--learned-max-keypoints", help="most learned keypoints per image (best scores)"),
     Flag("learned_batch_size", "--learned-batch-size", help="images of one size per network batch"),
     Flag("learned_rotations", "--learned-rotations", help="learned features are also described on each image "

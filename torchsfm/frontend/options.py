@@ -79,6 +79,9 @@ class ExtractOptions:
     # longer side is at most learned_max_image_size (LightGlue's default 1024), keep the
     # learned_max_keypoints best-scored keypoints, and batch images of one size on --device
     learned_max_image_size: int = 1024
+    # ... and a smaller image is upscaled until its longer side is this (0: never): the networks
+    # place keypoints to a fraction of their own pixel, so a finer grid gives finer keypoints
+    learned_min_image_size: int = 0
     learned_max_keypoints: int = 2048
     learned_batch_size: int = 4
     # learned features are described again on each image turned by quarter turns (1: upright
@@ -108,6 +111,8 @@ class ExtractOptions:
         if min(self.max_image_size, self.max_num_features, self.learned_max_image_size, self.learned_max_keypoints,
                self.learned_batch_size) <= 0:
             raise ValueError("max_image_size, max_num_features and the learned_* sizes must be positive")
+        if not 0 <= self.learned_min_image_size <= self.learned_max_image_size:
+            raise ValueError("learned_min_image_size must be between 0 and learned_max_image_size")
         if self.learned_rotations not in (1, 2, 4):
             raise ValueError(f"learned_rotations must be 1, 2 or 4, not {self.learned_rotations}")
         if self.default_focal_length_factor <= 0:

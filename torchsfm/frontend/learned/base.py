@@ -47,6 +47,7 @@ class LearnedExtractor:
     def __init__(self, options: ExtractOptions, device: str = "cpu"):
         self.device = torch.device(device)
         self.max_image_size = int(options.learned_max_image_size)
+        self.min_image_size = int(options.learned_min_image_size)
         self.max_keypoints = int(options.learned_max_keypoints)
         self.batch_size = max(1, int(options.learned_batch_size))
         self.turns = quarter_turns(int(options.learned_rotations))
@@ -63,9 +64,11 @@ class LearnedExtractor:
         raise NotImplementedError
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
-        """The (width, height) the network sees: longer side at most max_image_size, sides
-        rounded down to `multiple` (at least one multiple)."""
+        """The (width, height) the network sees: longer side at most max_image_size and, when
+        min_image_size is set, at least that; sides rounded down to `multiple` (at least one)."""
         s = min(1.0, self.max_image_size / max(width, height))
+        if max(width, height) < self.min_image_size:
+            s = self.min_image_size / max(width, height)
         m = self.multiple
         return max(m, int(round(width * s)) // m * m), max(m, int(round(height * s)) // m * m)
 
