@@ -196,3 +196,30 @@ def test_shared_camera_focal_recovered(device):
     f = verify_pairs(b, VerificationOptions(shared_focal=False))
     assert f.config.tolist() == [TWO_VIEW_UNCALIBRATED] * 4
     assert (f.inliers != g.inliers).sum() <= 0.02 * g.inliers.sum()
+
+
+@pytest.mark.parametrize("prior_focal", [False, True])
+def test_min_inlier_ratio_rejects_pairs_with_many_outliers(device, prior_focal):
+    """COLMAP's TwoViewGeometryOptions.min_inlier_ratio (`--min-inlier-ratio`; 0.8 by default for
+    LightGlue matches): a pair whose geometry explains too small a share of its matches is
+    degenerate, whatever its inlier count."""
+    pairs = [make_pair("general", 150, r, 0.5, seed=s) for s, r in enumerate([0.1, 0.35])]
+    plain = verify_pairs(batch_of(pairs, prior_focal=prior_focal, device=device))
+    assert TWO_VIEW_DEGENERATE not in plain.config.tolist()
+    assert plain.num_inliers[1] > 140  # well above min_num_inliers: only the ratio can reject it
+    gated = verify_pairs(batch_of(pairs, prior_focal=prior_focal, device=device),
+                         VerificationOptions(two_view_min_inlier_ratio=0.8))
+    assert gated.config[0] != TWO_VIEW_DEGENERATE and gated.num_inliers[0] == plain.num_inliers[0]
+    assert gated.config[1] == TWO_VIEW_DEGENERATE and gated.num_inliers[1] == 0
+
+
+def test_min_inlier_ratio_auto_follows_the_matcher():
+    from torchsfm.frontend.options import LIGHTGLUE_MIN_INLIER_RATIO, MatchOptions
+    from torchsfm.frontend.torch_matcher import verification_options
+
+    assert verification_options(MatchOptions()).two_view_min_inlier_ratio == 0.0  # COLMAP's
+    lg = MatchOptions(matcher="lightglue")
+    assert verification_options(lg).two_view_min_inlier_ratio == LIGHTGLUE_MIN_INLIER_RATIO == 0.8
+    assert verification_options(MatchOptions(matcher="lightglue", min_inlier_ratio=0.5)).two_view_min_inlier_ratio == 0.5
+    with pytest.raises(ValueError, match="min_inlier_ratio"):
+        MatchOptions(min_inlier_ratio=1.5)

@@ -127,6 +127,10 @@ MATCH_FLAGS = [
          "match again guided by the verified geometry (--verifier colmap only)"),
     Flag("min_num_inliers", "--min-inliers", ("--TwoViewGeometry.min_num_inliers", "--min-num-inliers"),
          "a pair counts as verified with at least this many inliers"),
+    Flag("min_inlier_ratio", "--min-inlier-ratio", ("--TwoViewGeometry.min_inlier_ratio",),
+         "a verified pair's geometry must explain at least this share of its matches; -1 = auto: 0.8 with "
+         "--matcher lightglue (its matches between overlapping images are nearly all right, so many outliers mean "
+         "a wrong pair), else COLMAP's 0"),
     Flag("max_error", "--max-error", ("--TwoViewGeometry.max_error",), "RANSAC threshold in pixels"),
     Flag("confidence", "--confidence", ("--TwoViewGeometry.confidence",), "RANSAC confidence"),
     Flag("max_num_trials", "--max-num-trials", ("--TwoViewGeometry.max_num_trials",), "most RANSAC iterations"),

@@ -33,6 +33,7 @@ def _pycolmap_options(options: MatchOptions):
     mo.sift.cross_check = bool(options.cross_check)
     vo = pycolmap.TwoViewGeometryOptions()
     vo.min_num_inliers = int(options.min_num_inliers)
+    vo.min_inlier_ratio = options.effective_min_inlier_ratio()
     vo.compute_relative_pose = bool(options.compute_relative_pose)
     vo.ransac.max_error = float(options.max_error)
     vo.ransac.confidence = float(options.confidence)

@@ -61,7 +61,8 @@ def _descriptor_norm(types: np.ndarray, desc: np.ndarray) -> float:
 
 def verification_options(options: MatchOptions) -> VerificationOptions:
     vo = VerificationOptions(
-        min_num_inliers=options.min_num_inliers, max_error=options.max_error, confidence=options.confidence,
+        min_num_inliers=options.min_num_inliers, two_view_min_inlier_ratio=options.effective_min_inlier_ratio(),
+        max_error=options.max_error, confidence=options.confidence,
         max_num_trials=options.max_num_trials, compute_relative_pose=options.compute_relative_pose, seed=options.seed)
     for k, v in dict(options.verification).items():
         if not hasattr(vo, k):

@@ -33,14 +33,17 @@ def _pick(use: Tensor, est: Estimate, num: Tensor, mask: Tensor) -> tuple[Tensor
     return torch.where(use, est.num, num), torch.where(use[:, None], est.inliers, mask)
 
 
-def decide_uncalibrated(F: Estimate, H: Estimate, opt: VerificationOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """(config, num_inliers, inlier mask) of EstimateUncalibratedTwoViewGeometry."""
+def decide_uncalibrated(F: Estimate, H: Estimate, num_matches: Tensor, opt: VerificationOptions
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(config, num_inliers, inlier mask) of EstimateUncalibratedTwoViewGeometry. COLMAP checks
+    min_inlier_ratio only in the other two paths; we check it here too (0, off, by default), so
+    that LightGlue's gate holds for pairs of cameras without a known focal length."""
     m = opt.min_num_inliers
     degenerate = (~F.success & ~H.success) | ((F.num < m) & (H.num < m))
     planar = _ratio(H.num, F.num) > opt.max_H_inlier_ratio
     config = torch.where(planar, TWO_VIEW_PLANAR_OR_PANORAMIC, TWO_VIEW_UNCALIBRATED)
     num, mask = _pick(planar & (H.num >= F.num), H, F.num, F.inliers)
-    return _degenerate(config, num, mask, degenerate)
+    return _degenerate(config, num, mask, _too_few(degenerate, num, num_matches, opt))
 
 
 def decide_calibrated(E: Estimate, F: Estimate, H: Estimate, num_matches: Tensor, opt: VerificationOptions
@@ -61,9 +64,7 @@ def decide_calibrated(E: Estimate, F: Estimate, H: Estimate, num_matches: Tensor
     num, mask = _pick(planar & (H.num > num) | only_h, H, num, mask)
     config = torch.where(planar, TWO_VIEW_PLANAR_OR_PANORAMIC,
                          torch.where(calib, TWO_VIEW_CALIBRATED, TWO_VIEW_UNCALIBRATED))
-    if opt.two_view_min_inlier_ratio > 0:
-        degenerate = degenerate | (_ratio(num, num_matches) < opt.two_view_min_inlier_ratio)
-    return _degenerate(config, num, mask, degenerate)
+    return _degenerate(config, num, mask, _too_few(degenerate, num, num_matches, opt))
 
 
 def decide_shared_focal(SF: Estimate, H: Estimate, num_matches: Tensor, opt: VerificationOptions
@@ -78,9 +79,14 @@ def decide_shared_focal(SF: Estimate, H: Estimate, num_matches: Tensor, opt: Ver
     degenerate = degenerate | (~use_sf & ~use_h)
     config = torch.where(use_sf, TWO_VIEW_UNCALIBRATED, TWO_VIEW_PLANAR_OR_PANORAMIC)
     num, mask = _pick(use_h, H, SF.num, SF.inliers)
+    return _degenerate(config, num, mask, _too_few(degenerate, num, num_matches, opt))
+
+
+def _too_few(degenerate: Tensor, num: Tensor, num_matches: Tensor, opt: VerificationOptions) -> Tensor:
+    """Also degenerate: the model explains less than min_inlier_ratio of the matches."""
     if opt.two_view_min_inlier_ratio > 0:
-        degenerate = degenerate | (_ratio(num, num_matches) < opt.two_view_min_inlier_ratio)
-    return _degenerate(config, num, mask, degenerate)
+        return degenerate | (_ratio(num, num_matches) < opt.two_view_min_inlier_ratio)
+    return degenerate
 
 
 def _degenerate(config: Tensor, num: Tensor, mask: Tensor, degenerate: Tensor):

@@ -192,7 +192,7 @@ def verify_pairs(batch: PairBatch, options: VerificationOptions | None = None) -
                     h_floor)
     H_est = Estimate(Hr.success, Hr.num_inliers, Hr.inliers)
 
-    config, num_inliers, inliers = decide_uncalibrated(F_est, H_est, opt)
+    config, num_inliers, inliers = decide_uncalibrated(F_est, H_est, num, opt)
     cfg_c, n_c, m_c = decide_calibrated(E_est, F_est, H_est, num, opt)
     config = torch.where(calibrated, cfg_c, config)
     num_inliers = torch.where(calibrated, n_c, num_inliers)
