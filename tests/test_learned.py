@@ -470,3 +470,23 @@ def test_templering_across_its_180_degree_flip_with_turns(tmp_path):
     assert ev[4]["num_registered"] == 7
     assert ev[4]["median_rotation_error_deg"] < 5 and ev[1]["median_rotation_error_deg"] > 15, ev
     assert ev[4]["auc@10"] > 2 * ev[1]["auc@10"], ev
+
+
+@needs_extra
+@pytest.mark.parametrize("name", ["aliked", "xfeat", "disk"])
+def test_detection_threshold_zero_keeps_the_best_max_keypoints(name):
+    """`--learned-detection-threshold 0` keeps the --learned-max-keypoints best maxima even on a dark,
+    faint image, where ALIKED's own threshold (-1, the default: 0.2) keeps fewer; a high one keeps
+    fewer keypoints (XFeat)."""
+    img = (_texture(192, 256, 5).astype(np.float32) * 0.08 + 12).astype(np.uint8)  # dark, 6 % contrast
+    own = len(_extractor(name, learned_max_keypoints=300).extract(img)[0])
+    none = len(_extractor(name, learned_max_keypoints=300, learned_detection_threshold=0).extract(img)[0])
+    assert none == 300
+    if name == "aliked":
+        assert own < none
+    if name == "xfeat":  # its own 0.05 keeps 300 here; 0.9 is above nearly every score
+        assert len(_extractor(name, learned_max_keypoints=300, learned_detection_threshold=0.9).extract(img)[0]) < 30
+    from torchsfm.frontend.options import ExtractOptions
+
+    with pytest.raises(ValueError, match="learned_detection_threshold"):
+        ExtractOptions(learned_detection_threshold=-0.5)

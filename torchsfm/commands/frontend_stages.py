@@ -68,6 +68,9 @@ EXTRACT_FLAGS = [
     Flag("learned_min_image_size", "--learned-min-image-size",
          help="smaller images are upscaled for learned features until their longer side is this (0: never): "
          "finer keypoints"),
+    Flag("learned_detection_threshold", "--learned-detection-threshold",
+         help="learned detector's score threshold: -1 = the network's own (aliked 0.2, xfeat 0.05, disk 0); 0 = none, "
+         "the --learned-max-keypoints best (more keypoints on dark or low-texture images)"),
     Flag("learned_max_keypoints", "--learned-max-keypoints", help="most learned keypoints per image (best scores)"),
     Flag("learned_batch_size", "--learned-batch-size", help="images of one size per network batch"),
     Flag("learned_rotations", "--learned-rotations", help="learned features are also described on each image "

@@ -87,6 +87,9 @@ class ExtractOptions:
     # ... and a smaller image is upscaled until its longer side is this (0: never): the networks
     # place keypoints to a fraction of their own pixel, so a finer grid gives finer keypoints
     learned_min_image_size: int = 0
+    # the detector's score threshold; -1: each network's own (ALIKED 0.2, XFeat 0.05, DISK 0);
+    # 0: no threshold, the learned_max_keypoints best-scored local maxima
+    learned_detection_threshold: float = -1.0
     learned_max_keypoints: int = 2048
     learned_batch_size: int = 4
     # learned features are described again on each image turned by quarter turns (1: upright
@@ -118,6 +121,9 @@ class ExtractOptions:
             raise ValueError("max_image_size, max_num_features and the learned_* sizes must be positive")
         if not 0 <= self.learned_min_image_size <= self.learned_max_image_size:
             raise ValueError("learned_min_image_size must be between 0 and learned_max_image_size")
+        if not (self.learned_detection_threshold == -1 or self.learned_detection_threshold >= 0):
+            raise ValueError(f"learned_detection_threshold must be >= 0 or -1 (the network's own), "
+                             f"not {self.learned_detection_threshold}")
         if self.learned_rotations not in (1, 2, 4):
             raise ValueError(f"learned_rotations must be 1, 2 or 4, not {self.learned_rotations}")
         if self.default_focal_length_factor <= 0:

@@ -5,7 +5,7 @@ surface has little to detect) lit by one fixed light, rendered by sphere tracing
 distance field (a sphere, a tilted torus and a rounded box), no background, 8-bit with sensor
 noise. Cameras sit on a ring looking at the object. Same seed, same bytes.
 
-    python -m torchsfm.synthetic.low_texture OUT [--images 16] [--seed 0]
+    python -m torchsfm.synthetic.low_texture OUT [--images 16] [--seed 0] [--texture-contrast 0.06]
 
 writes OUT/images/*.png and OUT/gt/ (COLMAP text model: one PINHOLE camera, poses, no points), the
 layout of ../shared/data's scenes.
@@ -32,6 +32,7 @@ class LowTextureScene:
     albedo: float = 0.18
     texture_contrast: float = 0.06  # relative amplitude of the surface texture
     texture_waves: int = 24
+    texture_max_frequency: float = 24.0  # rad per scene unit (the object is ~1.6 units wide, ~300 px)
     noise_dn: float = 1.0  # sensor noise, 8-bit units
     seed: int = 0
 
@@ -93,7 +94,7 @@ def render(scene: LowTextureScene, R: np.ndarray, t: np.ndarray, generator: torc
     shade = 0.1 + 0.9 * (n @ light).clamp_min(0)
     g = torch.Generator().manual_seed(scene.seed)  # the texture is fixed to the object: same for every view
     freq = torch.nn.functional.normalize(torch.randn(scene.texture_waves, 3, generator=g, dtype=dt), dim=1)
-    freq = freq * (6 + 18 * torch.rand(scene.texture_waves, 1, generator=g, dtype=dt))
+    freq = freq * (6 + (scene.texture_max_frequency - 6) * torch.rand(scene.texture_waves, 1, generator=g, dtype=dt))
     phase = 2 * math.pi * torch.rand(scene.texture_waves, generator=g, dtype=dt)
     texture = torch.sin(p[hit] @ freq.T + phase).sum(1) / math.sqrt(scene.texture_waves / 2)
     albedo = scene.albedo * (1 + scene.texture_contrast * texture)
@@ -132,8 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--texture-contrast", type=float, default=LowTextureScene.texture_contrast,
+                    help="relative amplitude of the surface texture (default: %(default)s)")
+    ap.add_argument("--texture-waves", type=int, default=LowTextureScene.texture_waves,
+                    help="number of sine waves summed into the texture (default: %(default)s)")
+    ap.add_argument("--texture-max-frequency", type=float, default=LowTextureScene.texture_max_frequency,
+                    help="highest spatial frequency of the texture, radians per scene unit; the object is about "
+                    "1.6 units wide (default: %(default)s)")
     a = ap.parse_args(argv)
-    write_scene(a.out, LowTextureScene(num_images=a.images, seed=a.seed))
+    write_scene(a.out, LowTextureScene(num_images=a.images, seed=a.seed, texture_contrast=a.texture_contrast,
+                                       texture_waves=a.texture_waves, texture_max_frequency=a.texture_max_frequency))
 
 
 if __name__ == "__main__":

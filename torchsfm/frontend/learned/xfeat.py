@@ -13,7 +13,7 @@ from .weights import LearnedExtraMissing, package_file, require_kornia
 class Extractor(LearnedExtractor):
     feature_type = XFEAT
     multiple = 32
-    detection_threshold = 0.05  # XFeat's default
+    default_threshold = 0.05  # XFeat's
 
     def _load(self) -> torch.nn.Module:
         require_kornia("--features xfeat")
