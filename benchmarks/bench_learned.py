@@ -31,12 +31,12 @@ DEFAULT_CONFIGS = "sift:nn,xfeat:lightglue,aliked:lightglue,disk:lightglue"
 
 
 def scene_paths(name: str, out: Path) -> tuple[Path, Path]:
-    if name == "low_texture":
-        folder = out / "low_texture"
+    if name in ("low_texture", "low_texture_medium"):  # the faint and the medium preset
+        folder = out / name
         if not (folder / "gt" / "images.txt").exists():
-            from torchsfm.synthetic.low_texture import write_scene
+            from torchsfm.synthetic.low_texture import PRESETS, LowTextureScene, write_scene
 
-            write_scene(folder)
+            write_scene(folder, LowTextureScene(**PRESETS["medium" if name.endswith("medium") else "faint"]))
         return folder / "images", folder / "gt"
     return DATA / name / "images", DATA / name / "gt"
 
