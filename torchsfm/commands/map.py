@@ -22,8 +22,8 @@ MAPPER_FLAGS = [
          "no focal-length calibration from the view graph"),
     Flag("loop_consistency.mode", "--loop-consistency",
          help="drop image pairs whose relative rotation the triangles of the view graph contradict (wrong pairs "
-         "of symmetric or repetitive scenes, which fold the model): auto = only when most triangles do not close, "
-         "always, never", choices=("auto", "always", "never")),
+         "of symmetric or repetitive scenes, which fold the model): auto = always on learned features, and on SIFT "
+         "only when most triangles do not close; always; never", choices=("auto", "always", "never")),
     Flag("loop_consistency.max_cycle_error_deg", "--loop-max-cycle-error",
          help="degrees: a triangle of pairs is consistent when its composed rotation is within this of the "
          "identity", metavar="DEG"),

@@ -215,6 +215,16 @@ TURNED_TABLE = "torchsfm_turned_descriptors"
 _COLMAP_FLOAT_TYPES = frozenset({1, 2, 3, 4})
 
 
+def has_learned_descriptors(path: str | Path) -> bool:
+    """Whether the database holds descriptors other than SIFT's (learned features); False for a
+    database without a descriptors table (one written by other tools)."""
+    with contextlib.closing(sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)) as conn:
+        if not _has_table(conn, "descriptors"):
+            return False
+        return conn.execute("SELECT 1 FROM descriptors WHERE rows > 0 AND type != ? LIMIT 1",
+                            (DESCRIPTOR_SIFT,)).fetchone() is not None
+
+
 def decode_descriptors(rows: int, cols: int, data: bytes, descriptor_type: int) -> np.ndarray:
     """A descriptors row as an (n, D) array: uint8 for SIFT; float32 for float types, which COLMAP
     stores as their bytes (cols = 4 D); a blob of rows x cols float32 values (written so by an

@@ -9,9 +9,11 @@ pair (i, j) the composed rotations R_jk R_ij and R_ik of the other pairs (i, k),
 around a wrong one they do not, unless the third pair is wrong the same way.
 
 Each triangle's cycle error angle(R_yz R_xy R_xz^T) is compared with `max_cycle_error_deg`. A
-pair is kept while at least min(`min_consistent_triangles`, its triangles) of its triangles whose
-three pairs are still kept are consistent; dropping repeats until nothing changes. A pair in no
-triangle (a chain link, a bridge) has nothing to check against and is kept. (Zach, Klopschitz and
+pair is kept while at least min(`min_consistent_triangles`, its live triangles) of its live
+triangles (those whose three pairs are still kept) are consistent. Each round drops the pairs that
+no live triangle confirms, or, when there are none, those confirmed too few times; rounds repeat
+until nothing changes. A pair in no triangle (a chain link, a bridge) has nothing to check against
+and is kept, and so is a pair whose triangles all ran through dropped pairs. (Zach, Klopschitz and
 Pollefeys, "Disambiguating visual relations using loop constraints", CVPR 2010, use cycles the
 same way; this is the triangle rule, vectorised over all triangles.)
 
@@ -24,7 +26,7 @@ on sparse captures each lost pair costs accuracy (measured on the robustness sub
 When the pairs it would keep hold fewer than half of the images together (too few triangles
 close to tell right pairs from wrong ones), nothing is dropped and a warning says so.
 
-Host reads: one per round (whether the kept set changed), plus the triangle enumeration's chunking.
+Host reads: one per round (whether anything is dropped), plus the triangle enumeration's chunking.
 """
 from __future__ import annotations
 
@@ -125,15 +127,20 @@ def filter_by_loop_consistency(
     if o.mode == "auto" and report.num_consistent_triangles > o.auto_max_consistent_fraction * report.num_triangles:
         return rec, report
     report.applied = True
-    need = had.clamp(max=o.min_consistent_triangles)
     alive = torch.ones(E, dtype=torch.bool, device=pairs.device)
     for report.rounds in range(1, o.max_rounds + 1):
-        live = ok & alive[tri].all(1)
-        support = torch.bincount(tri[live].reshape(-1), minlength=E)
-        keep = alive & (support >= need)
-        if torch.equal(keep, alive):
+        live = alive[tri].all(1)  # triangles whose three pairs are still kept
+        support = torch.bincount(tri[live & ok].reshape(-1), minlength=E)
+        need = torch.bincount(tri[live].reshape(-1), minlength=E).clamp(max=o.min_consistent_triangles)
+        short = alive & (support < need)
+        # pairs no triangle confirms go first: a right pair next to wrong ones (a bridge over a gap
+        # in the capture, whose other triangles run through wrong pairs) is judged again on the
+        # triangles that remain once those are gone
+        unconfirmed = short & (support == 0)
+        drop = torch.where(unconfirmed.any(), unconfirmed, short)
+        if not bool(drop.any()):
             break
-        alive = keep
+        alive = alive & ~drop
     n = len(rec.images)
     before, _ = largest_component(n, pairs)
     after, _ = largest_component(n, pairs, alive)
