@@ -65,6 +65,26 @@ def extracted(scene: str, feature: str, out: Path, threads: int, extra: list[str
     return db, float(done.read_text())
 
 
+def remap(row: dict, out: Path, threads: int) -> dict:
+    """The row again with only its map step rerun on its matched database (the mapper changed,
+    the database did not): new map time, registered images and AUCs."""
+    work = out / row["scene"] / f"{row['features']}-{row['matcher']}{row.get('variant') and '-' + row['variant']}"
+    shutil.rmtree(work / "map", ignore_errors=True)
+    row = dict(row, map_s=torchsfm(["map", str(work / "database.db"), str(work / "map")], threads, check=False))
+    return row | _scores(work, scene_paths(row["scene"], out)[1])
+
+
+def _scores(work: Path, gt: Path) -> dict:
+    from torchsfm.io.colmap_model import read_model
+    from torchsfm.metrics import evaluate
+
+    model = work / "map" / "sparse" / "0"
+    if model.is_dir():
+        ev = evaluate(read_model(model), read_model(gt))
+        return {k: ev[k] for k in ("num_registered", "auc@1", "auc@3", "auc@5", "auc@10")}
+    return {"num_registered": 0, "auc@1": 0.0, "auc@3": 0.0, "auc@5": 0.0, "auc@10": 0.0}
+
+
 def run_one(scene: str, feature: str, matcher: str, out: Path, threads: int, extra: list[str],
             match_extra: list[str], tag: str = "") -> dict:
     _, gt = scene_paths(scene, out)
@@ -89,16 +109,7 @@ def run_one(scene: str, feature: str, matcher: str, out: Path, threads: int, ext
                match_verify_s_per_pair=ma["details"]["stage_times"]["match+verify"] / max(1, n_pairs),
                verified_pairs=ma["counts"]["num_verified"],
                inliers_per_verified_pair=ma["counts"]["num_inlier_matches"] / max(1, ma["counts"]["num_verified"]))
-    from torchsfm.io.colmap_model import read_model
-    from torchsfm.metrics import evaluate
-
-    model = work / "map" / "sparse" / "0"
-    if model.is_dir():
-        ev = evaluate(read_model(model), read_model(gt))
-        row.update({k: ev[k] for k in ("num_registered", "auc@1", "auc@3", "auc@5", "auc@10")})
-    else:
-        row.update({"num_registered": 0, "auc@1": 0.0, "auc@3": 0.0, "auc@5": 0.0, "auc@10": 0.0})
-    return row
+    return row | _scores(work, gt)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -127,6 +138,8 @@ def main() -> None:
                     "(extractions are cached in OUT per scene, feature and these options)")
     ap.add_argument("--match-args", default="", help="more `torchsfm match` options, e.g. '--lightglue-threshold 0.2'")
     ap.add_argument("--tag", default="", help="name of this variant (rows of another tag are kept)")
+    ap.add_argument("--remap", action="store_true", help="rerun only the map step of the rows of --scenes, --configs "
+                    "and --tag already in OUT (a changed mapper, the same matched databases)")
     ap.add_argument("--table-from", default="", help="only write --md from these bench_learned.json files "
                     "(comma-separated; runs in separate --out folders, e.g. in parallel)")
     a = ap.parse_args()
@@ -138,16 +151,27 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "bench_learned.json"
-    rows = json.loads(results.read_text())["rows"] if results.exists() else []
+    before = json.loads(results.read_text()) if results.exists() else {"rows": [], "meta": {}}
+    rows = before["rows"]
+    command = "python " + " ".join(sys.argv)
+    if before["meta"].get("command"):
+        command = before["meta"]["command"] + "; then " + command
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "command": "python " + " ".join(sys.argv), "threads": a.threads,
+            "command": command, "threads": a.threads,
             "note": "provisional timings: a shared 2-core machine"}
     for scene in a.scenes.split(","):
         for cfg in a.configs.split(","):
             feature, matcher = cfg.split(":")
             key = (scene, feature, matcher, a.tag)
-            rows = [r for r in rows if (r["scene"], r["features"], r["matcher"], r.get("variant", "")) != key]
-            rows.append(run_one(scene, feature, matcher, out, a.threads, a.extract_args.split(), a.match_args.split(), a.tag))
+            old = [r for r in rows if (r["scene"], r["features"], r["matcher"], r.get("variant", "")) == key]
+            rows = [r for r in rows if r not in old]
+            if a.remap:
+                if not old:
+                    raise SystemExit(f"--remap: no row {key} in {results}")
+                rows.append(remap(old[0], out, a.threads))
+            else:
+                rows.append(run_one(scene, feature, matcher, out, a.threads, a.extract_args.split(), a.match_args.split(),
+                                    a.tag))
             results.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
     if a.md:
