@@ -173,6 +173,28 @@ def test_nothing_is_dropped_when_the_kept_pairs_would_lose_most_images(caplog):
     assert "are kept" in caplog.text
 
 
+def test_nothing_is_dropped_when_the_kept_pairs_would_cut_off_a_few_images():
+    """A sparse ring whose last three images join the rest only through pairs with noisy
+    rotations (20 deg off: a focal length not yet calibrated, a wide baseline) that no triangle
+    confirms: dropping them would cut 3 of 20 images off (a 16-image low-texture ring lost 8 that
+    way). Filtering is all or nothing: it is only applied when the kept pairs hold at least 90 %
+    of the images together."""
+    _, rec = _ring(seed=9)
+    vg = rec.view_graph
+    i, j = vg.pairs[:, 0], vg.pairs[:, 1]
+    vg.valid = (j - i) <= 3
+    across = torch.nonzero(vg.valid & (i <= 16) & (j >= 17))[:, 0]
+    g = torch.Generator().manual_seed(13)  # (two noisy pairs rarely close a triangle by chance; with 12 they do)
+    axis = torch.nn.functional.normalize(torch.randn(len(across), 3, generator=g, dtype=torch.float64), dim=-1)
+    R_rel = so3.quat_to_matrix(vg.rel_quat)
+    R_rel[across] = so3.exp(axis * math.radians(20)) @ R_rel[across]
+    vg.rel_quat = so3.matrix_to_quat(R_rel)
+    out, rep = filter_by_loop_consistency(rec, LoopConsistencyOptions(mode="always"))
+    assert rep.too_few_kept and not rep.applied and out is rec
+    _, rep = filter_by_loop_consistency(rec, LoopConsistencyOptions(mode="always", min_kept_fraction=0.5))
+    assert rep.applied and rep.num_pairs_dropped == len(across)  # what the old guard let happen
+
+
 @pytest.mark.parametrize("types,mode,expect", [((0,), "auto", "auto"), ((0, 1), "auto", "always"),
                                                ((1,), "never", "never"), ((), "auto", "auto")])
 def test_auto_is_always_on_learned_features(tmp_path, types, mode, expect):
