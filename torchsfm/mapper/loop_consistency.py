@@ -22,6 +22,7 @@ close (at most `auto_max_consistent_fraction` of them within the threshold: many
 mostly consistent graph gains nothing: the pairs the rule would drop there are mostly right ones
 whose rotations are noisy (wide baselines, focal lengths not yet calibrated on fixating rings), and
 on sparse captures each lost pair costs accuracy (measured on the robustness subsets: README).
+`torchsfm map` resolves auto to always for databases of learned features (`api`).
 
 When the pairs it would keep hold fewer than 90 % of the images together (too few triangles
 close to tell right pairs from wrong ones, or rotations too noisy), nothing is dropped and a

@@ -24,7 +24,8 @@ class Extractor(LearnedExtractor):
         return model
 
     def _detect(self, images: torch.Tensor):
-        feats = self.model(images, n=self.max_keypoints, window_size=5, score_threshold=self.detection_threshold, pad_if_not_divisible=True)
+        feats = self.model(images, n=self.max_keypoints, window_size=5, score_threshold=self.detection_threshold,
+                           pad_if_not_divisible=True)
         return [(f.keypoints, f.descriptors, f.detection_scores) for f in feats]
 
     def _describe(self, images: torch.Tensor, keypoints: list[torch.Tensor]) -> list[torch.Tensor]:
