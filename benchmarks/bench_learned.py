@@ -65,10 +65,15 @@ def extracted(scene: str, feature: str, out: Path, threads: int, extra: list[str
     return db, float(done.read_text())
 
 
+def work_dir(out: Path, scene: str, feature: str, matcher: str, tag: str) -> Path:
+    """The folder of one row: its matched database and its map."""
+    return out / scene / f"{feature}-{matcher}{tag and '-' + tag}"
+
+
 def remap(row: dict, out: Path, threads: int) -> dict:
     """The row again with only its map step rerun on its matched database (the mapper changed,
     the database did not): new map time, registered images and AUCs."""
-    work = out / row["scene"] / f"{row['features']}-{row['matcher']}{row.get('variant') and '-' + row['variant']}"
+    work = work_dir(out, row["scene"], row["features"], row["matcher"], row.get("variant", ""))
     shutil.rmtree(work / "map", ignore_errors=True)
     row = dict(row, map_s=torchsfm(["map", str(work / "database.db"), str(work / "map")], threads, check=False))
     return row | _scores(work, scene_paths(row["scene"], out)[1])
@@ -89,7 +94,7 @@ def run_one(scene: str, feature: str, matcher: str, out: Path, threads: int, ext
             match_extra: list[str], tag: str = "") -> dict:
     _, gt = scene_paths(scene, out)
     source, extract_s = extracted(scene, feature, out, threads, extra)
-    work = out / scene / f"{feature}-{matcher}{tag and '-' + tag}"
+    work = work_dir(out, scene, feature, matcher, tag)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     db = work / "database.db"
