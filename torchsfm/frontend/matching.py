@@ -23,6 +23,7 @@ from .colmap_db import DatabaseError, check_database, pair_ids, pair_ids_to_imag
 from .ingest import IngestError, natural_key
 from .options import MatchOptions
 from .colmap_matcher import match_and_verify_colmap
+from .fallback_merge import revert as revert_fallback
 from .pairs import exhaustive_pairs, merge_pairs, sequential_pairs, top_k_pairs
 from .torch_matcher import match_and_verify
 from .report import MatchReport, progress
@@ -72,6 +73,13 @@ def candidate_pairs(conn: sqlite3.Connection, image_ids: list[int], options: Mat
     return top_k_pairs(_global(conn, image_ids, options, device), options.num_neighbors)
 
 
+def named_pairs(names: list[str], image_pairs) -> np.ndarray:
+    """(E, 2) rows into names of the pairs named in image_pairs (both images present)."""
+    row = {n: k for k, n in enumerate(names)}
+    out = {tuple(sorted((row[a], row[b]))) for a, b in image_pairs if a in row and b in row and a != b}
+    return np.asarray(sorted(out), dtype=np.int64).reshape(-1, 2)
+
+
 def _global(conn, image_ids, options: MatchOptions, device) -> torch.Tensor:
     from .retrieval import global_descriptors
 
@@ -94,6 +102,7 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
     if not database.exists():
         raise IngestError(f"database {database} does not exist: run `torchsfm extract IMAGES --database {database}` first")
     check_database(database)
+    revert_fallback(database)  # SIFT matches first: run's learned fallback merges again afterwards
     on_ray = options.verifier == "torch" and options.executor.kind == "ray"
     # this process's device (retrieval; the torch units too when they run here): with Ray,
     # --device cuda is the cluster's, and this process may have none
@@ -107,7 +116,8 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
         device_name = "cuda" if want_cuda and pycolmap.has_cuda else "cpu"
     else:
         device_name = torch_device.type
-    report = MatchReport(database=str(database), mode=options.mode, device=device_name, verifier=options.verifier,
+    mode = "listed pairs" if options.image_pairs else options.mode
+    report = MatchReport(database=str(database), mode=mode, device=device_name, verifier=options.verifier,
                          executor=options.executor.kind if options.verifier == "torch" else "local")
 
     with contextlib.closing(sqlite3.connect(str(database))) as conn:
@@ -116,7 +126,10 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
             _check_sift_only(conn)
         if len(ids) < 2:
             raise IngestError(f"{database} has {len(ids)} image(s) with features, need at least 2: run `torchsfm extract` first")
-        rows = candidate_pairs(conn, ids, options, torch_device).numpy()
+        if options.image_pairs:
+            rows = named_pairs(names, options.image_pairs)
+        else:
+            rows = candidate_pairs(conn, ids, options, torch_device).numpy()
     report.num_images, report.num_candidate_pairs = len(ids), len(rows)
     id_arr = np.asarray(ids, dtype=np.int64)
     pid = pair_ids(id_arr[rows[:, 0]], id_arr[rows[:, 1]]) if len(rows) else np.zeros(0, np.int64)
@@ -124,7 +137,7 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
     todo = rows[~done]
     report.num_resumed = int(done.sum())
 
-    bar = progress(total=len(todo), enabled=options.progress, desc=f"match ({options.mode})", unit="pair")
+    bar = progress(total=len(todo), enabled=options.progress, desc=f"match ({mode})", unit="pair")
     try:
         if options.verifier == "colmap":
             match_and_verify_colmap(database, ids, names, todo, options, device_name, bar)

@@ -24,6 +24,7 @@ MATCHERS = ("nn", "lightglue")
 # 94-99 % inliers and wrong ones 71-84 %: 0.8 drops most wrong pairs and keeps nearly all right ones
 LIGHTGLUE_MIN_INLIER_RATIO = 0.8
 NN_ENGINES = ("auto", "exact", "ivf")
+FALLBACK_FEATURES = ("none", "aliked", "disk", "xfeat")
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("local", "ray")
 
@@ -210,6 +211,8 @@ class MatchOptions:
     chunk_size: int = 256  # pairs per pycolmap call / per transaction: the progress and resume granularity
     progress: bool = True
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)  # torch verifier only
+    # only these pairs (image names) instead of the mode's: the learned fallback's (run)
+    image_pairs: tuple[tuple[str, str], ...] = ()
 
     def effective_min_inlier_ratio(self) -> float:
         if self.min_inlier_ratio >= 0:
@@ -236,6 +239,29 @@ class MatchOptions:
         if self.overlap < 1 or self.num_neighbors < 1 or self.num_words < 2 or self.chunk_size < 1:
             raise ValueError("overlap, num_neighbors and chunk_size must be >= 1 and num_words >= 2")
         self.executor = _executor_options(self.executor)
+        self.image_pairs = tuple((str(a), str(b)) for a, b in self.image_pairs)
         if self.executor.kind == "ray" and self.verifier == "colmap":
             raise ValueError("--executor ray runs the torch verifier's work units; --verifier colmap (pycolmap's "
                              "matcher) runs on this machine only: drop one of them")
+
+
+@dataclass
+class FallbackOptions:
+    """Learned features where SIFT is weak (`frontend.fallback`, run's --fallback-features): an
+    image with fewer than `min_pairs` SIFT-verified pairs gets `features` (with the extraction's
+    learned_* settings), and its candidate pairs that SIFT did not verify are matched by LightGlue."""
+
+    features: str = "none"  # none | aliked | disk | xfeat
+    min_pairs: int = 5
+    # a learned pair is merged when its geometry explains this share of LightGlue's matches. Pairs
+    # SIFT could not verify are mostly distant views: against ground truth, 46 % (dtu_scan24) and
+    # 84 % (templeRing) of those passing LightGlue's 0.8 gate were wrong by 5 degrees or more on
+    # the robustness subsets, 35 % and 38 % of those at 0.9 (README)
+    min_inlier_ratio: float = 0.9
+
+    def __post_init__(self) -> None:
+        self.features = normalize_choice(self.features, FALLBACK_FEATURES, "fallback features")
+        if self.min_pairs < 1:
+            raise ValueError(f"fallback min_pairs must be >= 1, not {self.min_pairs}")
+        if not 0 <= self.min_inlier_ratio <= 1:
+            raise ValueError(f"fallback min_inlier_ratio must be in [0, 1], not {self.min_inlier_ratio}")
