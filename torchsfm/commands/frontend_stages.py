@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..data.camera_models import MODELS
 from ..frontend.extractors import feature_types
-from ..frontend.options import (CAMERA_MODES, DEVICES, EXECUTORS, MATCH_MODES, MATCHERS, NN_ENGINES, VERIFIERS,
-                                ExtractOptions, MatchOptions)
+from ..frontend.options import (CAMERA_MODES, DEVICES, EXECUTORS, FALLBACK_FEATURES, MATCH_MODES, MATCHERS,
+                                NN_ENGINES, VERIFIERS, ExtractOptions, FallbackOptions, MatchOptions)
 from ..report import RunReport
 from . import CLIError
 from .options import Flag
@@ -142,7 +142,17 @@ MATCH_FLAGS = [
          choices=DEVICES),
     *(f for f in EXECUTOR_FLAGS if f.field != "executor.images_per_task"),
 ]
-MATCH_EXCLUDE = ("num_threads", "progress", "verification")
+MATCH_EXCLUDE = ("num_threads", "progress", "verification", "image_pairs")
+
+FALLBACK_FLAGS = [
+    Flag("features", "--fallback-features", help="learned features for the images SIFT leaves weak (--features sift "
+         "only): they and their candidate partners get these features (the --learned-* settings, the learned "
+         "extra), their pairs SIFT did not verify are matched by LightGlue, and the verified ones are merged into "
+         "the database; none: SIFT alone", choices=FALLBACK_FEATURES),
+    Flag("min_pairs", "--fallback-min-pairs", help="an image with fewer SIFT-verified pairs than this is weak"),
+    Flag("min_inlier_ratio", "--fallback-min-inlier-ratio", help="a learned pair is merged when its geometry explains "
+         "at least this share of LightGlue's matches"),
+]
 
 
 def frontend_options(args, *, extract: ExtractOptions | None = None, match: MatchOptions | None = None,
@@ -181,6 +191,23 @@ def extract_stage(report: RunReport, image_dir: Path, database: Path, options: E
     report.skip_files(ex.skipped)
     report.summary["extract"] = ex.summary()
     return ex
+
+
+def fallback_stage(report: RunReport, image_dir: Path, database: Path, options: FallbackOptions,
+                   extract: ExtractOptions, match: MatchOptions):
+    """`frontend.fallback.learned_fallback` as a stage of `report`; a failure is a CLIError."""
+    from ..frontend import IngestError
+    from ..frontend.colmap_db import DatabaseError
+    from ..frontend.fallback import learned_fallback
+
+    with report.stage("fallback") as st:
+        try:
+            fr = learned_fallback(image_dir, database, options, extract, match)
+        except (IngestError, DatabaseError, ValueError, RuntimeError) as e:
+            raise CLIError(str(e)) from e
+        st.record(fr)
+    report.summary["fallback"] = fr.summary()
+    return fr
 
 
 def match_stage(report: RunReport, database: Path, options: MatchOptions):

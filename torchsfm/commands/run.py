@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..frontend.options import MATCH_MODES, ExtractOptions, MatchOptions
+from ..frontend.options import MATCH_MODES, ExtractOptions, FallbackOptions, MatchOptions
 from . import CLIError
 from .arguments import IMAGES, OUTPUT, add_paths
-from .frontend_stages import EXECUTOR_FIELDS, EXTRACT_EXCLUDE, EXTRACT_FLAGS, MATCH_EXCLUDE, MATCH_FLAGS
+from .frontend_stages import (EXECUTOR_FIELDS, EXTRACT_EXCLUDE, EXTRACT_FLAGS, FALLBACK_FLAGS, MATCH_EXCLUDE,
+                              MATCH_FLAGS)
 from .map import add_mapper_arguments, mapper_options
 from .options import add_options, choice
 
@@ -38,6 +39,8 @@ def register(sub) -> argparse.ArgumentParser:
     # one --executor / --ray-* for both stages: the extraction group's flags, copied to matching
     add_options(g, "match", MatchOptions(), MATCH_FLAGS, exclude=MATCH_EXCLUDE + ("mode", "seed") + EXECUTOR_FIELDS,
                 rename={"device": "--match-device"})
+    add_options(p.add_argument_group("learned features where SIFT is weak (FallbackOptions)"), "fallback",
+                FallbackOptions(), FALLBACK_FLAGS, auto=False)
     add_mapper_arguments(p)
     return p
 
@@ -46,7 +49,8 @@ def run(args) -> int:
     from ..api import map_database, write_failure_report
     from ..report import RunReport, format_summary, log_to_file
     from .arguments import writable_folder
-    from .frontend_stages import extract_stage, frontend_options, match_stage
+    from .frontend_stages import extract_stage, fallback_stage, frontend_options, match_stage
+    from .options import options_from_args
 
     if not args.images.is_dir():
         raise CLIError(f"image folder {args.images} does not exist")
@@ -55,6 +59,18 @@ def run(args) -> int:
     ex_opt, ma_opt = frontend_options(args, extract=ExtractOptions(), match=MatchOptions(),
                                       fixed_extract={"min_images": max(2, opt.min_component_size)},
                                       fixed_match={"seed": opt.seed})
+    fb_opt = options_from_args(args, "fallback", FallbackOptions())
+    if fb_opt.features != "none" and ex_opt.features != "sift":
+        raise CLIError(f"--fallback-features adds learned features to SIFT's; this run extracts {ex_opt.features} "
+                       "(drop --fallback-features or --features)")
+    if fb_opt.features != "none":  # before SIFT's work, not after it
+        from ..frontend import IngestError
+        from ..frontend.learned import check_installed
+
+        try:
+            check_installed(fb_opt.features, f"--fallback-features {fb_opt.features}")
+        except IngestError as e:
+            raise CLIError(str(e)) from e
     try:
         ma_opt = dataclasses.replace(ma_opt, executor=ex_opt.executor)
     except ValueError as e:
@@ -68,7 +84,10 @@ def run(args) -> int:
             mode = args.match_mode
             if mode == "auto":
                 mode = "exhaustive" if ex.num_images <= args.exhaustive_max else "retrieval"
-            match_stage(report, db, dataclasses.replace(ma_opt, mode=mode))
+            ma_opt = dataclasses.replace(ma_opt, mode=mode)
+            match_stage(report, db, ma_opt)
+            if fb_opt.features != "none":
+                fallback_stage(report, args.images, db, fb_opt, ex_opt, ma_opt)
         except CLIError as e:
             write_failure_report(args.output, report, opt, e)
             raise

