@@ -179,6 +179,26 @@ def test_merge_keeps_learned_pairs_whose_geometry_explains_enough_of_their_match
     assert FallbackOptions().min_inlier_ratio == 0.9
 
 
+def test_a_merge_that_fails_midway_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    """One transaction: a failure after the keypoints were appended (while writing the pairs)
+    rolls everything back, our tables included."""
+    import torchsfm.frontend.fallback_merge as fm
+
+    rng = np.random.default_rng(4)
+    mid = _db(tmp_path / "main.db", ["A", "B"], {n: rng.uniform(0, 600, (20, 2)) for n in "AB"}, sift=True)
+    sid = _db(tmp_path / "side.db", ["A", "B"], {n: rng.uniform(0, 600, (40, 2)) for n in "AB"}, sift=False)
+    _write_pair(tmp_path / "side.db", sid, "A", "B", np.stack([np.arange(40)] * 2, 1))
+    before = _dump(tmp_path / "main.db")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fm, "write_pair_results", broken)
+    with pytest.raises(OSError, match="disk full"):
+        merge(tmp_path / "main.db", tmp_path / "side.db", [("A", "B")], 15)
+    assert _dump(tmp_path / "main.db") == before and mid
+
+
 def _sift_graph(tmp_path: Path) -> tuple[Path, dict]:
     """Six images: 0-3 verified with each other by SIFT (3 pairs each), 4 and 5 with none."""
     rng = np.random.default_rng(1)
@@ -283,6 +303,14 @@ def test_match_restores_sift_database_first(tmp_path, monkeypatch):
     assert rows is not None and rows[0] < 16  # SIFT's verdict on random descriptors, not the learned 16
     with sqlite3.connect(main) as conn:
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = ?", (KEYPOINTS_TABLE,)).fetchone() is None
+
+
+def test_listed_pairs_are_matched_in_either_order_and_unknown_names_skipped():
+    from torchsfm.frontend.matching import named_pairs
+
+    rows = named_pairs(["a", "b", "c"], [("c", "a"), ("a", "c"), ("a", "x"), ("b", "b"), ("b", "c")])
+    assert rows.tolist() == [[0, 2], [1, 2]]
+    assert named_pairs(["a"], []).shape == (0, 2)
 
 
 def test_fallback_options_and_cli_errors(tmp_path, capsys):

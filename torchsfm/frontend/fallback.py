@@ -66,7 +66,7 @@ def _degrees(image_ids: np.ndarray, verified: np.ndarray) -> np.ndarray:
     return counts[np.argsort(order)]
 
 
-def _candidate_rows(conn: sqlite3.Connection, ids: list[int], names: list[str], options: MatchOptions,
+def _candidate_rows(conn: sqlite3.Connection, ids: list[int], options: MatchOptions,
                     device: torch.device) -> np.ndarray:
     """(E, 2) rows into ids of the match mode's candidate pairs over all images. Retrieval ranks
     SIFT descriptors: an image without any is paired with every other image."""
@@ -95,7 +95,8 @@ def learned_fallback(image_dir: str | Path, database: str | Path, options: Fallb
     database = Path(database)
     ex = extract_options or ExtractOptions()
     ma = match_options or MatchOptions()
-    report = FallbackReport(database=str(database), features=options.features, min_pairs=options.min_pairs)
+    report = FallbackReport(database=str(database), features=options.features, min_pairs=options.min_pairs,
+                            min_inlier_ratio=options.min_inlier_ratio)
     if options.features == "none":
         return report
     revert(database)
@@ -112,7 +113,7 @@ def learned_fallback(image_dir: str | Path, database: str | Path, options: Fallb
                            "(--features %s --matcher lightglue) may do better", int(weak.sum()), len(ids),
                            options.min_pairs, options.features)
         if weak.any() and len(ids) >= 2:
-            rows = _candidate_rows(conn, ids, names, ma, resolve_device(ma.device))
+            rows = _candidate_rows(conn, ids, ma, resolve_device(ma.device))
             id_arr = np.asarray(ids, dtype=np.int64)
             pid = pair_ids(id_arr[rows[:, 0]], id_arr[rows[:, 1]])
             rows = rows[(weak[rows[:, 0]] | weak[rows[:, 1]]) & ~np.isin(pid, verified)]

@@ -115,6 +115,7 @@ class FallbackReport:
     database: str
     features: str
     min_pairs: int
+    min_inlier_ratio: float
     num_images: int = 0
     weak_images: list[str] = field(default_factory=list)  # fewer than min_pairs SIFT-verified pairs
     num_learned_images: int = 0  # weak images and their candidate partners: learned features
