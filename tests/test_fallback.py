@@ -305,6 +305,23 @@ def test_match_restores_sift_database_first(tmp_path, monkeypatch):
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = ?", (KEYPOINTS_TABLE,)).fetchone() is None
 
 
+def test_retrieval_pairs_an_image_without_sift_features_with_every_image(tmp_path):
+    """Under retrieval the candidate pairs rank SIFT descriptors; an image SIFT found nothing on
+    (the weakest kind) is paired with every other image."""
+    from torchsfm.frontend.fallback import _candidate_rows
+
+    main, ids = _sift_graph(tmp_path)
+    with FrontendDatabase(main) as db:  # replaces its features
+        db.write_features(ids["im5.png"], np.zeros((0, 6), np.float32), np.zeros((0, 128), np.uint8))
+    order = [ids[f"im{k}.png"] for k in range(6)]
+    with sqlite3.connect(main) as conn:
+        rows = _candidate_rows(conn, order, MatchOptions(mode="retrieval", num_neighbors=2, num_words=2),
+                               torch.device("cpu"))
+    pairs = {tuple(r) for r in rows.tolist()}
+    assert {(k, 5) for k in range(5)} <= pairs
+    assert 0 < len(pairs - {(k, 5) for k in range(5)}) < 10  # retrieval's, not all 10 pairs of the others
+
+
 def test_listed_pairs_are_matched_in_either_order_and_unknown_names_skipped():
     from torchsfm.frontend.matching import named_pairs
 
