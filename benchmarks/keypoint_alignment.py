@@ -74,8 +74,9 @@ def align(images: list[torch.Tensor], ei: torch.Tensor, x1: torch.Tensor, x2: to
         r = p2 - p1
         J = torch.cat([g2, g2 * offs[None, :, :1], g2 * offs[None, :, 1:]], -1) if affine else g2  # d/d(t, A)
         k = J.shape[-1]
-        step = torch.linalg.solve(torch.einsum("npa,npb->nab", J, J) + 1e-6 * torch.eye(k, dtype=torch.float64),
-                                  -torch.einsum("npa,np->na", J, r))
+        step, info = torch.linalg.solve_ex(torch.einsum("npa,npb->nab", J, J) + 1e-6 * torch.eye(k, dtype=torch.float64),
+                                           -torch.einsum("npa,np->na", J, r))
+        step = torch.where((info == 0)[:, None], step, 0).nan_to_num(0.0)  # flat or off-image patches stay put
         d = d + step[:, :2]
         if affine:
             A = A + torch.stack([step[:, 2:4], step[:, 4:6]], -1)
