@@ -22,7 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-from bench_learned import ROOT, _scores, scene_paths, torchsfm
+from bench_learned import (ROOT, _scores, add_input_arguments, aucs, scene_paths, selected_inputs, torchsfm,
+                           write_results)
 
 CAMERA = ["--camera-mode", "single", "--camera-model", "SIMPLE_RADIAL"]
 
@@ -81,16 +82,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['dataset']} | {f.get('weak', 0)} of {n} ({f.get('still_weak', 0)}) | "
                      f"{f.get('learned_images', 0)} / {f.get('pairs', 0)} / {f.get('merged', 0)} | "
                      f"{s['num_registered']} → {f['num_registered']} | "
-                     f"{s['auc@1']:.1f} / {s['auc@3']:.1f} / {s['auc@10']:.1f} | "
-                     f"{f['auc@1']:.1f} / {f['auc@3']:.1f} / {f['auc@10']:.1f} | {f.get('fallback_s', 0):.0f} |")
+                     f"{aucs(s)} | {aucs(f)} | {f.get('fallback_s', 0):.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--subsets", help="a `torchsfm bench --suite robustness` work dir (its *-subK inputs)")
-    ap.add_argument("--datasets", default="", help="only these subsets (comma-separated names)")
-    ap.add_argument("--scenes", default="", help="comma-separated: templeRing, dtu_scan24, low_texture_medium")
+    add_input_arguments(ap)
     ap.add_argument("--features", default="aliked", choices=("aliked", "disk", "xfeat"))
     ap.add_argument("--run-args", default="", help="more `torchsfm run` flags for the fallback runs")
     ap.add_argument("--threads", type=int, default=2)
@@ -101,16 +99,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows = []
-    for name, images, db, gt in inputs(Path(a.subsets) if a.subsets else None, [d for d in a.datasets.split(",") if d],
-                                      [s for s in a.scenes.split(",") if s], out, a.threads):
+    for name, images, db, gt in inputs(*selected_inputs(a), out, a.threads):
         rows.append(run_row(name, images, db, gt, a.features, out, a.threads, shlex.split(a.run_args)))
         print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
     meta = {"machine": f"{platform.machine()}, {a.threads} threads", "features": a.features,
             "run_args": a.run_args, "seconds": round(time.time() - t0)}
-    (out / "bench_fallback.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if a.md:
-        Path(a.md).write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    write_results(rows, meta, out / "bench_fallback.json", a.md, markdown)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,32 @@ def run_one(scene: str, feature: str, matcher: str, out: Path, threads: int, ext
     return row | _scores(work, gt)
 
 
+def aucs(scores: dict, at: tuple[int, ...] = (1, 3, 10)) -> str:
+    """A table cell of AUCs: 'a / b / c' at these thresholds (degrees), one decimal."""
+    return " / ".join(f"{scores[f'auc@{k}']:.1f}" for k in at)
+
+
+def add_input_arguments(ap) -> None:
+    """The input flags of the benchmarks that take robustness subsets and scenes."""
+    ap.add_argument("--subsets", help="a `torchsfm bench --suite robustness` work dir (its *-subK inputs)")
+    ap.add_argument("--datasets", default="", help="only these subsets (comma-separated names)")
+    ap.add_argument("--scenes", default="", help="comma-separated: templeRing, dtu_scan24, low_texture_medium")
+
+
+def selected_inputs(a) -> tuple[Path | None, list[str], list[str]]:
+    """The parsed input flags: subsets folder, subset names, scene names."""
+    return (Path(a.subsets) if a.subsets else None, [d for d in a.datasets.split(",") if d],
+            [s for s in a.scenes.split(",") if s])
+
+
+def write_results(rows: list[dict], meta: dict, json_path: Path, md_path: str | None, markdown) -> None:
+    """Rows and meta as JSON, the table as Markdown (when asked), and the table on stdout."""
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if md_path:
+        Path(md_path).write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"- {k}: {v}" for k, v in meta.items()] + [""]
     lines += ["| scene | features + matcher | registered | AUC@1 / 3 / 5 / 10 | keypoints / image | verified pairs "
@@ -125,8 +151,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         name = f"{r['features']} + {r['matcher']}" + (f" ({r['variant']})" if r.get("variant") else "")
         lines.append(f"| {r['scene']} | {name} | {r['num_registered']} / {r['images']} | "
-                     f"{r['auc@1']:.1f} / {r['auc@3']:.1f} / {r['auc@5']:.1f} / {r['auc@10']:.1f} | "
-                     f"{r['keypoints_per_image']:.0f} | {r['verified_pairs']} of {r['pairs']} "
+                     f"{aucs(r, (1, 3, 5, 10))} | {r['keypoints_per_image']:.0f} | {r['verified_pairs']} of {r['pairs']} "
                      f"({r['inliers_per_verified_pair']:.0f}) | {r['extract_s_per_image']:.2f} | "
                      f"{r['match_verify_s_per_pair']:.3f} |")
     return "\n".join(lines) + "\n"

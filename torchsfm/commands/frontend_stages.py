@@ -7,7 +7,8 @@ from pathlib import Path
 from ..data.camera_models import MODELS
 from ..frontend.extractors import feature_types
 from ..frontend.options import (CAMERA_MODES, DEVICES, EXECUTORS, FALLBACK_FEATURES, MATCH_MODES, MATCHERS,
-                                NN_ENGINES, VERIFIERS, ExtractOptions, FallbackOptions, MatchOptions)
+                                NN_ENGINES, REFINE_WEIGHTINGS, VERIFIERS, ExtractOptions, FallbackOptions, MatchOptions,
+                                RefineOptions)
 from ..report import RunReport
 from . import CLIError
 from .options import Flag
@@ -154,6 +155,23 @@ FALLBACK_FLAGS = [
          "at least this share of LightGlue's matches"),
 ]
 
+REFINE_FLAGS = [
+    Flag("enabled", "--refine-keypoints", help="after matching, align every verified inlier match's image patches by "
+         "an affine warp and correct each keypoint by least squares over its matches (sub-pixel keypoints for "
+         "learned features; reads the images again)"),
+    Flag("prior", "--refine-prior", help="pull of the corrections towards the detections, against one match of "
+         "median information: larger moves keypoints less"),
+    Flag("patch_radius", "--refine-patch-radius", help="aligned patches are 2 r + 1 pixels wide"),
+    Flag("min_ncc", "--refine-min-ncc", help="a match counts when its aligned patches correlate at least this much"),
+    Flag("max_shift", "--refine-max-shift", help="a match counts when its alignment moved the keypoint less than "
+         "this (pixels)"),
+    Flag("weighting", "--refine-weighting", help="information: each match weighs what its patch says about the "
+         "shift (an edge only across itself); uniform: every match alike", choices=REFINE_WEIGHTINGS),
+    Flag("cache_mb", "--refine-cache-mb", help="decoded images held at once (megabytes); images are processed "
+         "block by block"),
+]
+REFINE_EXCLUDE = ("iterations", "batch_size", "min_num_inliers", "device")  # from the match stage, or Python only
+
 
 def frontend_options(args, *, extract: ExtractOptions | None = None, match: MatchOptions | None = None,
                      fixed_extract: dict | None = None, fixed_match: dict | None = None
@@ -223,3 +241,20 @@ def match_stage(report: RunReport, database: Path, options: MatchOptions):
         st.record(mr)
     report.summary["match"] = mr.summary()
     return mr
+
+
+def refine_stage(report: RunReport, image_dir: Path, database: Path, options: RefineOptions):
+    """`frontend.keypoint_refinement.refine_keypoints` as a stage of `report`; a failure is a CLIError."""
+    from ..frontend import IngestError
+    from ..frontend.colmap_db import DatabaseError
+    from ..frontend.keypoint_refinement import refine_keypoints
+
+    with report.stage("refine_keypoints") as st:
+        try:
+            rr = refine_keypoints(image_dir, database, options, progress_bar=True)
+        except (IngestError, DatabaseError, ValueError, RuntimeError) as e:
+            raise CLIError(str(e)) from e
+        st.record(rr)
+        st.record({"options": options})  # written with the run's other stage options
+    report.summary["refine_keypoints"] = rr.summary()
+    return rr

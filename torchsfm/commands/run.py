@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..frontend.options import MATCH_MODES, ExtractOptions, FallbackOptions, MatchOptions
+from ..frontend.options import MATCH_MODES, ExtractOptions, FallbackOptions, MatchOptions, RefineOptions
 from . import CLIError
 from .arguments import IMAGES, OUTPUT, add_paths
 from .frontend_stages import (EXECUTOR_FIELDS, EXTRACT_EXCLUDE, EXTRACT_FLAGS, FALLBACK_FLAGS, MATCH_EXCLUDE,
-                              MATCH_FLAGS)
+                              MATCH_FLAGS, REFINE_EXCLUDE, REFINE_FLAGS)
 from .map import add_mapper_arguments, mapper_options
 from .options import add_options, choice
 
@@ -41,6 +41,8 @@ def register(sub) -> argparse.ArgumentParser:
                 rename={"device": "--match-device"})
     add_options(p.add_argument_group("learned features where SIFT is weak (FallbackOptions)"), "fallback",
                 FallbackOptions(), FALLBACK_FLAGS, auto=False)
+    add_options(p.add_argument_group("sub-pixel keypoint refinement (RefineOptions)"), "refine", RefineOptions(),
+                REFINE_FLAGS, exclude=REFINE_EXCLUDE, auto=False)
     add_mapper_arguments(p)
     return p
 
@@ -49,7 +51,7 @@ def run(args) -> int:
     from ..api import map_database, write_failure_report
     from ..report import RunReport, format_summary, log_to_file
     from .arguments import writable_folder
-    from .frontend_stages import extract_stage, fallback_stage, frontend_options, match_stage
+    from .frontend_stages import extract_stage, fallback_stage, frontend_options, match_stage, refine_stage
     from .options import options_from_args
 
     if not args.images.is_dir():
@@ -60,6 +62,7 @@ def run(args) -> int:
                                       fixed_extract={"min_images": max(2, opt.min_component_size)},
                                       fixed_match={"seed": opt.seed})
     fb_opt = options_from_args(args, "fallback", FallbackOptions())
+    rf_opt = options_from_args(args, "refine", RefineOptions())
     if fb_opt.features != "none" and ex_opt.features != "sift":
         raise CLIError(f"--fallback-features adds learned features to SIFT's; this run extracts {ex_opt.features} "
                        "(drop --fallback-features or --features)")
@@ -73,6 +76,7 @@ def run(args) -> int:
             raise CLIError(str(e)) from e
     try:
         ma_opt = dataclasses.replace(ma_opt, executor=ex_opt.executor)
+        rf_opt = dataclasses.replace(rf_opt, min_num_inliers=ma_opt.min_num_inliers, device=ma_opt.device)
     except ValueError as e:
         raise CLIError(str(e)) from e
     writable_folder(args.output)
@@ -88,6 +92,8 @@ def run(args) -> int:
             match_stage(report, db, ma_opt)
             if fb_opt.features != "none":
                 fallback_stage(report, args.images, db, fb_opt, ex_opt, ma_opt)
+            if rf_opt.enabled:  # after the fallback: its learned keypoints are refined too
+                refine_stage(report, args.images, db, rf_opt)
         except CLIError as e:
             write_failure_report(args.output, report, opt, e)
             raise

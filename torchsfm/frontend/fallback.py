@@ -37,6 +37,7 @@ from ..runtime import resolve_device
 from .colmap_db import pair_ids
 from .fallback_merge import merge, revert, verified_filter
 from .ingest import natural_key
+from .keypoint_refinement import revert as revert_refinement
 from .options import ExtractOptions, FallbackOptions, MatchOptions
 from .report import FallbackReport
 
@@ -99,6 +100,7 @@ def learned_fallback(image_dir: str | Path, database: str | Path, options: Fallb
                             min_inlier_ratio=options.min_inlier_ratio)
     if options.features == "none":
         return report
+    revert_refinement(database)  # the detections, before the merge's own revert cuts them back
     revert(database)
     with contextlib.closing(sqlite3.connect(str(database))) as conn:
         rows_ = sorted(conn.execute("SELECT image_id, name FROM images").fetchall(), key=lambda r: natural_key(r[1]))

@@ -24,6 +24,7 @@ from .ingest import IngestError, natural_key
 from .options import MatchOptions
 from .colmap_matcher import match_and_verify_colmap
 from .fallback_merge import revert as revert_fallback
+from .keypoint_refinement import revert as revert_refinement
 from .pairs import exhaustive_pairs, merge_pairs, sequential_pairs, top_k_pairs
 from .torch_matcher import match_and_verify
 from .report import MatchReport, progress
@@ -102,6 +103,7 @@ def match(database: str | os.PathLike, options: MatchOptions | None = None) -> M
     if not database.exists():
         raise IngestError(f"database {database} does not exist: run `torchsfm extract IMAGES --database {database}` first")
     check_database(database)
+    revert_refinement(database)  # the detections first (the fallback's revert keeps SIFT's keypoints as they are)
     revert_fallback(database)  # SIFT matches first: run's learned fallback merges again afterwards
     on_ray = options.verifier == "torch" and options.executor.kind == "ray"
     # this process's device (retrieval; the torch units too when they run here): with Ray,

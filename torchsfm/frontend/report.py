@@ -134,3 +134,26 @@ class FallbackReport:
         return (f"{head}; {self.num_candidate_pairs} of their pairs matched with LightGlue over "
                 f"{self.num_learned_images} images, {self.num_merged_pairs} verified and merged; "
                 f"{len(self.still_weak)} still weak [{self.elapsed_s:.1f} s]")
+
+
+@dataclass
+class RefineReport:
+    """What keypoint refinement (`frontend.keypoint_refinement`) did to a database's keypoints."""
+
+    database: str
+    device: str = "cpu"
+    num_images: int = 0  # images with keypoints in refined matches
+    num_pairs: int = 0  # verified pairs whose inlier matches were aligned
+    num_matches: int = 0  # inlier matches aligned
+    num_kept: int = 0  # of those, aligned well enough to count (correlation, shift, inside the image)
+    num_keypoints: int = 0  # keypoints corrected
+    median_shift_px: float = 0.0  # the kept matches' alignment shifts
+    median_correction_px: float = 0.0  # the keypoints' corrections
+    skipped_images: list[str] = field(default_factory=list)  # "name: reason" (their matches left out)
+    stage_times: dict = field(default_factory=dict)  # seconds: decode / align / solve / write
+    elapsed_s: float = 0.0
+
+    def summary(self) -> str:
+        return (f"keypoint refinement: {self.num_keypoints} keypoints of {self.num_images} images corrected by a "
+                f"median {self.median_correction_px:.2f} px, from {self.num_kept} of {self.num_matches} inlier matches "
+                f"in {self.num_pairs} pairs [{self.elapsed_s:.1f} s on {self.device}]")
