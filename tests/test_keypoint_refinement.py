@@ -259,3 +259,25 @@ def test_match_verb_refines_a_database_given_its_images(scene, tmp_path, capsys)
     assert main(["match", str(db), "--refine-keypoints", "--image_path", str(d), "--refine-prior", "0.1", "-q"]) == 0
     assert _inconsistency(_keypoints(db)) < 0.1
     assert "refine_keypoints" in (tmp_path / "database.match.json").read_text()
+
+
+def test_match_reverts_the_refinement_before_the_fallback(scene, tmp_path):
+    """A fallback merge recorded after the first 100 keypoints of each image (the rest standing for
+    appended learned ones), then refinement of all: `match` puts the detections back and then cuts
+    them to SIFT's 100, so every kept keypoint is a detection again (the other order would keep
+    refined SIFT keypoints)."""
+    from torchsfm.frontend import match
+    from torchsfm.frontend.fallback_merge import KEYPOINTS_TABLE, PAIRS_TABLE
+
+    d, _, noisy = scene
+    db = tmp_path / "database.db"
+    _database(db, noisy)
+    detected = _keypoints(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE {KEYPOINTS_TABLE} (image_id INTEGER PRIMARY KEY NOT NULL, sift_rows INTEGER NOT NULL)")
+        conn.execute(f"CREATE TABLE {PAIRS_TABLE} (pair_id INTEGER PRIMARY KEY NOT NULL)")
+        conn.executemany(f"INSERT INTO {KEYPOINTS_TABLE} VALUES (?, 100)", [(1,), (2,), (3,)])
+    refine_keypoints(d, db, RefineOptions(enabled=True, device="cpu"))
+    assert not np.array_equal(_keypoints(db)[0][:100], detected[0][:100])
+    match(db, MatchOptions(mode="exhaustive", progress=False, device="cpu"))
+    assert all(np.array_equal(a, b[:100]) for a, b in zip(_keypoints(db), detected))
