@@ -281,3 +281,17 @@ def test_match_reverts_the_refinement_before_the_fallback(scene, tmp_path):
     assert not np.array_equal(_keypoints(db)[0][:100], detected[0][:100])
     match(db, MatchOptions(mode="exhaustive", progress=False, device="cpu"))
     assert all(np.array_equal(a, b[:100]) for a, b in zip(_keypoints(db), detected))
+
+
+def test_images_decoded_block_by_block_give_the_same_keypoints(scene, tmp_path):
+    """A cache of 1 MB holds one of these images per block (three blocks, six block pairs): the
+    keypoints equal those of one block holding all."""
+    d, _, noisy = scene
+    out = []
+    for cache_mb in (2048, 1):
+        db = tmp_path / f"database{cache_mb}.db"
+        _database(db, noisy)
+        r = refine_keypoints(d, db, RefineOptions(enabled=True, device="cpu", cache_mb=cache_mb))
+        assert r.num_kept >= 430
+        out.append(_keypoints(db))
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(*out))

@@ -138,7 +138,6 @@ def refine_keypoints(image_dir: str | Path, database: str | Path, options: Refin
     warp = torch.zeros(E, 2, 2, dtype=torch.float64, device=dev)
     info = torch.zeros(E, 2, 2, dtype=torch.float64, device=dev)
     keep = torch.zeros(E, dtype=torch.bool, device=dev)
-    ncc = torch.zeros(E, dtype=torch.float64, device=dev)
     xy = torch.from_numpy(data.xy).to(dev)
     first, second = torch.from_numpy(data.first).to(dev), torch.from_numpy(data.second).to(dev)
     pair = torch.from_numpy(data.pair).to(dev)
@@ -186,7 +185,7 @@ def refine_keypoints(image_dir: str | Path, database: str | Path, options: Refin
             a = align_patches(bank1, torch.from_numpy(l1[c:c + options.batch_size]).to(dev), xy[first[s]],
                               bank2, torch.from_numpy(l2[c:c + options.batch_size]).to(dev), xy[second[s]],
                               warp0[s], options.patch_radius, options.iterations)
-            shift[s], warp[s], info[s], ncc[s] = a.shift, a.warp, a.information, a.ncc
+            shift[s], warp[s], info[s] = a.shift, a.warp, a.information
             keep[s] = a.inside & (a.ncc > options.min_ncc) & (a.shift.norm(dim=1) < options.max_shift)
             bar.update(len(s))
         times["align"] += time.perf_counter() - t
