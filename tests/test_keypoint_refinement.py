@@ -204,10 +204,10 @@ def test_bank_sampling_matches_grid_sample_in_colmap_pixels():
     assert inside.all()
     for m in range(4):
         h, w = imgs[which[m]].shape
-        c = chans[which[m]].reshape(3, h, w)
+        c = chans[which[m]].T.reshape(3, h, w)
         g = torch.stack([2 * pts[m, :, 0] / w - 1, 2 * pts[m, :, 1] / h - 1], -1)
         want = F.grid_sample(c[None], g[None, None], align_corners=False)[0, :, 0]
-        assert torch.allclose(got[m], want, atol=1e-5)
+        assert torch.allclose(got[m].T, want, atol=1e-5)
     _, inside = bank.sample(torch.tensor([1]), torch.tensor([[[19.9, 5.0]]]))
     assert not inside.any()
 

@@ -27,18 +27,19 @@ from ..solver import pcg
 
 
 def image_channels(grey: np.ndarray, device: torch.device) -> Tensor:
-    """(3, H * W) float32 on `device`: intensity in [0, 1] and its central differences along x
-    and y (zero on the border), flattened row-major."""
+    """(H * W, 3) float32 on `device`: intensity in [0, 1] and its central differences along x
+    and y (zero on the border), pixels row-major (a pixel's three values side by side, so that a
+    bilinear gather reads them together)."""
     s = torch.from_numpy(np.array(grey, copy=True)).to(device=device, dtype=torch.float32) / 255.0
     gx, gy = torch.zeros_like(s), torch.zeros_like(s)
     gx[:, 1:-1] = (s[:, 2:] - s[:, :-2]) / 2
     gy[1:-1] = (s[2:] - s[:-2]) / 2
-    return torch.stack([s, gx, gy]).reshape(3, -1)
+    return torch.stack([s, gx, gy], -1).reshape(-1, 3)
 
 
 @dataclass
 class ImageBank:
-    """Images concatenated into one (3, total pixels) tensor; image k starts at offset[k]."""
+    """Images concatenated into one (total pixels, 3) tensor; image k starts at offset[k]."""
 
     data: Tensor
     offset: Tensor  # (k,) int64
@@ -49,12 +50,12 @@ class ImageBank:
     def build(channels: list[Tensor], sizes: list[tuple[int, int]]) -> ImageBank:
         dev = channels[0].device
         n = torch.tensor([w * h for w, h in sizes], dtype=torch.int64, device=dev)
-        return ImageBank(torch.cat(channels, 1), torch.cumsum(n, 0) - n,
+        return ImageBank(torch.cat(channels, 0), torch.cumsum(n, 0) - n,
                          torch.tensor([w for w, _ in sizes], dtype=torch.int64, device=dev),
                          torch.tensor([h for _, h in sizes], dtype=torch.int64, device=dev))
 
     def sample(self, image: Tensor, pts: Tensor) -> tuple[Tensor, Tensor]:
-        """Bilinear values (m, 3, P) at points (m, P, 2) in COLMAP pixels (centres at +0.5) of
+        """Bilinear values (m, P, 3) at points (m, P, 2) in COLMAP pixels (centres at +0.5) of
         bank image `image` (m,), and (m,) whether every point lies inside its image."""
         w, h = self.width[image][:, None], self.height[image][:, None]
         wf, hf = w.to(pts.dtype), h.to(pts.dtype)
@@ -65,10 +66,10 @@ class ImageBank:
         fu, fv = (u - u0).clamp(0, 1), (v - v0).clamp(0, 1)
         base = self.offset[image][:, None] + v0.long() * w + u0.long()
         out = 0
-        for dv, du, wt in ((0, 0, (1 - fu) * (1 - fv)), (0, 1, fu * (1 - fv)), (1, 0, (1 - fu) * fv), (1, 1, fu * fv)):
-            idx = base + dv * w + du
-            out = out + self.data[:, idx.reshape(-1)].reshape(3, *idx.shape) * wt.to(self.data.dtype)
-        return out.permute(1, 0, 2), inside
+        for corner, wt in ((base, (1 - fu) * (1 - fv)), (base + 1, fu * (1 - fv)), (base + w, (1 - fu) * fv),
+                           (base + w + 1, fu * fv)):
+            out = out + self.data.index_select(0, corner.reshape(-1)).view(*corner.shape, 3) * wt[..., None]
+        return out, inside
 
 
 def patch_offsets(radius: int, device: torch.device) -> Tensor:
@@ -80,9 +81,9 @@ def patch_offsets(radius: int, device: torch.device) -> Tensor:
 
 def _normalised(s: Tensor) -> tuple[Tensor, Tensor]:
     """Zero-mean unit-norm intensities (m, P) and the gradients (m, P, 2) scaled alike."""
-    v = s[:, 0] - s[:, 0].mean(1, keepdim=True)
+    v = s[..., 0] - s[..., 0].mean(1, keepdim=True)
     n = v.norm(dim=1, keepdim=True).clamp_min(1e-9)
-    return v / n, s[:, 1:].permute(0, 2, 1) / n[..., None]
+    return v / n, s[..., 1:] / n[..., None]
 
 
 @dataclass
