@@ -108,16 +108,17 @@ def _inconsistency(xy: list[np.ndarray]) -> float:
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "information"])
-def test_noisy_keypoints_of_known_homographies_become_consistent(scene, tmp_path, weighting):
+def test_noisy_keypoints_of_known_homographies_become_consistent(scene, tmp_path, weighting, device):
     """0.3 px of detection noise leaves matched keypoints ~0.5 px apart under the true homographies;
     patch alignment and the least squares over the three pairs bring them within 0.1 px, and the
-    matches, descriptors and other columns are untouched."""
+    matches, descriptors and other columns are untouched. On the CPU and on CUDA."""
     d, truth, noisy = scene
     db = tmp_path / "database.db"
     _database(db, noisy)
     before = _keypoints(db)
     assert _inconsistency(truth) < 0.01 and _inconsistency(before) > 0.35
-    r = refine_keypoints(d, db, RefineOptions(enabled=True, weighting=weighting, prior=0.1, device="cpu"))
+    r = refine_keypoints(d, db, RefineOptions(enabled=True, weighting=weighting, prior=0.1, device=device.type))
+    assert r.device == device.type
     after = _keypoints(db)
     assert r.num_matches == 450 and r.num_kept >= 430 and r.num_keypoints == 450 and not r.skipped_images
     assert _inconsistency(after) < 0.1
