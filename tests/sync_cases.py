@@ -100,6 +100,25 @@ def ra_case(solver: str, device, dtype):
     return lambda: rotation_averaging_syncs(str(device), str(dtype)[6:], solver, num_images=30, n1=2, n2=8)
 
 
+def patch_alignment_case(device, dtype):
+    """Gauss-Newton steps of patch alignment (keypoint refinement) on 2,000 matches of two random
+    images; the dtype is the sampled images' (the steps run in float64)."""
+    from torchsfm.frontend.patch_alignment import ImageBank, align_patches
+
+    g = torch.Generator().manual_seed(0)
+    bank = ImageBank.build([torch.rand(80 * 60, 3, generator=g).to(device, dtype) for _ in range(2)], [(80, 60)] * 2)
+    x1 = (torch.rand(2000, 2, generator=g, dtype=torch.float64) * torch.tensor([60.0, 40.0]) + 10).to(device)
+    x2 = x1 + 0.3
+    image = torch.zeros(2000, dtype=torch.long, device=device)
+    warp = torch.eye(2, dtype=torch.float64, device=device).expand(2000, 2, 2)
+
+    def run(n: int) -> int:
+        align_patches(bank, image, x1, bank, image + 1, x2, warp, 5, n)
+        return n
+
+    return run
+
+
 def cases(device: torch.device):
     for method in ("dense", "pcg", "pcg_explicit"):
         for loss in ("trivial", "huber", "cauchy"):
@@ -110,6 +129,7 @@ def cases(device: torch.device):
         yield f"bal-{method}", lambda dt, m=method: bal_case(m, device, dt)
     yield "global_positioning", lambda dt: gp_case(device, dt)
     yield "view_graph_calibration", lambda dt: vgc_case(device, dt)
+    yield "patch_alignment", lambda dt: patch_alignment_case(device, dt)
 
 
 def self_check() -> dict:

@@ -54,6 +54,13 @@ def test_rotation_averaging_syncs_per_irls_iteration(counts, case, device, dtype
     _check(counts, case, device, dtype)
 
 
+def test_patch_alignment_steps_never_sync(counts, device, dtype):
+    """Keypoint refinement's Gauss-Newton steps (a fixed number, no convergence test) read nothing
+    back and make no data-dependent shapes."""
+    key = f"patch_alignment|{device.type}|{'f64' if dtype == torch.float64 else 'f32'}"
+    assert counts[key][0] == 0, counts[key]
+
+
 def test_the_count_sees_a_sync(counts):
     """The counter is not blind: a read and two data-dependent shapes inside its block count."""
     assert counts["self_check"] == {"reads": 1, "shapes": 2}
