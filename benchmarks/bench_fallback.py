@@ -22,8 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-from bench_learned import (ROOT, _scores, add_input_arguments, aucs, scene_paths, selected_inputs, torchsfm,
-                           write_results)
+from bench_learned import (_scores, add_input_arguments, add_output_arguments, aucs, scene_paths, selected_inputs,
+                           torchsfm, write_results)
 
 CAMERA = ["--camera-mode", "single", "--camera-model", "SIMPLE_RADIAL"]
 
@@ -91,9 +91,7 @@ def main() -> None:
     add_input_arguments(ap)
     ap.add_argument("--features", default="aliked", choices=("aliked", "disk", "xfeat"))
     ap.add_argument("--run-args", default="", help="more `torchsfm run` flags for the fallback runs")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "out" / "bench_fallback"))
-    ap.add_argument("--md", help="also write the table here")
+    add_output_arguments(ap, "bench_fallback")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,13 @@ def add_input_arguments(ap) -> None:
     ap.add_argument("--scenes", default="", help="comma-separated: templeRing, dtu_scan24, low_texture_medium")
 
 
+def add_output_arguments(ap, name: str) -> None:
+    """--threads, --out (default out/NAME) and --md of every benchmark here."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "out" / name))
+    ap.add_argument("--md", default=None, help=f"also write the table here (e.g. docs/{name}.md)")
+
+
 def selected_inputs(a) -> tuple[Path | None, list[str], list[str]]:
     """The parsed input flags: subsets folder, subset names, scene names."""
     return (Path(a.subsets) if a.subsets else None, [d for d in a.datasets.split(",") if d],
@@ -161,9 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenes", default="low_texture,templeRing,dtu_scan24")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="feature:matcher,...")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "out" / "bench_learned"))
-    ap.add_argument("--md", default=None, help="also write the table here (e.g. docs/bench_learned.md)")
+    add_output_arguments(ap, "bench_learned")
     ap.add_argument("--extract-args", default="", help="more `torchsfm extract` options, e.g. '--learned-max-keypoints 1024' "
                     "(extractions are cached in OUT per scene, feature and these options)")
     ap.add_argument("--match-args", default="", help="more `torchsfm match` options, e.g. '--lightglue-threshold 0.2'")

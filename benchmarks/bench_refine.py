@@ -24,8 +24,8 @@ import shutil
 import time
 from pathlib import Path
 
-from bench_learned import (ROOT, _scores, add_input_arguments, aucs, scene_paths, selected_inputs, torchsfm,
-                           write_results)
+from bench_learned import (_scores, add_input_arguments, add_output_arguments, aucs, scene_paths, selected_inputs,
+                           torchsfm, write_results)
 
 CAMERA = ["--camera-mode", "single", "--camera-model", "SIMPLE_RADIAL"]
 
@@ -105,10 +105,8 @@ def main() -> None:
     ap.add_argument("--features", default="aliked", choices=("aliked", "disk", "xfeat", "sift"))
     ap.add_argument("--extract-args", default="", help="more `torchsfm extract` flags for the learned database")
     ap.add_argument("--refine-args", default="", help="more `torchsfm run` flags for the refined runs")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "out" / "bench_refine"))
+    add_output_arguments(ap, "bench_refine")
     ap.add_argument("--json", help="write the rows here (default: OUT/bench_refine.json)")
-    ap.add_argument("--md", help="also write the table here")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
