@@ -22,7 +22,7 @@ from ..data.camera_models import model_info
 from .colmap_db import FrontendDatabase
 from .executors import Task
 from .extractors import Extractor, create_extractor, feature_types
-from .ingest import IngestError, ImageRecord, SkippedFile, group_cameras, load_uint8, scan_images
+from .ingest import IngestError, ImageRecord, SkippedFile, group_cameras, load_grey, load_uint8, scan_images
 from .options import ExtractOptions
 from .report import ExtractReport, log_aggregated, progress
 
@@ -82,10 +82,7 @@ def mask_keypoints(kp: np.ndarray, de: np.ndarray, mask: np.ndarray) -> tuple[np
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask image as grey (H, W) uint8, read as COLMAP reads it (colour converted to grey)."""
-    from PIL import Image
-
-    m = load_uint8(path)
-    return np.asarray(Image.fromarray(m).convert("L")) if m.ndim == 3 else m
+    return load_grey(path)
 
 
 def _extract_file(job: tuple[str, str | None]):

@@ -251,6 +251,12 @@ def load_uint8(path: str | os.PathLike) -> np.ndarray:
         return to_uint8(im)
 
 
+def load_grey(path: str | os.PathLike) -> np.ndarray:
+    """`load_uint8` as grey (H, W): colour converted as COLMAP converts it (ITU-R 601 luma)."""
+    a = load_uint8(path)
+    return np.asarray(Image.fromarray(a).convert("L")) if a.ndim == 3 else a
+
+
 
 @dataclass
 class CameraGroup:

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from ..runtime import resolve_device
+from ..io.database import read_view_graph
 from .colmap_db import _has_table
-from .fallback_merge import verified_filter
-from .ingest import load_uint8
+from .ingest import load_grey
 from .options import RefineOptions
 from .patch_alignment import ImageBank, align_patches, image_channels, pair_warps, solve_corrections
 from .report import RefineReport, log_aggregated, progress
@@ -35,7 +35,6 @@ from .report import RefineReport, log_aggregated, progress
 logger = logging.getLogger(__name__)
 
 TABLE = "torchsfm_refined_keypoints"
-MAX_IMAGE_ID = 2147483647  # COLMAP's pair_id = image_id1 * MAX_IMAGE_ID + image_id2
 
 
 def revert(database: str | Path) -> int:
@@ -59,49 +58,28 @@ def revert(database: str | Path) -> int:
     return restored
 
 
-def _grey(path: Path) -> np.ndarray:
-    a = load_uint8(path)
-    if a.ndim == 2:
-        return a
-    return (a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).round().astype(np.uint8)
-
-
 class _Inputs:
-    """The database's keypoints (all images, one array with offsets) and the verified pairs'
-    inlier matches as global keypoint indices."""
+    """The database's keypoints (one array, offsets per image) and the inlier matches of the
+    verified pairs the mapper reads (`io.database.read_view_graph`), as global keypoint indices."""
 
-    def __init__(self, conn: sqlite3.Connection, min_num_inliers: int):
-        images = conn.execute("SELECT i.image_id, i.name, c.width, c.height FROM images i JOIN cameras c "
-                              "ON i.camera_id = c.camera_id ORDER BY i.image_id").fetchall()
-        self.ids = np.array([r[0] for r in images], dtype=np.int64)
-        self.names = [r[1] for r in images]
-        self.sizes = [(int(r[2]), int(r[3])) for r in images]
-        self.keypoints: dict[int, np.ndarray] = {}  # position -> (rows, cols) float32
-        pos = {int(i): k for k, i in enumerate(self.ids)}
-        for iid, rows, cols, data in conn.execute("SELECT image_id, rows, cols, data FROM keypoints"):
-            if iid in pos and rows:
-                self.keypoints[pos[iid]] = np.frombuffer(data, dtype=np.float32).reshape(rows, cols).copy()
-        counts = np.array([len(self.keypoints.get(k, ())) for k in range(len(self.ids))], dtype=np.int64)
-        self.offset = np.cumsum(counts) - counts
-        self.xy = np.concatenate([self.keypoints[k][:, :2] for k in sorted(self.keypoints)] or
-                                 [np.zeros((0, 2), np.float32)]).astype(np.float64)
-        first, second, pair, images_of = [], [], [], []
-        rows_ = conn.execute(f"SELECT pair_id, rows, data FROM two_view_geometries WHERE {verified_filter()}",
-                             (min_num_inliers,)).fetchall()
-        for p, (pid, rows, data) in enumerate(rows_):
-            i, j = pos.get(pid // MAX_IMAGE_ID), pos.get(pid % MAX_IMAGE_ID)
-            if i is None or j is None or data is None:
-                continue
-            m = np.frombuffer(data, dtype=np.uint32).reshape(rows, 2).astype(np.int64)
-            ok = (m[:, 0] < counts[i]) & (m[:, 1] < counts[j])
-            first.append(m[ok, 0] + self.offset[i])
-            second.append(m[ok, 1] + self.offset[j])
-            pair.append(np.full(int(ok.sum()), p))
-            images_of.append(np.tile([i, j], (int(ok.sum()), 1)))
-        cat = (lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.int64))
-        self.first, self.second, self.pair = cat(first, (0,)), cat(second, (0,)), cat(pair, (0,))
-        self.images_of = cat(images_of, (0, 2))
-        self.num_pairs = len(rows_)
+    def __init__(self, database: Path, min_num_inliers: int):
+        cameras, images, keypoints, vg = read_view_graph(database, device="cpu")
+        self.ids = images.image_id.numpy()
+        self.names = images.name
+        self.sizes = list(zip(cameras.width[images.camera].tolist(), cameras.height[images.camera].tolist()))
+        self.xy = keypoints.xy.to(torch.float64).numpy()
+        self.offset = keypoints.offsets.numpy()
+        enough = vg.num_matches() >= min_num_inliers
+        pm = vg.pair_of_match()
+        sel = enough[pm]
+        pm, m = pm[sel], vg.matches[sel].long()
+        rows = vg.pairs[pm]
+        self.first = (m[:, 0] + keypoints.offsets[rows[:, 0]]).numpy()
+        self.second = (m[:, 1] + keypoints.offsets[rows[:, 1]]).numpy()
+        self.pair = pm.numpy()  # index into the view graph's pairs
+        self.images_of = rows.numpy()
+        self.num_graph_pairs = len(vg)
+        self.num_pairs = int(enough.sum())
 
 
 def _blocks(positions: np.ndarray, sizes: list[tuple[int, int]], cache_mb: int) -> np.ndarray:
@@ -126,8 +104,7 @@ def refine_keypoints(image_dir: str | Path, database: str | Path, options: Refin
     dev = resolve_device(options.device)
     report = RefineReport(database=str(database), device=dev.type)
     revert(database)
-    with contextlib.closing(sqlite3.connect(str(database))) as conn:
-        data = _Inputs(conn, options.min_num_inliers)
+    data = _Inputs(database, options.min_num_inliers)
     report.num_pairs = data.num_pairs
     used = np.unique(data.images_of)
     times = dict.fromkeys(("decode", "align", "solve", "write"), 0.0)
@@ -141,7 +118,7 @@ def refine_keypoints(image_dir: str | Path, database: str | Path, options: Refin
     xy = torch.from_numpy(data.xy).to(dev)
     first, second = torch.from_numpy(data.first).to(dev), torch.from_numpy(data.second).to(dev)
     pair = torch.from_numpy(data.pair).to(dev)
-    warp0 = pair_warps(pair, xy[first], xy[second], max(data.num_pairs, 1))[pair] if E else warp
+    warp0 = pair_warps(pair, xy[first], xy[second], data.num_graph_pairs)[pair] if E else warp
     bi, bj = block[data.images_of[:, 0]], block[data.images_of[:, 1]]
     block_pairs = sorted(set(zip(bi.tolist(), bj.tolist()))) if E else []
     banks: dict[int, tuple[ImageBank, np.ndarray]] = {}
@@ -158,7 +135,7 @@ def refine_keypoints(image_dir: str | Path, database: str | Path, options: Refin
                 if k in bad:
                     continue
                 try:
-                    g = _grey(Path(image_dir) / data.names[k])
+                    g = load_grey(Path(image_dir) / data.names[k])
                 except (OSError, ValueError) as e:
                     bad[k] = f"cannot read it: {e}"
                     continue
@@ -226,19 +203,20 @@ def refine_keypoints(image_dir: str | Path, database: str | Path, options: Refin
 
 
 def _write(database: Path, data: _Inputs, new_xy: np.ndarray, positions: np.ndarray) -> None:
-    """The refined keypoints of the images at `positions`, and their detections in our table, in
-    one transaction."""
+    """The refined keypoints of the images at `positions` (their other columns as stored), and
+    their detections in our table, in one transaction."""
     with contextlib.closing(sqlite3.connect(str(database), isolation_level=None, timeout=60.0)) as conn:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(f"CREATE TABLE {TABLE} (image_id INTEGER PRIMARY KEY NOT NULL, rows INTEGER NOT NULL, "
                          "cols INTEGER NOT NULL, data BLOB)")
             for k in positions.tolist():
-                kp = data.keypoints[k]
                 iid = int(data.ids[k])
-                conn.execute(f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?)", (iid, kp.shape[0], kp.shape[1], kp.tobytes()))
-                out = kp.copy()
-                out[:, :2] = new_xy[data.offset[k]:data.offset[k] + len(kp)]
+                rows, cols, blob = conn.execute("SELECT rows, cols, data FROM keypoints WHERE image_id = ?",
+                                                (iid,)).fetchone()
+                conn.execute(f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?)", (iid, rows, cols, blob))
+                out = np.frombuffer(blob, dtype=np.float32).reshape(rows, cols).copy()
+                out[:, :2] = new_xy[data.offset[k]:data.offset[k + 1]]
                 conn.execute("UPDATE keypoints SET data = ? WHERE image_id = ?", (out.tobytes(), iid))
         except BaseException:
             conn.execute("ROLLBACK")
