@@ -24,6 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
+from bench_frontend import _copy_db
 from bench_learned import (_scores, add_input_arguments, add_output_arguments, aucs, scene_paths, selected_inputs,
                            torchsfm, write_results)
 
@@ -62,22 +63,33 @@ def inputs(subsets: Path | None, datasets: list[str], scenes: list[str], out: Pa
     return found
 
 
+def run_variant(source: Path, work: Path, images: Path, gt: Path, features: str, extract_args: list[str],
+                extra: list[str], threads: int, own_database: bool = False) -> tuple[dict, dict]:
+    """Map a copy of `source` in WORK (`torchsfm run` resuming after the front end, or `torchsfm
+    map` for a database of its own): (scores and run time, report.json)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    _copy_db(source, work / "database.db")  # what its write-ahead log holds too
+    if own_database:
+        args = ["map", str(work / "database.db"), str(work)]
+    else:  # run resumes: extraction and matching find nothing to do
+        args = ["run", str(images), str(work), *CAMERA, "--features", features, "--matcher", matcher(features),
+                "--match-mode", "exhaustive", *extract_args]
+    seconds = torchsfm([*args, *extra], threads, check=False)
+    (work / "map").mkdir(exist_ok=True)  # _scores reads WORK/map/sparse/0
+    if (work / "sparse").is_dir():
+        shutil.copytree(work / "sparse", work / "map" / "sparse")
+    report = json.loads((work / "report.json").read_text()) if (work / "report.json").exists() else {}
+    return {"run_s": round(seconds, 2), **_scores(work, gt)}, report
+
+
 def run_row(name: str, images: Path, gt: Path, features: str, extract_args: list[str], refine_args: list[str],
             out: Path, threads: int) -> dict:
     source = source_database(name, images, features, extract_args, out, threads)
     row: dict = {"dataset": name, "features": features}
     for variant, extra in (("detected", []), ("refined", ["--refine-keypoints", *refine_args])):
-        work = out / name / f"{features}-{variant}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        shutil.copyfile(source, work / "database.db")  # run resumes: extraction and matching find nothing to do
-        seconds = torchsfm(["run", str(images), str(work), *CAMERA, "--features", features, "--matcher", matcher(features),
-                            "--match-mode", "exhaustive", *extract_args, *extra], threads, check=False)
-        (work / "map").mkdir(exist_ok=True)  # _scores reads WORK/map/sparse/0
-        if (work / "sparse").is_dir():
-            shutil.copytree(work / "sparse", work / "map" / "sparse")
-        row[variant] = {"run_s": round(seconds, 2), **_scores(work, gt)}
-        report = json.loads((work / "report.json").read_text()) if (work / "report.json").exists() else {}
+        row[variant], report = run_variant(source, out / name / f"{features}-{variant}", images, gt, features,
+                                           extract_args, extra, threads)
         stage = next((s for s in report.get("stages", []) if s["name"] == "refine_keypoints"), None)
         if stage is not None:
             row[variant].update(refine_s=round(stage["seconds"], 2), matches=stage["counts"]["num_matches"],
@@ -99,26 +111,38 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_input_arguments(ap)
+def add_feature_arguments(ap) -> None:
+    """--features and --extract-args of the benchmarks that map one matched database twice."""
     ap.add_argument("--features", default="aliked", choices=("aliked", "disk", "xfeat", "sift"))
     ap.add_argument("--extract-args", default="", help="more `torchsfm extract` flags for the learned database")
-    ap.add_argument("--refine-args", default="", help="more `torchsfm run` flags for the refined runs")
-    add_output_arguments(ap, "bench_refine")
-    ap.add_argument("--json", help="write the rows here (default: OUT/bench_refine.json)")
-    a = ap.parse_args()
+
+
+def run_rows(a, name: str, row, markdown, meta: dict) -> None:
+    """One row per input (`row(name, images, gt, out)`), printed as it comes; then OUT/NAME.json
+    (or --json) and --md."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows = []
-    for name, images, gt in inputs(*selected_inputs(a), out):
-        rows.append(run_row(name, images, gt, a.features, shlex.split(a.extract_args), shlex.split(a.refine_args),
-                            out, a.threads))
+    for input_name, images, gt in inputs(*selected_inputs(a), out):
+        rows.append(row(input_name, images, gt, out))
         print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
     meta = {"machine": f"{platform.machine()}, {a.threads} threads", "features": a.features,
-            "extract_args": a.extract_args, "refine_args": a.refine_args, "seconds": round(time.time() - t0)}
-    write_results(rows, meta, Path(a.json or out / "bench_refine.json"), a.md, markdown)
+            "extract_args": a.extract_args, **meta, "seconds": round(time.time() - t0)}
+    write_results(rows, meta, Path(a.json or out / f"{name}.json"), a.md, markdown)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_input_arguments(ap)
+    add_feature_arguments(ap)
+    ap.add_argument("--refine-args", default="", help="more `torchsfm run` flags for the refined runs")
+    add_output_arguments(ap, "bench_refine")
+    ap.add_argument("--json", help="write the rows here (default: OUT/bench_refine.json)")
+    a = ap.parse_args()
+    run_rows(a, "bench_refine", lambda name, images, gt, out: run_row(
+        name, images, gt, a.features, shlex.split(a.extract_args), shlex.split(a.refine_args), out, a.threads),
+        markdown, {"refine_args": a.refine_args})
 
 
 if __name__ == "__main__":

@@ -191,8 +191,13 @@ def test_a_distortion_that_absorbed_the_principal_point_does_not_hide_it(tmp_pat
 
     shared_data("templeRing")
     pytest.importorskip("pycolmap")
+    from torchsfm.mapper.recalibration import RecalibrationOptions
+
     sub = prepare(resolve_spec("templeRing-sub6"), tmp_path, 2)
-    models, rep = map_database(sub.database, tmp_path / "out")
+    # the first pass's model, where this was found: the recalibrated second pass starts at the
+    # right focal length and ends 7 px off the principal point (AUC@3 91.5 -> 87.0, README)
+    opt = MapperOptions(recalibration=RecalibrationOptions(max_passes=0))
+    models, rep = map_database(sub.database, tmp_path / "out", opt)
     cam = _camera_report(rep)
     assert cam["model"] == "principal point, distortion: none", cam["reason"]
     assert cam["levels"]["principal point, distortion: none"]["principal_point_std_px"][0] < 2.6

@@ -27,6 +27,12 @@ MAPPER_FLAGS = [
     Flag("loop_consistency.max_cycle_error_deg", "--loop-max-cycle-error",
          help="degrees: a triangle of pairs is consistent when its composed rotation is within this of the "
          "identity", metavar="DEG"),
+    Flag("recalibration.max_passes", "--recalibration-passes",
+         help="mapping passes after the first, each from the focal lengths bundle adjustment found, run while they "
+         "differ from those the global stages used by more than --recalibration-min-focal-change (0: one pass)",
+         metavar="N"),
+    Flag("recalibration.min_focal_change", "--recalibration-min-focal-change",
+         help="relative focal-length change that makes the mapper run again", metavar="FRACTION"),
     Flag("skip_retriangulation", "--skip-retriangulation", ("--skip_retriangulation",), "no retriangulation round"),
     Flag("min_component_size", "--min-component-size", ("--Mapper.min_model_size",),
          "images; smaller connected components of the view graph are not reconstructed"),

@@ -180,6 +180,11 @@ class CheckpointStore:
     def for_output(cls, output: str | os.PathLike, key: str, keep: int = 2) -> "CheckpointStore":
         return cls(Path(output) / ".checkpoints", key, keep)
 
+    def child(self, name: str) -> "CheckpointStore":
+        """The store of a later pass of the same computation, inside this one's folder (cleared
+        with it, and not stale to it)."""
+        return CheckpointStore(self.dir, f"{self.key}-{name}", self.keep)
+
     def remove_stale(self) -> int:
         """Delete checkpoint folders of other keys (another database or other options)."""
         n = 0

@@ -4,7 +4,8 @@ Stages, each `(data, options) -> (new data, report)`, composed in GLOMAP's order
 view-graph calibration -> relative poses -> loop consistency (ours: drops pairs that no triangle
 of the view graph confirms, on graphs that wrong pairs dominate) -> rotation averaging -> tracks ->
 global positioning -> bundle-adjustment rounds with filtering -> retriangulation -> final BA ->
-normalisation.
+normalisation. When bundle adjustment moved a focal length by more than 5 % from the one the
+global stages used, all of it runs once more from the adjusted one (`recalibration`).
 
 Reliability (see docs/fault-cases.md):
 - non-finite values are looked for in the input and after every stage and quarantined
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..ba.bundle_adjustment import BundleAdjustmentOptions, bundle_adjust
+from ..cameras.models import focal_length
 from ..config import to_dict
 from ..data.model import Points3D, Reconstruction, Tracks
 from ..geometry import so3
@@ -44,6 +46,7 @@ from .global_positioning import GlobalPositioningOptions, global_positioning
 from .problem_caps import capped_bundle_adjust
 from .graph import connected_components, image_reasons, mark_images
 from .loop_consistency import LoopConsistencyOptions, filter_by_loop_consistency
+from .recalibration import RecalibrationOptions, recalibrated_input
 from .relative_pose import RelativePoseOptions, estimate_relative_poses
 from .rotation_averaging import RotationAveragingOptions, rotation_averaging
 from .tracks import TrackOptions, establish_tracks
@@ -116,6 +119,9 @@ class MapperOptions:
     image_keeping: ImageKeepingOptions = field(default_factory=ImageKeepingOptions)
     # each camera's principal point / distortion model, chosen after the last BA (intrinsics_selection)
     intrinsics: IntrinsicsSelectionOptions = field(default_factory=IntrinsicsSelectionOptions)
+    # another mapping pass from the focal lengths bundle adjustment found, when they differ from
+    # those the global stages used (recalibration)
+    recalibration: RecalibrationOptions = field(default_factory=RecalibrationOptions)
     degeneracy: DegeneracyOptions = field(default_factory=DegeneracyOptions)
     memory: MemoryFallbackOptions = field(default_factory=MemoryFallbackOptions)
 
@@ -177,13 +183,18 @@ def _deregister(rec: Reconstruction, drop, reason: str) -> Reconstruction:
 class _Run:
     """One mapping run: options, report, device, checkpoints and the step counter."""
 
-    def __init__(self, opt: MapperOptions, report: RunReport, dev: torch.device, store: CheckpointStore | None):
-        self.opt, self.report, self.dev, self.store = opt, report, dev, store
+    def __init__(self, opt: MapperOptions, report: RunReport, dev: torch.device, store: CheckpointStore | None,
+                 prefix: str = ""):
+        self.opt, self.report, self.dev, self.store, self.prefix = opt, report, dev, store, prefix
         self.seq = 0
         self.base: Reconstruction | None = None  # the common-phase result, shared by component states
         self.base_seq = -1
         self.report_base = len(report.stages)  # stages before the mapper's (load_database, front end)
         self.memory_events: list = []
+
+    def stage(self, name: str, device=None):
+        """A report stage; a recalibrated pass's stages carry its prefix."""
+        return self.report.stage(self.prefix + name, device)
 
     def check(self, rec: Reconstruction, stage: str, st: StageReport | None = None) -> Reconstruction:
         rec, warnings = check_finite(rec, stage, self.opt.max_nonfinite_fraction)
@@ -208,6 +219,7 @@ class _Run:
     def save(self, phase: str, component: int, step: int, name: str, rec: Reconstruction,
              models: list[Reconstruction]) -> None:
         self.seq += 1
+        name = self.prefix + name
         if self.store is None:
             return
         snap = {"stages": [to_dict(s) for s in self.report.stages[self.report_base:]],
@@ -234,23 +246,23 @@ class _Run:
 def _calibration_step(rec: Reconstruction, run: _Run) -> Reconstruction:
     if run.opt.skip_view_graph_calibration:
         return rec
-    with run.report.stage("view_graph_calibration", run.dev) as st:
+    with run.stage("view_graph_calibration", run.dev) as st:
         calibrated, r = calibrate_view_graph(rec, run.opt.view_graph_calibration)
         st.record(r)
-    with run.report.stage("calibration_check", run.dev) as st:
+    with run.stage("calibration_check", run.dev) as st:
         rec, counts = check_calibration(rec, calibrated, run.opt.calibration_check, run.opt.relative_pose.num_threads)
         st.counts.update(counts)
     return run.check(rec, "view-graph calibration")
 
 
 def _relative_pose_step(rec: Reconstruction, run: _Run) -> Reconstruction:
-    with run.report.stage("relative_poses", run.dev) as st:
+    with run.stage("relative_poses", run.dev) as st:
         # components are mapped one by one, so none is dropped here (the options stay untouched)
         relopt = dataclasses.replace(run.opt.relative_pose, keep_largest_component=False)
         rec, r = estimate_relative_poses(rec, relopt)
         st.record(r)
     rec = run.check(rec, "relative poses")
-    with run.report.stage("parallax_check", run.dev) as st:
+    with run.stage("parallax_check", run.dev) as st:
         no_parallax, counts, Rfit = detect_no_parallax(rec, run.opt.degeneracy)
         st.counts.update(counts)
     rec.meta["no_parallax"] = no_parallax
@@ -270,7 +282,7 @@ def _relative_pose_step(rec: Reconstruction, run: _Run) -> Reconstruction:
 def _loop_consistency_step(rec: Reconstruction, run: _Run) -> Reconstruction:
     if run.opt.loop_consistency.mode == "never":
         return rec
-    with run.report.stage("loop_consistency", run.dev) as st:
+    with run.stage("loop_consistency", run.dev) as st:
         rec, r = filter_by_loop_consistency(rec, run.opt.loop_consistency)
         st.record(r)
     msg = symmetry_warning(r.num_pairs_in, r.num_pairs_dropped, run.opt.degeneracy, "loop consistency")
@@ -288,7 +300,7 @@ COMMON_STEPS: list[tuple[str, Callable]] = [("view_graph_calibration", _calibrat
 # -- steps of one connected component ----------------------------------------------------------
 
 def _rotation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
-    with run.report.stage(f"{tag}rotation_averaging", run.dev) as st:
+    with run.stage(f"{tag}rotation_averaging", run.dev) as st:
         rec, r = rotation_averaging(rec, run.opt.rotation_averaging)
         st.record(r)
     rec = run.check(rec, "rotation averaging")
@@ -303,7 +315,7 @@ def _rotation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
 
 def _rotation_only_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
     """The model of a scene without parallax: rotations, all centres at the origin, no points."""
-    with run.report.stage(f"{tag}rotation_only_model", run.dev) as st:
+    with run.stage(f"{tag}rotation_only_model", run.dev) as st:
         dt, dev = rec.dtype, rec.device
         images = dataclasses.replace(rec.images, trans=torch.zeros_like(rec.images.trans))
         e = torch.zeros(0, dtype=torch.long, device=dev)
@@ -316,11 +328,11 @@ def _rotation_only_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruct
 
 
 def _positioning_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
-    with run.report.stage(f"{tag}tracks", run.dev) as st:
+    with run.stage(f"{tag}tracks", run.dev) as st:
         rec, r = establish_tracks(rec, run.opt.tracks)
         st.record(r)
     rec = run.check(rec, "tracks")
-    with run.report.stage(f"{tag}global_positioning", run.dev) as st:
+    with run.stage(f"{tag}global_positioning", run.dev) as st:
         def gp(r, o):
             with solver_progress(o.global_positioning, st.name) as gpo:
                 out, counts = global_positioning(r, gpo)
@@ -332,7 +344,7 @@ def _positioning_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstructio
     far = outlier_cameras(rec, run.opt.degeneracy)
     if bool(far.any()) and run.opt.image_keeping.enabled:
         # far is not wrong: a camera is dropped only when no position explains its observations
-        with run.report.stage(f"{tag}far_cameras", run.dev) as st:
+        with run.stage(f"{tag}far_cameras", run.dev) as st:
             rec, far, counts = keep_far_cameras(rec, far, run.opt.image_keeping)
             st.counts.update(counts)
     if bool(far.any()):
@@ -357,7 +369,7 @@ def _ba_step(k: int, prefix: str, filtered: bool = True):
     def step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
         opt = run.opt
         converged = {}
-        with run.report.stage(f"{tag}{prefix}bundle_adjustment_{k + 1}", run.dev) as st:
+        with run.stage(f"{tag}{prefix}bundle_adjustment_{k + 1}", run.dev) as st:
             at = rec.meta.get(_CONVERGED_AT)
             removed = None if at is None else (at - len(rec.tracks)) / max(at, 1)
             if removed is not None and removed <= opt.ba_round_skip_max_removed:
@@ -383,7 +395,7 @@ def _ba_step(k: int, prefix: str, filtered: bool = True):
             rec.meta[_CONVERGED_AT] = n_obs
         if not filtered:
             return rec
-        with run.report.stage(f"{tag}{prefix}filter_{k + 1}", run.dev) as st:
+        with run.stage(f"{tag}{prefix}filter_{k + 1}", run.dev) as st:
             rec, counts = filter_reconstruction(rec, _filter_options(opt, opt.ba_round_max_reprojection[k], False))
             st.counts.update(counts)
         return rec
@@ -394,7 +406,7 @@ def _ba_step(k: int, prefix: str, filtered: bool = True):
 def _noise_filter_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
     """The last threshold, capped at `filter_noise_sigmas` sigmas of the keypoint noise."""
     opt = run.opt
-    with run.report.stage(f"{tag}noise_filter", run.dev) as st:
+    with run.stage(f"{tag}noise_filter", run.dev) as st:
         rec, counts = filter_reconstruction(rec, _filter_options(opt, opt.ba_round_max_reprojection[-1], True))
         st.counts.update(counts)
     return rec
@@ -402,7 +414,7 @@ def _noise_filter_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstructi
 
 def _retriangulation_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
     rec.meta.pop(_CONVERGED_AT, None)
-    with run.report.stage(f"{tag}retriangulation", run.dev) as st:
+    with run.stage(f"{tag}retriangulation", run.dev) as st:
         # all tracks again (length >= 2 now), triangulated from the adjusted poses
         tracked, _ = establish_tracks(rec, run.opt.retriangulation_tracks)
         rec, counts = triangulate_tracks(tracked, tracked.tracks, run.opt.triangulation)
@@ -416,7 +428,7 @@ def _intrinsics_step(out: Reconstruction, run: _Run, tag: str) -> Reconstruction
     """After the last BA, each camera's intrinsics model is chosen by cross-validation over tracks
     (`intrinsics_selection`): the principal point is freed where that predicts held-out tracks
     better, and the model is refitted with the choice."""
-    with run.report.stage(f"{tag}intrinsics_selection", run.dev) as st:
+    with run.stage(f"{tag}intrinsics_selection", run.dev) as st:
         res = {}
 
         def fn(r, o):
@@ -443,7 +455,7 @@ def _image_keeping_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruct
     weak = _weak_images(rec, run)
     if not run.opt.image_keeping.enabled or not bool(weak.any()):
         return rec
-    with run.report.stage(f"{tag}image_keeping", run.dev) as st:
+    with run.stage(f"{tag}image_keeping", run.dev) as st:
         rec, counts = complete_weak_images(rec, weak, run.opt.image_keeping)
 
         def ba(r, o):
@@ -476,7 +488,7 @@ def _finish_step(rec: Reconstruction, run: _Run, tag: str) -> Reconstruction:
             details[rec.images.name[i]] = {**details.get(rec.images.name[i], {}), "observations": int(n_obs[i])}
         rec.meta["image_detail"] = details
         rec = _deregister(rec, few, REASON_FEW_OBSERVATIONS)
-    with run.report.stage(f"{tag}normalize", run.dev) as st:
+    with run.stage(f"{tag}normalize", run.dev) as st:
         rec = normalize(rec, run.opt.normalize_extent)
         # x_normalized = scale * (x - center): the report keeps the way back to the mapper's frame
         st.counts.update(rec.meta.get("normalization", {}))
@@ -504,12 +516,15 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
                    checkpoints: CheckpointStore | None = None) -> tuple[list[Reconstruction], RunReport]:
     """Map `rec` (cameras, images, keypoints, view graph; no poses needed) to one model per
     connected component, largest first. Images that could not be registered are listed with a
-    reason in each model's `meta['image_reason']` and in the report.
+    reason in each model's `meta['image_reason']` and in the report. When bundle adjustment moved
+    a focal length far from the one the global stages used, the mapping runs again from it
+    (`torchsfm.mapper.recalibration`).
 
     With `checkpoints`, the state is saved after every step and the run resumes from the latest
     valid checkpoint of the store (giving the same models as an uninterrupted run)."""
     opt = options or MapperOptions()
     opt.intrinsics.validate()
+    opt.recalibration.validate()
     if opt.dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be float64 or float32, not {opt.dtype!r}")
     report = report or RunReport(command="map")
@@ -517,7 +532,48 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
     report.device, report.seed = str(dev), opt.seed
     torch.manual_seed(opt.seed)
     run = _Run(opt, report, dev, checkpoints)
+    models, used = _mapping_pass(rec, run)
+    again_opt = dataclasses.replace(opt, skip_view_graph_calibration=True,
+                                    relative_pose=dataclasses.replace(opt.relative_pose, init="ransac"))
+    checked = None
+    for k in range(1, opt.recalibration.max_passes + 1):
+        with run.stage("recalibration", dev) as st:
+            if checked is None:  # the input as the first pass checked it (its warnings were reported then)
+                checked, _ = check_finite(rec.to(dev, getattr(torch, opt.dtype)), "input", opt.max_nonfinite_fraction)
+            again, counts = recalibrated_input(checked, used, models, opt.recalibration)
+            st.record({**counts, "mapped_again": again is not None})
+        if again is None:
+            break
+        changed = ", ".join(f"camera {c}: {a:g} -> {b:g} px" for c, (a, b) in counts["changed"].items())
+        log.info("recalibration: bundle adjustment moved focal lengths by up to %.0f%% from those the global stages "
+                 "used (%s); mapping again from them (pass %d, relative poses by RANSAC)",
+                 100 * counts["max_focal_change"], changed, k + 1)
+        report.summary["recalibration"] = f"mapped {k + 1} times, from bundle adjustment's focal lengths ({changed})"
+        for key in ("intrinsics", "principal_point_refined"):  # the last pass's
+            report.summary.pop(key, None)
+        torch.manual_seed(opt.seed)
+        store = checkpoints.child(f"pass{k + 1}") if checkpoints is not None else None
+        run = _Run(again_opt, report, dev, store, prefix=f"pass{k + 1}/")
+        models, used = _mapping_pass(again, run, checked=True)
+    return models, _summarise(models, run)
 
+
+def _components(rec: Reconstruction) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Connected components of the valid view graph: (labels (I,), in_graph (I,) bool, the
+    component ids and sizes of the images in a pair)."""
+    vg = rec.view_graph
+    labels = connected_components(len(rec.images), vg.pairs, vg.valid)
+    in_graph = torch.zeros(len(rec.images), dtype=torch.bool, device=rec.device)
+    in_graph[vg.pairs[vg.valid].reshape(-1)] = True
+    comp_ids, sizes = torch.unique(labels[in_graph], return_counts=True)
+    return labels, in_graph, comp_ids, sizes
+
+
+def _mapping_pass(rec: Reconstruction, run: _Run, checked: bool = False) -> tuple[list[Reconstruction], Tensor]:
+    """One mapping of `rec` (`checked`: already through the input check): the common steps,
+    then each connected component. Returns the models (largest first) and the focal lengths (C,)
+    the global stages used."""
+    opt, dev, checkpoints = run.opt, run.dev, run.store
     latest = checkpoints.latest(dev) if checkpoints is not None else None
     if latest is not None:
         run.restore(latest)
@@ -527,8 +583,9 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
             rec, common_done, run.base_seq = latest.base, len(COMMON_STEPS) - 1, latest.base_seq
     else:
         rec = rec.to(dev, getattr(torch, opt.dtype))
-        with report.stage("input_check", dev) as st:
-            rec = run.check(rec, "input", st)
+        if not checked:
+            with run.stage("input_check", dev) as st:
+                rec = run.check(rec, "input", st)
         common_done = -1
     if rec.view_graph is None or not bool(rec.view_graph.valid.any()):
         raise ValueError("the view graph has no verified image pairs: nothing to reconstruct")
@@ -540,10 +597,7 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
     run.base = rec
 
     vg = rec.view_graph
-    labels = connected_components(len(rec.images), vg.pairs, vg.valid)
-    in_graph = torch.zeros(len(rec.images), dtype=torch.bool, device=rec.device)
-    in_graph[vg.pairs[vg.valid].reshape(-1)] = True
-    comp_ids, sizes = torch.unique(labels[in_graph], return_counts=True)
+    labels, _, comp_ids, sizes = _components(rec)
     order = torch.argsort(sizes, descending=True, stable=True)
     resume_comp, resume_step, models = -1, -1, []
     if latest is not None and latest.phase == "component":
@@ -587,6 +641,13 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
         why = "; ".join(failures) if failures else (
             f"the largest has {largest} images; a model needs at least {opt.min_component_size} (min_component_size)")
         raise RuntimeError(f"no connected component of the view graph could be reconstructed ({why})")
+    return models, focal_length(rec.cameras)
+
+
+def _summarise(models: list[Reconstruction], run: _Run) -> RunReport:
+    """The run's summary from the last pass's models, and the images in none of them with why."""
+    opt, report, rec = run.opt, run.report, run.base
+    labels, in_graph, comp_ids, sizes = _components(rec)
     best = models[0]
     in_model = torch.stack([m.images.registered for m in models]).any(0)
     report.summary.update({
@@ -613,4 +674,4 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
                    + (f": fewer than min_component_size={opt.min_component_size}" if n < opt.min_component_size else ""))
         name = best.images.name[i]
         report.skipped.append({"image": name, "reason": why, **({"detail": details[name]} if name in details else {})})
-    return models, report
+    return report
