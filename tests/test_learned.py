@@ -462,7 +462,9 @@ def test_templering_across_its_180_degree_flip_with_turns(tmp_path):
         assert main(["extract", str(DATA / "templeRing" / "images"), "--database", db, "--features", "xfeat",
                      "--learned-rotations", str(turns), "--image-list", str(tmp_path / "list.txt"), "-q"]) == 0
         assert main(["match", "--database", db, "--matcher", "lightglue", "-q"]) == 0
-        assert main(["map", db, str(out), "-q"]) == 0
+        # one mapping pass, where this was measured: with the recalibrated second pass (the
+        # default) the upright model's median error is 5.9 deg instead of 34, the turned one's 2.0
+        assert main(["map", db, str(out), "-q", "--recalibration-passes", "0"]) == 0
         gt = read_model(DATA / "templeRing" / "gt")
         gt.images = dataclasses.replace(gt.images, registered=torch.tensor([n in names for n in gt.images.name]))
         ev[turns] = evaluate(read_model(out / "sparse" / "0"), gt)  # over the 7 images
