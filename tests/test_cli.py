@@ -181,6 +181,17 @@ def test_mistakes_are_one_line_errors_with_exit_2(capsys):
         assert code == 2 and msg in one_line(err), (argv, err)
 
 
+def test_invalid_mapper_options_fail_before_any_work():
+    from torchsfm.commands import CLIError
+    from torchsfm.commands.map import mapper_options
+
+    for flags, msg in [(["--recalibration-passes", "-1"], "recalibration.max_passes must be >= 0"),
+                       (["--recalibration-min-focal-change", "0"], "recalibration.min_focal_change must be > 0")]:
+        _, _, args = parse(["map", "d", "o", *flags])
+        with pytest.raises(CLIError, match=msg):
+            mapper_options(args)
+
+
 def test_colmap_option_names_and_value_spellings_reach_the_stage_options():
     from torchsfm.commands.ba import ba_defaults
     from torchsfm.commands.frontend_stages import frontend_options

@@ -91,6 +91,7 @@ def mapper_options(args) -> MapperOptions:
     opt = options_from_args(args, "mapper", base)
     try:
         opt.intrinsics.validate()
+        opt.recalibration.validate()
     except ValueError as e:
         raise CLIError(str(e)) from e
     try:  # never a silent CPU fallback
