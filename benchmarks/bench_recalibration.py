@@ -4,7 +4,9 @@ truth, the focal lengths and the mapping time, each run in its own process, back
 
 Inputs and databases as in bench_refine.py (the same --subsets / --scenes / --features /
 --extract-args, and the same OUT cache of matched databases, so both benchmarks can share one;
---subset-databases maps the robustness suite's own SIFT databases instead).
+--subset-databases maps the robustness suite's own SIFT databases instead). --synthetic maps
+synthetic scenes instead, in this process: 15 images, 0.5 px keypoint noise, the prior focal length
+0.5 / 0.7 / 1.3 x the true one, ring / sphere / forward / random layouts, two seeds.
 --run-args go to both runs (e.g. `--run-args=--refine-keypoints`). Writes
 OUT/bench_recalibration.json and a Markdown table (--md).
 
@@ -14,10 +16,11 @@ OUT/bench_recalibration.json and a Markdown table (--md).
 from __future__ import annotations
 
 import argparse
+import platform
 import shlex
 from pathlib import Path
 
-from bench_learned import add_input_arguments, add_output_arguments, aucs
+from bench_learned import add_input_arguments, add_output_arguments, aucs, write_results
 from bench_refine import add_feature_arguments, run_rows, run_variant, source_database
 
 VARIANTS = (("one_pass", ["--recalibration-passes", "0"]), ("recalibrated", ["--recalibration-passes", "1"]))
@@ -54,6 +57,40 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def synthetic_rows(seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
+    """Known answers: every layout and wrong prior focal length, mapped with one and two passes."""
+    import itertools
+    import logging
+
+    import torch
+
+    from torchsfm import metrics
+    from torchsfm.cameras.models import focal_length, focal_mask
+    from torchsfm.mapper.pipeline import MapperOptions, global_mapping
+    from torchsfm.mapper.recalibration import RecalibrationOptions
+    from torchsfm.synthetic import SyntheticOptions, synthesize
+
+    logging.disable(logging.WARNING)
+    rows = []
+    for layout, prior, seed in itertools.product(("ring", "sphere", "forward", "random"), (0.5, 0.7, 1.3), seeds):
+        s = synthesize(SyntheticOptions(num_images=15, num_points=600, layout=layout, pixel_noise=0.5, seed=seed))
+        inp = s.mapper_input()
+        inp.cameras.params = torch.where(focal_mask(inp.cameras), inp.cameras.params * prior, inp.cameras.params)
+        row: dict = {"dataset": f"{layout}, prior x{prior}, seed {seed}", "features": "synthetic"}
+        for (variant, _), passes in zip(VARIANTS, (0, 1)):
+            models, rep = global_mapping(inp, MapperOptions(recalibration=RecalibrationOptions(max_passes=passes)))
+            ev = metrics.evaluate(models[0], s.gt)
+            stage = next((st for st in rep.stages if st.name == "recalibration"), None)
+            row[variant] = {**{k: ev[k] for k in ("num_registered", "auc@1", "auc@3", "auc@5", "auc@10")},
+                            "focal_error": float(focal_length(models[0].cameras)[0] / focal_length(s.gt.cameras)[0] - 1),
+                            "focal_change": stage.counts["max_focal_change"] if stage else None,
+                            "mapped_again": bool(stage and stage.counts["mapped_again"]),
+                            "map_s": sum(st.seconds for st in rep.stages)}
+        rows.append(row)
+        print(markdown(rows[-1:], {}).splitlines()[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_input_arguments(ap)
@@ -61,9 +98,16 @@ def main() -> None:
     ap.add_argument("--run-args", default="", help="more `torchsfm run` flags for both runs")
     ap.add_argument("--subset-databases", action="store_true",
                     help="map each subset's own database.db (as the robustness suite matched it; SIFT) when it has one")
+    ap.add_argument("--synthetic", action="store_true", help="the synthetic known-answer scenes instead of inputs")
     add_output_arguments(ap, "bench_recalibration")
     ap.add_argument("--json", help="write the rows here (default: OUT/bench_recalibration.json)")
     a = ap.parse_args()
+    if a.synthetic:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(synthetic_rows(), {"machine": f"{platform.machine()}"},
+                      Path(a.json or out / "bench_recalibration_synthetic.json"), a.md, markdown)
+        return
     run_rows(a, "bench_recalibration", lambda name, images, gt, out: run_row(
         name, images, gt, a.features, shlex.split(a.extract_args), shlex.split(a.run_args), out, a.threads,
         a.subset_databases), markdown, {"run_args": a.run_args, "subset_databases": a.subset_databases})
