@@ -62,10 +62,8 @@ def synthetic_rows(seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
     import itertools
     import logging
 
-    import torch
-
     from torchsfm import metrics
-    from torchsfm.cameras.models import focal_length, focal_mask
+    from torchsfm.cameras.models import focal_length, scaled_focal_params
     from torchsfm.mapper.pipeline import MapperOptions, global_mapping
     from torchsfm.mapper.recalibration import RecalibrationOptions
     from torchsfm.synthetic import SyntheticOptions, synthesize
@@ -75,7 +73,7 @@ def synthetic_rows(seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
     for layout, prior, seed in itertools.product(("ring", "sphere", "forward", "random"), (0.5, 0.7, 1.3), seeds):
         s = synthesize(SyntheticOptions(num_images=15, num_points=600, layout=layout, pixel_noise=0.5, seed=seed))
         inp = s.mapper_input()
-        inp.cameras.params = torch.where(focal_mask(inp.cameras), inp.cameras.params * prior, inp.cameras.params)
+        inp.cameras.params = scaled_focal_params(inp.cameras, prior)
         row: dict = {"dataset": f"{layout}, prior x{prior}, seed {seed}", "features": "synthetic"}
         for (variant, _), passes in zip(VARIANTS, (0, 1)):
             models, rep = global_mapping(inp, MapperOptions(recalibration=RecalibrationOptions(max_passes=passes)))

@@ -7,7 +7,7 @@ import torch
 
 from torchsfm import metrics
 from torchsfm.api import map_database
-from torchsfm.cameras.models import focal_length, focal_mask
+from torchsfm.cameras.models import focal_length, focal_mask, scaled_focal_params
 from torchsfm.mapper import pipeline
 from torchsfm.mapper.pipeline import MapperOptions, global_mapping
 from torchsfm.mapper.recalibration import RecalibrationOptions, recalibrated_input
@@ -18,7 +18,7 @@ def scaled_focal(rec, factor: float):
     """`rec` with every focal length times `factor` (a wrong prior, as without EXIF)."""
     out = copy.copy(rec)
     out.cameras = copy.copy(rec.cameras)
-    out.cameras.params = torch.where(focal_mask(rec.cameras), rec.cameras.params * factor, rec.cameras.params)
+    out.cameras.params = scaled_focal_params(rec.cameras, factor)
     return out
 
 

@@ -368,6 +368,15 @@ def focal_mask(cameras: Cameras) -> Tensor:
     return _layout(cameras, "focal")
 
 
+def scaled_focal_params(cameras: Cameras, scale) -> Tensor:
+    """(C, MAX_CAMERA_PARAMS) params with every focal length column times `scale` ((C,) or a
+    number); the principal point and distortion unchanged."""
+    scale = torch.as_tensor(scale, dtype=cameras.params.dtype, device=cameras.params.device)
+    if scale.dim() == 1:
+        scale = scale[:, None]
+    return torch.where(focal_mask(cameras), cameras.params * scale, cameras.params)
+
+
 def principal_point_mask(cameras: Cameras) -> Tensor:
     """(C, MAX_CAMERA_PARAMS) bool: cx, cy columns."""
     return _layout(cameras, "principal")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..cameras.models import focal_length, focal_mask
+from ..cameras.models import focal_length, scaled_focal_params
 from ..data.model import Reconstruction
 from .graph import stage_copy
 
@@ -73,9 +73,8 @@ def recalibrated_input(rec: Reconstruction, used: Tensor, models: list[Reconstru
         return None, report
     f0 = focal_length(rec.cameras)
     scale = torch.where(known, f / f0, torch.ones_like(f0))
-    params = torch.where(focal_mask(rec.cameras), rec.cameras.params * scale[:, None], rec.cameras.params)
     out = stage_copy(rec, "cameras")
-    out.cameras.params = params
+    out.cameras.params = scaled_focal_params(rec.cameras, scale)
     rows = torch.nonzero(known & (change > options.min_focal_change))[:, 0]
     report["changed"] = {int(rec.cameras.camera_id[i]): [round(float(used[i]), 1), round(float(f[i]), 1)]
                          for i in rows[:20].tolist()}

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..cameras.models import calibration_matrix, focal_mask, focal_length
+from ..cameras.models import calibration_matrix, focal_length, scaled_focal_params
 from ..data.model import TWO_VIEW_CALIBRATED, TWO_VIEW_UNCALIBRATED, Reconstruction
 from ..solver import Linearization, SolverOptions, Step, solve
 from .graph import active_images, stage_copy
@@ -306,8 +306,7 @@ def calibrate_view_graph(
         log.warning("view-graph calibration: %d focal estimate(s) outside [%.2g, %.2g] x initial; kept initial",
                     int(out_of_range.sum()), options.min_focal_ratio, options.max_focal_ratio)
 
-    fm = focal_mask(cams)
-    cams.params = torch.where(fm, cams.params * theta.exp()[:, None], cams.params)
+    cams.params = scaled_focal_params(cams, theta.exp())
     err = prob.residuals(theta).norm(dim=-1)
     pair_error = torch.full((E,), float("nan"), dtype=dtype, device=device)
     pair_error[pidx] = err
