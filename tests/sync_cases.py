@@ -94,6 +94,25 @@ def vgc_case(device, dtype):
     return run
 
 
+def focal_scan_case(device, dtype):
+    """The focal scan: per scale, pose refinement on all pairs and the triangles' closure, no read."""
+    from torchsfm.cameras.models import scaled_focal_params
+    from torchsfm.mapper.focal_scan import FocalScanOptions, scan_focal_length
+    from torchsfm.synthetic import SyntheticOptions, synthesize
+
+    rec = synthesize(SyntheticOptions(num_images=10, num_points=400, layout="ring", seed=7, pixel_noise=0.5,
+                                      has_prior_focal_length=False)).mapper_input()
+    rec.cameras.params = scaled_focal_params(rec.cameras, 1.3)
+    rec = rec.to(device, dtype)
+
+    def run(n: int) -> int:  # odd counts of scales hold 1 itself: n + 3 scales in all
+        # min_improvement 0: every run applies its minimum, so both take the same path after the scan
+        scan_focal_length(rec, FocalScanOptions(num_scales=2 * (n // 2) + 3, min_improvement=0.0))
+        return 2 * (n // 2) + 3
+
+    return run
+
+
 def ra_case(solver: str, device, dtype):
     from torchsfm.bench.syncs import rotation_averaging_syncs
 
@@ -130,6 +149,7 @@ def cases(device: torch.device):
     yield "global_positioning", lambda dt: gp_case(device, dt)
     yield "view_graph_calibration", lambda dt: vgc_case(device, dt)
     yield "patch_alignment", lambda dt: patch_alignment_case(device, dt)
+    yield "focal_scan", lambda dt: focal_scan_case(device, dt)
 
 
 def self_check() -> dict:

@@ -61,6 +61,13 @@ def test_patch_alignment_steps_never_sync(counts, device, dtype):
     assert counts[key][0] == 0, counts[key]
 
 
+def test_focal_scan_scales_never_sync(counts, device, dtype):
+    """The focal scan reads back once, after all its scales: each scale's pose refinement and
+    closure measure add no read and no data-dependent shape."""
+    key = f"focal_scan|{device.type}|{'f64' if dtype == torch.float64 else 'f32'}"
+    assert counts[key][0] == 0, counts[key]
+
+
 def test_the_count_sees_a_sync(counts):
     """The counter is not blind: a read and two data-dependent shapes inside its block count."""
     assert counts["self_check"] == {"reads": 1, "shapes": 2}

@@ -18,6 +18,12 @@ MAPPER_FLAGS = [
          help="principal points: auto = freed only where the data determine them (marginal standard deviation, "
          "cross-validation over tracks, significance), always = freed, never = kept at the image centre",
          choices=("auto", "always", "never")),
+    Flag("focal_scan.mode", "--focal-scan",
+         help="focal lengths by rotation closure before view-graph calibration: a scan of common scales of the "
+         "focal lengths for the one at which the view graph's triangles of relative rotations close best (then "
+         "every relative pose by RANSAC); auto = cameras without a prior focal length (no EXIF), always = every "
+         "camera (an EXIF focal length that may be wrong), never",
+         choices=("auto", "always", "never")),
     Flag("skip_view_graph_calibration", "--skip-view-graph-calibration", ("--skip_view_graph_calibration",),
          "no focal-length calibration from the view graph"),
     Flag("loop_consistency.mode", "--loop-consistency",
@@ -92,6 +98,7 @@ def mapper_options(args) -> MapperOptions:
     try:
         opt.intrinsics.validate()
         opt.recalibration.validate()
+        opt.focal_scan.validate()
     except ValueError as e:
         raise CLIError(str(e)) from e
     try:  # never a silent CPU fallback

@@ -1,8 +1,9 @@
 """The global mapper: a verified view graph in, one COLMAP-style model per connected component out.
 
 Stages, each `(data, options) -> (new data, report)`, composed in GLOMAP's order:
-view-graph calibration -> relative poses -> loop consistency (ours: drops pairs that no triangle
-of the view graph confirms, on graphs that wrong pairs dominate) -> rotation averaging -> tracks ->
+[focal scan by rotation closure, off by default] -> view-graph calibration -> relative poses ->
+loop consistency (ours: drops pairs that no triangle of the view graph confirms, on graphs that
+wrong pairs dominate) -> rotation averaging -> tracks ->
 global positioning -> bundle-adjustment rounds with filtering -> retriangulation -> final BA ->
 normalisation. When bundle adjustment moved a focal length by more than 5 % from the one the
 global stages used, all of it runs once more from the adjusted one (`recalibration`).
@@ -58,6 +59,7 @@ from .triangulation import (
     triangulate_tracks,
 )
 from .calibration_check import CalibrationCheckOptions, check_calibration
+from .focal_scan import FocalScanOptions, scan_focal_length
 from .image_keeping import ImageKeepingOptions, complete_weak_images, keep_far_cameras
 from .intrinsics_selection import IntrinsicsSelectionOptions, describe, select_intrinsics
 from .track_merging import TrackMergingOptions, merge_tracks
@@ -84,6 +86,9 @@ class MapperOptions:
     min_component_size: int = 3  # images; smaller components are not reconstructed
     max_num_models: int = 10
     skip_view_graph_calibration: bool = False
+    # focal lengths set by rotation closure before view-graph calibration (focal_scan; off by
+    # default)
+    focal_scan: FocalScanOptions = field(default_factory=FocalScanOptions)
     skip_retriangulation: bool = False
     # reprojection thresholds (pixels) of the filtering after each BA round
     ba_round_max_reprojection: tuple[float, ...] = (8.0, 4.0, 2.0)
@@ -244,6 +249,13 @@ class _Run:
 # -- steps before the split into components ----------------------------------------------------
 
 def _calibration_step(rec: Reconstruction, run: _Run) -> Reconstruction:
+    if run.opt.focal_scan.mode != "never":
+        with run.stage("focal_scan", run.dev) as st:
+            rec, r = scan_focal_length(rec, run.opt.focal_scan)
+            st.counts.update(r.counts())
+        if r.applied:  # the stored two-view poses were found with the old focal lengths
+            rec.meta["relative_pose_init"] = "ransac"
+        rec = run.check(rec, "focal scan")
     if run.opt.skip_view_graph_calibration:
         return rec
     with run.stage("view_graph_calibration", run.dev) as st:
@@ -258,7 +270,8 @@ def _calibration_step(rec: Reconstruction, run: _Run) -> Reconstruction:
 def _relative_pose_step(rec: Reconstruction, run: _Run) -> Reconstruction:
     with run.stage("relative_poses", run.dev) as st:
         # components are mapped one by one, so none is dropped here (the options stay untouched)
-        relopt = dataclasses.replace(run.opt.relative_pose, keep_largest_component=False)
+        relopt = dataclasses.replace(run.opt.relative_pose, keep_largest_component=False,
+                                     init=rec.meta.get("relative_pose_init", run.opt.relative_pose.init))
         rec, r = estimate_relative_poses(rec, relopt)
         st.record(r)
     rec = run.check(rec, "relative poses")
@@ -534,6 +547,7 @@ def global_mapping(rec: Reconstruction, options: MapperOptions | None = None, re
     run = _Run(opt, report, dev, checkpoints)
     models, used = _mapping_pass(rec, run)
     again_opt = dataclasses.replace(opt, skip_view_graph_calibration=True,
+                                    focal_scan=dataclasses.replace(opt.focal_scan, mode="never"),
                                     relative_pose=dataclasses.replace(opt.relative_pose, init="ransac"))
     checked = None
     for k in range(1, opt.recalibration.max_passes + 1):
