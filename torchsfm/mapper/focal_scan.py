@@ -20,7 +20,7 @@ scanned cameras: their priors share one rule, and view-graph calibration and bun
 refine each camera from there. The mapper then estimates every relative pose by RANSAC, as the
 stored ones were found with the old focal lengths.
 
-Measured (README, mapper step 1): with SIFT it lands within 1-5 % of the calibration on
+Measured (README, mapper step 1): with SIFT it lands within 5 % of the calibration on
 templeRing and dtu_scan24, with ALIKED 0-29 % (noisier keypoints); on synthetic rings whose
 prior is 0.5-1.6x the true focal length within 8 %. Off by default: on the shared scenes it does
 not beat the recalibrated second pass (`recalibration`). All of it in torch on whole batches; the
