@@ -1,7 +1,7 @@
 """The global mapper: a verified view graph in, one COLMAP-style model per connected component out.
 
 Stages, each `(data, options) -> (new data, report)`, composed in GLOMAP's order:
-[focal scan by rotation closure, off by default] -> view-graph calibration -> relative poses ->
+view-graph calibration [-> focal scan by rotation closure, off by default] -> relative poses ->
 loop consistency (ours: drops pairs that no triangle of the view graph confirms, on graphs that
 wrong pairs dominate) -> rotation averaging -> tracks ->
 global positioning -> bundle-adjustment rounds with filtering -> retriangulation -> final BA ->
@@ -86,8 +86,8 @@ class MapperOptions:
     min_component_size: int = 3  # images; smaller components are not reconstructed
     max_num_models: int = 10
     skip_view_graph_calibration: bool = False
-    # focal lengths set by rotation closure before view-graph calibration (focal_scan; off by
-    # default)
+    # focal lengths that view-graph calibration left unchanged set by rotation closure
+    # (focal_scan; off by default)
     focal_scan: FocalScanOptions = field(default_factory=FocalScanOptions)
     skip_retriangulation: bool = False
     # reprojection thresholds (pixels) of the filtering after each BA round
@@ -249,22 +249,26 @@ class _Run:
 # -- steps before the split into components ----------------------------------------------------
 
 def _calibration_step(rec: Reconstruction, run: _Run) -> Reconstruction:
-    if run.opt.focal_scan.mode != "never":
-        with run.stage("focal_scan", run.dev) as st:
-            rec, r = scan_focal_length(rec, run.opt.focal_scan)
-            st.counts.update(r.counts())
-        if r.applied:  # the stored two-view poses were found with the old focal lengths
-            rec.meta["relative_pose_init"] = "ransac"
-        rec = run.check(rec, "focal scan")
-    if run.opt.skip_view_graph_calibration:
+    f0 = focal_length(rec.cameras)
+    if not run.opt.skip_view_graph_calibration:
+        with run.stage("view_graph_calibration", run.dev) as st:
+            calibrated, r = calibrate_view_graph(rec, run.opt.view_graph_calibration)
+            st.record(r)
+        with run.stage("calibration_check", run.dev) as st:
+            rec, counts = check_calibration(rec, calibrated, run.opt.calibration_check,
+                                            run.opt.relative_pose.num_threads)
+            st.counts.update(counts)
+        rec = run.check(rec, "view-graph calibration")
+    if run.opt.focal_scan.mode == "never":
         return rec
-    with run.stage("view_graph_calibration", run.dev) as st:
-        calibrated, r = calibrate_view_graph(rec, run.opt.view_graph_calibration)
-        st.record(r)
-    with run.stage("calibration_check", run.dev) as st:
-        rec, counts = check_calibration(rec, calibrated, run.opt.calibration_check, run.opt.relative_pose.num_threads)
-        st.counts.update(counts)
-    return run.check(rec, "view-graph calibration")
+    with run.stage("focal_scan", run.dev) as st:
+        # only where view-graph calibration left the focal length as it was (rejected by the
+        # check, degenerate, or a prior held fixed): where it holds, it is the better estimate
+        rec, r = scan_focal_length(rec, run.opt.focal_scan, calibrated=focal_length(rec.cameras) != f0)
+        st.counts.update(r.counts())
+    if r.applied:  # the stored two-view poses were found with the old focal lengths
+        rec.meta["relative_pose_init"] = "ransac"
+    return run.check(rec, "focal scan")
 
 
 def _relative_pose_step(rec: Reconstruction, run: _Run) -> Reconstruction:
