@@ -19,10 +19,10 @@ MAPPER_FLAGS = [
          "cross-validation over tracks, significance), always = freed, never = kept at the image centre",
          choices=("auto", "always", "never")),
     Flag("focal_scan.mode", "--focal-scan",
-         help="focal lengths by rotation closure before view-graph calibration: a scan of common scales of the "
-         "focal lengths for the one at which the view graph's triangles of relative rotations close best (then "
-         "every relative pose by RANSAC); auto = cameras without a prior focal length (no EXIF), always = every "
-         "camera (an EXIF focal length that may be wrong), never",
+         help="focal lengths by rotation closure, for the cameras view-graph calibration left unchanged: a scan of "
+         "common scales of the focal lengths for the one at which the view graph's triangles of relative rotations "
+         "close best (then every relative pose by RANSAC); auto = cameras without a prior focal length (no EXIF), "
+         "always = every camera (an EXIF focal length that may be wrong), never",
          choices=("auto", "always", "never")),
     Flag("skip_view_graph_calibration", "--skip-view-graph-calibration", ("--skip_view_graph_calibration",),
          "no focal-length calibration from the view graph"),
