@@ -195,3 +195,12 @@ def test_progress_follows_console_level_inside_log_file(tmp_path, monkeypatch, l
         pkg.setLevel(old)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert progress_enabled() is False
+
+
+def test_stage_times_stay_in_one_column_for_long_stage_names():
+    """A second mapping pass names its stages pass2/...: their times line up with the others'."""
+    report = _report({})
+    report.stages = [StageReport("load_database", 0.04, memory={"peak_rss_mb": 423.0}),
+                     StageReport("pass2/final_bundle_adjustment_1", 0.84, memory={"peak_rss_mb": 512.0})]
+    lines = [ln for ln in format_summary(report).splitlines() if ln.endswith(" MB")]
+    assert len(lines) == 2 and len({ln.index(" s  peak") for ln in lines}) == 1

@@ -274,8 +274,9 @@ def format_summary(report: RunReport) -> str:
     lines += [f"  hint: {h}" for h in hints(report)]
     if report.stages:
         lines.append("  time and peak memory per stage:")
+        width = max(26, *(len(s.name) for s in report.stages))  # pass2/... names are longer
         for s in report.stages:
-            lines.append(f"    {s.name:<26} {s.seconds:8.2f} s  {_fmt_memory(s.memory or {})}".rstrip())
+            lines.append(f"    {s.name:<{width}} {s.seconds:8.2f} s  {_fmt_memory(s.memory or {})}".rstrip())
     if report.skipped:
         lines.append(f"  skipped inputs: {len(report.skipped)} (reasons in report.json)")
     return "\n".join(lines)
